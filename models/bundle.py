@@ -1,0 +1,175 @@
+"""The checkpoint bundle: one versioned, self-describing directory.
+
+Layout at any local path or fsspec URI (``s3://bucket/ckpt/run1``)::
+
+    manifest.json      format version, model kind and hyper-parameters, feature
+                       schema with scaler/encoder state, window spec, threshold
+                       and how it was fit, training metrics, library versions,
+                       the content hash
+    weights.pt         the module's state_dict, written by torch.save and read
+                       back with torch.load(weights_only=True): no pickle code
+
+The content hash is the SHA-256 of the weights bytes and of the manifest
+without its ``content_hash`` field (canonical JSON). Loading checks the format
+version and the hash; a bundle that is corrupt, truncated or of a newer format
+raises :class:`models.errors.BundleError` / :class:`BundleVersionError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import platform
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import torch
+
+from models.errors import BundleError, BundleVersionError
+from models.features import FeatureSchema
+from models.registry import family
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.pt"
+
+
+def library_versions() -> dict:
+    from models import __version__
+
+    return {
+        "unusual": __version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "pyarrow": pa.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _canonical(d: dict) -> bytes:
+    return json.dumps(d, sort_keys=True, separators=(",", ":"), default=float).encode()
+
+
+def content_hash(manifest: dict, weights: bytes) -> str:
+    body = {k: v for k, v in manifest.items() if k != "content_hash"}
+    h = hashlib.sha256()
+    h.update(weights)
+    h.update(_canonical(body))
+    return h.hexdigest()
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle: the manifest, the frozen schema and the built module."""
+
+    manifest: dict
+    schema: FeatureSchema
+    module: torch.nn.Module
+    uri: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.manifest["kind"]
+
+    @property
+    def version(self) -> str:
+        return self.manifest["model_version"]
+
+    @property
+    def threshold(self) -> float:
+        return float(self.manifest["threshold"]["value"])
+
+    @property
+    def model_config(self):
+        return family(self.kind).config(**self.manifest["model_config"])
+
+
+def build_manifest(kind: str, model_config: dict, schema: FeatureSchema, threshold: dict, training: dict) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "model_config": model_config,
+        "width": schema.width,
+        "features": schema.to_dict(),
+        "threshold": threshold,
+        "training": training,
+        "libraries": library_versions(),
+    }
+
+
+def _fs(uri: str):
+    fs, path = fsspec.core.url_to_fs(str(uri))
+    return fs, path.rstrip("/")
+
+
+def seal(manifest: dict, module: torch.nn.Module) -> tuple[dict, bytes]:
+    """Serialise the weights and stamp the manifest with its model version and
+    content hash. The version is derived from the content, so the same weights
+    and metadata always get the same version, saved or not."""
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, buf)
+    weights = buf.getvalue()
+    manifest = {k: v for k, v in manifest.items() if k not in ("content_hash", "model_version")}
+    manifest["model_version"] = f"{manifest['kind']}-{content_hash(manifest, weights)[:12]}"
+    manifest["content_hash"] = content_hash(manifest, weights)
+    return manifest, weights
+
+
+def save_bundle(uri: str, manifest: dict, module: torch.nn.Module, overwrite: bool = False) -> dict:
+    """Write a bundle; returns the final manifest (with hash and model version)."""
+    fs, root = _fs(uri)
+    if fs.exists(f"{root}/{MANIFEST}") and not overwrite:
+        raise BundleError(f"a bundle already exists at {uri}; pass overwrite=True to replace it")
+    manifest, weights = seal(manifest, module)
+    fs.makedirs(root, exist_ok=True)
+    # Weights first, manifest last: a reader never sees a manifest whose weights are missing.
+    with fs.open(f"{root}/{WEIGHTS}", "wb") as f:
+        f.write(weights)
+    with fs.open(f"{root}/{MANIFEST}", "wb") as f:
+        f.write(json.dumps(manifest, indent=1, sort_keys=True, default=float).encode())
+    return manifest
+
+
+def load_bundle(uri: str, map_location: str | torch.device = "cpu") -> Bundle:
+    fs, root = _fs(uri)
+    try:
+        with fs.open(f"{root}/{MANIFEST}", "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise BundleError(f"no bundle at {uri}: {MANIFEST} not found") from None
+    try:
+        manifest = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"bundle at {uri} is corrupt: {MANIFEST} is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or "format_version" not in manifest:
+        raise BundleError(f"bundle at {uri} is corrupt: {MANIFEST} has no format_version")
+    version = manifest["format_version"]
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise BundleVersionError(
+            f"bundle at {uri} has format version {version}, newer than this unusual "
+            f"understands ({FORMAT_VERSION}); upgrade unusual to load it"
+        )
+    try:
+        with fs.open(f"{root}/{WEIGHTS}", "rb") as f:
+            weights = f.read()
+    except FileNotFoundError:
+        raise BundleError(f"bundle at {uri} is incomplete: {WEIGHTS} not found") from None
+    expected = manifest.get("content_hash")
+    if expected != content_hash(manifest, weights):
+        raise BundleError(
+            f"bundle at {uri} is corrupt or was modified: content hash mismatch "
+            f"(manifest says {str(expected)[:12]}…)"
+        )
+    try:
+        fam = family(manifest["kind"])
+        schema = FeatureSchema.from_dict(manifest["features"])
+        module = fam.module(fam.config(**manifest["model_config"]), int(manifest["width"]))
+        state = torch.load(io.BytesIO(weights), map_location=map_location, weights_only=True)
+        module.load_state_dict(state)
+    except (KeyError, TypeError, RuntimeError, ValueError) as e:
+        raise BundleError(f"bundle at {uri} is inconsistent: {e}") from None
+    module.to(map_location).eval()
+    return Bundle(manifest, schema, module, str(uri))

@@ -1,0 +1,188 @@
+"""The in-memory Python API, in the style PyOD and scikit-learn users know.
+
+>>> det = Detector(kind="ae", epochs=20).fit(train_df)
+>>> det.score(test_df)          # ndarray (n,), higher = more anomalous
+>>> det.predict(test_df)        # 0/1 at the fitted threshold
+>>> det.save("s3://bucket/models/ae1"); Detector.load("s3://bucket/models/ae1")
+
+Lifecycle: ``fit`` learns the feature schema, trains the module on a seeded
+split and fits the threshold on the held-out split's scores; scoring goes
+through :class:`models.scorer.Scorer`, the same code the batch job and the
+Serve deployment use.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, fields
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from models.bundle import Bundle, build_manifest, load_bundle, save_bundle, seal
+from models.errors import NotFittedError, SchemaError
+from models.features import FeatureConfig, FeatureSchema
+from models.registry import family
+from models.scorer import Scorer
+from models.tables import to_table
+from models.thresholds import ThresholdConfig, fit_threshold
+from models.training import History, TrainConfig, fit_module, split_indices
+from models.windows import WindowSet, segments, sort_order
+
+log = logging.getLogger("unusual")
+
+
+def split_params(kind: str, params: dict):
+    """Sort keyword parameters into the typed configs; unknown names are an error."""
+    fam = family(kind)
+    groups = {"model": fam.config, "features": FeatureConfig, "train": TrainConfig, "threshold": ThresholdConfig}
+    out = {g: {} for g in groups}
+    owners = {f.name: g for g, cls in groups.items() for f in fields(cls)}
+    for name, value in params.items():
+        if name not in owners:
+            raise TypeError(f"unknown parameter {name!r} for kind {kind!r}; known: {sorted(owners)}")
+        out[owners[name]][name] = value
+    return (
+        fam.config(**out["model"]),
+        FeatureConfig(**out["features"]),
+        TrainConfig(**out["train"]),
+        ThresholdConfig(**out["threshold"]),
+    )
+
+
+def prepare_training_data(table: pa.Table, schema: FeatureSchema, model_cfg, context: int | None):
+    """Encode a table for training: the matrix, or a WindowSet of full windows per entity."""
+    if context is None:
+        X, _, _ = schema.transform(table)
+        return X
+    ent, tcol = model_cfg.entity_column, model_cfg.time_column
+    order = sort_order(table, ent, tcol)
+    if order is not None:
+        table = table.take(pa.array(order))
+    X, _, _ = schema.transform(table, allowed_extra=tuple(c for c in (ent, tcol) if c))
+    starts, _ = segments(table, ent)
+    ws = WindowSet(X, starts, context)
+    if len(ws) == 0:
+        raise SchemaError(
+            f"window {model_cfg.window} is longer than every series: the longest has "
+            f"{int(ws.lengths.max())} row(s) and a training window needs {context}; "
+            "use a smaller window or more data per entity"
+        )
+    short = int((ws.lengths < context).sum())
+    if short:
+        log.warning("%d series shorter than %d rows give no training windows", short, context)
+    return ws
+
+
+class Detector:
+    """An anomaly detector of one model family (``ae``, ``vae`` or ``lstm``).
+
+    Parameters are the fields of the model's config (e.g. ``hidden``,
+    ``latent``, ``window``, ``objective``, ``entity_column``,
+    ``time_column``), of :class:`FeatureConfig` (``features``, ``exclude``,
+    ``categorical``, ``scaling``, ``nan_policy``, ``unseen_category``), of
+    :class:`TrainConfig` (``epochs``, ``batch_size``, ``lr``, ``seed``,
+    ``device`` …) and of :class:`ThresholdConfig` (``threshold``,
+    ``contamination``, ``pot_level``).
+    """
+
+    def __init__(self, kind: str = "ae", **params):
+        self.kind = kind
+        self.params = params
+        split_params(kind, params)  # fail early on unknown or invalid parameters
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        return f"Detector(kind={self.kind!r}{', ' + args if args else ''})"
+
+    # ----------------------------------------------------------------- fit
+    def fit(self, X, y=None) -> Detector:
+        """Learn normal behaviour from ``X`` (assumed mostly normal; ``y`` is ignored)."""
+        model_cfg, feat_cfg, train_cfg, thr_cfg = split_params(self.kind, self.params)
+        fam = family(self.kind)
+        table = to_table(X)
+        context = model_cfg.context_length if fam.sequence else None
+        reserved = (model_cfg.entity_column, model_cfg.time_column) if fam.sequence else ()
+        schema = FeatureSchema.fit(table, feat_cfg, reserved)
+        data = prepare_training_data(table, schema, model_cfg, context)
+        torch.manual_seed(train_cfg.seed)
+        module = fam.module(model_cfg, schema.width)
+        train_idx, val_idx = split_indices(len(data), train_cfg.val_fraction, train_cfg.seed)
+        hist: History = fit_module(module, data, train_idx, val_idx, train_cfg)
+        module.to("cpu")
+        calib = val_idx if len(val_idx) else train_idx
+        val_scores = _module_scores(module, data, calib)
+        threshold = fit_threshold(val_scores, thr_cfg)
+        threshold["fit_on"] = "validation" if len(val_idx) else "training"
+        training = {
+            **asdict(hist),
+            "rows": table.num_rows,
+            "train_samples": int(len(train_idx)),
+            "val_samples": int(len(val_idx)),
+            "config": asdict(train_cfg),
+            "runner": "in-memory",
+        }
+        manifest = build_manifest(self.kind, asdict(model_cfg), schema, threshold, training)
+        manifest, _ = seal(manifest, module)
+        self._set_bundle(Bundle(manifest, schema, module))
+        return self
+
+    def _set_bundle(self, bundle: Bundle) -> None:
+        self.bundle_ = bundle
+        self.schema_ = bundle.schema
+        self.threshold_ = bundle.threshold
+        self.history_ = bundle.manifest.get("training", {})
+        self.scorer_ = Scorer(bundle)
+
+    def _scorer(self) -> Scorer:
+        if not hasattr(self, "scorer_"):
+            raise NotFittedError("this Detector is not fitted yet; call fit(X) first")
+        return self.scorer_
+
+    # ----------------------------------------------------------------- score
+    def score(self, X) -> np.ndarray:
+        """Anomaly scores, shape (n,), higher = more anomalous."""
+        scorer = self._scorer()
+        scorer.reset()  # each call is independent of the previous one
+        return scorer.scores(X)
+
+    def predict(self, X) -> np.ndarray:
+        """1 for rows scoring above the fitted threshold, else 0."""
+        return (self.score(X) > self.threshold_).astype(np.int64)
+
+    def score_table(self, X) -> pa.Table:
+        """The full scorer output: score, label, top features and model version per row."""
+        scorer = self._scorer()
+        scorer.reset()
+        return scorer.score_table(X)
+
+    # ----------------------------------------------------------------- persistence
+    def save(self, uri: str, overwrite: bool = False) -> str:
+        """Write the checkpoint bundle to a local path or fsspec URI; returns the model version."""
+        bundle = self._scorer().bundle
+        manifest = save_bundle(uri, bundle.manifest, bundle.module, overwrite=overwrite)
+        self._set_bundle(Bundle(manifest, bundle.schema, bundle.module, str(uri)))
+        return manifest["model_version"]
+
+    @classmethod
+    def load(cls, uri: str) -> Detector:
+        bundle = load_bundle(uri)
+        det = cls(bundle.kind)
+        det.params = {}
+        det._set_bundle(bundle)
+        return det
+
+    @property
+    def version(self) -> str:
+        return self._scorer().version
+
+
+@torch.no_grad()
+def _module_scores(module, data, idx: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    module.eval()
+    out = []
+    for a in range(0, len(idx), chunk):
+        x = torch.from_numpy(np.ascontiguousarray(data[idx[a : a + chunk]]))
+        out.append(module.score_terms(x)[0].double().numpy())
+    return np.concatenate(out) if out else np.empty(0)

@@ -1,0 +1,37 @@
+"""Errors raised by the detector core.
+
+Every error names the column, row or field at fault so that a batch job can
+quarantine what it cannot score and an HTTP layer can answer with a 4xx.
+"""
+
+from __future__ import annotations
+
+
+class UnusualError(Exception):
+    """Base class of every error this library raises on purpose."""
+
+
+class SchemaError(UnusualError, ValueError):
+    """A batch does not match the feature schema the model was fit on.
+
+    ``column`` names the offending column (``None`` when the problem is the
+    table as a whole, e.g. an empty batch) and ``rows`` holds the positions of
+    the offending rows where that is meaningful.
+    """
+
+    def __init__(self, message: str, column: str | None = None, rows: list[int] | None = None):
+        super().__init__(message)
+        self.column = column
+        self.rows = rows or []
+
+
+class BundleError(UnusualError):
+    """A checkpoint bundle is missing, corrupt, truncated or inconsistent."""
+
+
+class BundleVersionError(BundleError):
+    """A checkpoint bundle was written by a newer, incompatible format version."""
+
+
+class NotFittedError(UnusualError, RuntimeError):
+    """A method that needs a fitted detector was called before ``fit``."""

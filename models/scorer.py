@@ -1,0 +1,190 @@
+"""The one Scorer: load a bundle once, score batches.
+
+Every consumer (the in-memory ``Detector``, the Ray Data batch job, the Serve
+deployment, the evaluation job) scores through this class, so preprocessing,
+windowing, thresholds and attributions are implemented exactly once.
+
+Output columns, one row per input row, in input order:
+
+- ``anomaly_score`` (float64): higher = more anomalous
+- ``is_anomaly`` (bool): ``anomaly_score > threshold``
+- ``top_features`` (list<struct<feature: string, contribution: double>>): the
+  ``top_k`` features with the largest share of the score, largest first
+- ``model_version`` (string): the bundle's version
+- ``error`` (string, only with ``errors="mask"``): why a row could not be scored
+  (its other columns are null), for quarantine
+
+Sequence models (LSTM): rows are grouped per entity and ordered by time within
+a batch, and scored with the window of rows before them. With ``stream=True``
+(the default) the scorer remembers the last ``window`` rows of each entity of
+the previous batch, so when each entity's rows arrive together and in time
+order, the scores do not depend on where the batches are cut. ``reset()``
+forgets that context.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from models.bundle import Bundle, load_bundle
+from models.tables import to_table
+from models.training import resolve_device
+from models.windows import padded_windows, segments, sort_order
+
+TOP_FEATURE_TYPE = pa.list_(pa.struct([("feature", pa.string()), ("contribution", pa.float64())]))
+
+
+class Scorer:
+    def __init__(
+        self,
+        bundle: Bundle | str,
+        device: str = "cpu",
+        top_k: int = 3,
+        chunk_rows: int = 16384,
+        passthrough: tuple[str, ...] | list[str] = (),
+        errors: str = "raise",
+        stream: bool = True,
+    ):
+        if errors not in ("raise", "mask"):
+            raise ValueError(f"errors must be 'raise' or 'mask'; got {errors!r}")
+        self.device = resolve_device(device)
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, map_location=self.device)
+        self.bundle.module.to(self.device).eval()
+        self.top_k = top_k
+        self.chunk_rows = chunk_rows
+        self.errors = errors
+        self.stream = stream
+        self.schema = self.bundle.schema
+        self.sequence = bool(getattr(self.bundle.module, "sequence", False))
+        cfg = self.bundle.model_config
+        self.entity = getattr(cfg, "entity_column", None)
+        self.time = getattr(cfg, "time_column", None)
+        self.allowed_extra = tuple(c for c in (*passthrough, self.entity, self.time) if c)
+        self._names = pa.array(self.schema.names, pa.string())
+        self._group = None if self.schema.width == len(self.schema.columns) else self.schema.group_matrix()
+        self._context: dict = {}
+
+    # ----------------------------------------------------------------- public
+    @property
+    def version(self) -> str:
+        return self.bundle.version
+
+    @property
+    def threshold(self) -> float:
+        return self.bundle.threshold
+
+    def reset(self) -> None:
+        """Forget the sequence context carried over from previous batches."""
+        self._context = {}
+
+    def __call__(self, batch) -> pa.Table:
+        """Ray Data ``map_batches`` entry point (``batch_format="pyarrow"``)."""
+        return self.score_table(batch)
+
+    def score_table(self, data) -> pa.Table:
+        table = to_table(data)
+        scores, terms, bad, reasons = self._score(table)
+        return self._output(scores, terms, bad, reasons)
+
+    def scores(self, data) -> np.ndarray:
+        """Just the anomaly scores, shape (n,)."""
+        return self._score(to_table(data))[0]
+
+    # ----------------------------------------------------------------- internals
+    @torch.inference_mode()
+    def _run(self, fetch, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Score ``n`` rows; ``fetch(a, b)`` returns the model input of rows a..b."""
+        width = self.schema.width
+        scores = np.empty(n, dtype=np.float64)
+        terms = np.empty((n, width), dtype=np.float32)
+        for a in range(0, n, self.chunk_rows):
+            b = min(n, a + self.chunk_rows)
+            x = torch.from_numpy(np.ascontiguousarray(fetch(a, b))).to(self.device)
+            s, t = self.bundle.module.score_terms(x)
+            scores[a:b] = s.double().cpu().numpy()
+            terms[a:b] = t.float().cpu().numpy()
+        return scores, terms
+
+    def _score(self, table: pa.Table):
+        if not self.sequence:
+            X, bad, reasons = self.schema.transform(table, self.errors, self.allowed_extra)
+            scores, terms = self._run(lambda a, b: X[a:b], table.num_rows)
+            return scores, terms, bad, reasons
+        return self._score_sequence(table)
+
+    def _score_sequence(self, table: pa.Table):
+        n = table.num_rows
+        context = self.bundle.module.context_length
+        order = sort_order(table, self.entity, self.time)
+        t = table.take(pa.array(order)) if order is not None else table
+        X, bad, reasons = self.schema.transform(t, self.errors, self.allowed_extra)
+        starts, keys = segments(t, self.entity)
+        times = t.column(self.time).combine_chunks() if self.time else None
+        pieces, ends, offset, carry = [], [], 0, {}
+        for (a, b), key in zip(zip(starts[:-1], starts[1:]), keys):
+            if b <= a:
+                continue
+            seg = X[a:b]
+            first_t = times[int(a)].as_py() if times is not None else None
+            last_t = times[int(b) - 1].as_py() if times is not None else None
+            history = None
+            if self.stream and key in self._context:
+                hist_rows, hist_t = self._context[key]
+                if hist_t is None or first_t is None or first_t >= hist_t:
+                    history = hist_rows
+            full, e = padded_windows(seg, context, history)
+            pieces.append(full)
+            ends.append(e + offset)
+            offset += len(full)
+            if self.stream and context > 1:
+                carry[key] = (full[-(context - 1) :].copy(), last_t)
+        if self.stream:
+            self._context = carry
+        if n == 0:
+            return np.empty(0), np.empty((0, self.schema.width), np.float32), bad, reasons
+        M = np.concatenate(pieces)
+        E = np.concatenate(ends)
+        offsets = np.arange(-context + 1, 1)
+        scores, terms = self._run(lambda a, b: M[E[a:b, None] + offsets], n)
+        if order is not None:
+            inv = np.empty_like(order)
+            inv[order] = np.arange(n)
+            scores, terms = scores[inv], terms[inv]
+            if bad is not None:
+                bad = bad[inv]
+                reasons = [reasons[i] for i in inv]
+        return scores, terms, bad, reasons
+
+    def _output(self, scores, terms, bad, reasons) -> pa.Table:
+        n = scores.size
+        contrib = terms if self._group is None else terms @ self._group  # (n, n_features)
+        k = min(self.top_k, contrib.shape[1])
+        if k > 0 and n:
+            idx = np.argpartition(-contrib, k - 1, axis=1)[:, :k]
+            vals = np.take_along_axis(contrib, idx, axis=1)
+            o = np.argsort(-vals, axis=1, kind="stable")
+            idx, vals = np.take_along_axis(idx, o, 1), np.take_along_axis(vals, o, 1)
+        else:
+            idx, vals = np.zeros((n, 0), np.int64), np.zeros((n, 0), np.float32)
+        struct = pa.StructArray.from_arrays(
+            [self._names.take(pa.array(idx.ravel())), pa.array(vals.ravel().astype(np.float64))],
+            names=["feature", "contribution"],
+        )
+        valid = None if bad is None else ~bad
+        top = pa.ListArray.from_arrays(
+            pa.array(np.arange(0, n * k + 1, k if k else 1)[: n + 1] if k else np.zeros(n + 1, np.int32), pa.int32()),
+            struct,
+            type=TOP_FEATURE_TYPE,
+            mask=None if valid is None else pa.array(bad),
+        )
+        score_arr = pa.array(scores, pa.float64(), mask=bad)
+        flag = pa.array(scores > self.threshold, pa.bool_(), mask=bad)
+        version = pa.DictionaryArray.from_arrays(
+            pa.array(np.zeros(n, np.int32)), pa.array([self.version], pa.string())
+        ).dictionary_decode()
+        cols = {"anomaly_score": score_arr, "is_anomaly": flag, "top_features": top, "model_version": version}
+        if bad is not None:
+            cols["error"] = pa.array([r if b else None for r, b in zip(reasons, bad)], pa.string())
+        return pa.table(cols)

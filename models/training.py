@@ -1,0 +1,148 @@
+"""The one training step and loop shared by every model family and every runner.
+
+``train_step`` is what the in-memory API and the Ray Train loop both call per
+batch; ``fit_module`` is the in-memory loop around it (shuffled mini-batches,
+validation loss, early stopping that restores the best weights).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+log = logging.getLogger("unusual")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 60
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    val_fraction: float = 0.15  # held out for early stopping and the threshold
+    patience: int = 8  # epochs without validation improvement before stopping
+    grad_clip: float = 5.0
+    seed: int = 0
+    device: str = "cpu"  # "cpu", "cuda", "cuda:1", or "auto"
+
+    def __post_init__(self):
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1); got {self.val_fraction}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+
+
+@dataclass
+class History:
+    train_loss: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    best_epoch: int = 0
+    seconds: float = 0.0
+    stopped_early: bool = False
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def make_optimizer(module: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def train_step(module, x: torch.Tensor, optimizer, grad_clip: float = 5.0, autocast_dtype=None) -> float:
+    """One optimisation step on a batch; returns the batch loss."""
+    module.train()
+    optimizer.zero_grad(set_to_none=True)
+    if autocast_dtype is not None:
+        with torch.autocast(device_type=x.device.type, dtype=autocast_dtype):
+            loss = module.loss(x)
+    else:
+        loss = module.loss(x)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
+    optimizer.step()
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def eval_loss(module, batches) -> float:
+    """Row-weighted mean loss over an iterable of batches."""
+    module.eval()
+    total, n = 0.0, 0
+    for x in batches:
+        total += float(module.loss(x)) * len(x)
+        n += len(x)
+    return total / max(n, 1)
+
+
+def _batches(data, idx: np.ndarray, size: int, device) -> list:
+    for a in range(0, len(idx), size):
+        yield torch.as_tensor(np.ascontiguousarray(data[idx[a : a + size]]), device=device)
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded random split of ``range(n)`` into (train, validation) positions."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = int(round(n * val_fraction)) if n > 1 else 0
+    n_val = min(n_val, n - 1)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def fit_module(
+    module,
+    data,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    cfg: TrainConfig,
+    on_epoch: Callable[[int, float, float], None] | None = None,
+) -> History:
+    """Train ``module`` on ``data[train_idx]``; early-stop on ``data[val_idx]``.
+
+    ``data`` is anything indexable by an integer array that returns a float32
+    numpy batch: the encoded matrix, or a :class:`models.windows.WindowSet`.
+    """
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    module.to(device)
+    opt = make_optimizer(module, cfg)
+    hist = History()
+    best, best_state, stale = math.inf, None, 0
+    t0 = time.perf_counter()
+    for epoch in range(cfg.epochs):
+        order = rng.permutation(train_idx)
+        losses, sizes = [], []
+        for x in _batches(data, order, cfg.batch_size, device):
+            losses.append(train_step(module, x, opt, cfg.grad_clip))
+            sizes.append(len(x))
+        train_loss = float(np.average(losses, weights=sizes))
+        val_loss = eval_loss(module, _batches(data, val_idx, 4096, device)) if len(val_idx) else train_loss
+        hist.train_loss.append(train_loss)
+        hist.val_loss.append(val_loss)
+        if on_epoch:
+            on_epoch(epoch, train_loss, val_loss)
+        log.info("epoch %d/%d train_loss=%.5f val_loss=%.5f", epoch + 1, cfg.epochs, train_loss, val_loss)
+        if best_state is None or val_loss < best - 1e-4 * abs(best):
+            best, stale, hist.best_epoch = val_loss, 0, epoch
+            best_state = copy.deepcopy(module.state_dict())
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                hist.stopped_early = True
+                break
+    if best_state is not None:
+        module.load_state_dict(best_state)
+    module.eval()
+    hist.seconds = time.perf_counter() - t0
+    return hist

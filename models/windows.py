@@ -1,0 +1,97 @@
+"""Windows of a time series, built per entity, in time order.
+
+Rows are first grouped by entity and ordered by time (stable sort; rows keep
+their input order when there is no entity or time column). Each row t gets the
+window of the ``context`` rows ending at t. Where a series has fewer than
+``context - 1`` rows before t, the window is left-padded with copies of the
+series' first row (edge padding); this is the documented rule for the start of
+every series and for series shorter than the window. Training only uses full,
+unpadded windows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from models.errors import SchemaError
+
+
+def sort_order(table: pa.Table, entity: str | None, time: str | None) -> np.ndarray | None:
+    """Row order grouping entities together in time order, or None if already so."""
+    keys = [(c, "ascending") for c in (entity, time) if c]
+    if not keys or table.num_rows < 2:
+        return None
+    order = pc.sort_indices(table, sort_keys=keys).to_numpy()
+    if np.all(order[1:] > order[:-1]):
+        return None
+    # A stable sort keeps the input order of rows that tie on (entity, time).
+    return np.lexsort([np.arange(table.num_rows)] + [_sort_key(table.column(c)) for c, _ in reversed(keys)])
+
+
+def _sort_key(col) -> np.ndarray:
+    # Rank values so any orderable Arrow type (strings, timestamps) can be lexsorted.
+    return pc.rank(col, sort_keys="ascending", tiebreaker="dense").to_numpy()
+
+
+def segments(table: pa.Table, entity: str | None) -> tuple[np.ndarray, list]:
+    """Start offsets of each entity's run of rows (table already grouped) and the entity values."""
+    n = table.num_rows
+    if entity is None or n == 0:
+        return np.array([0, n]), [None]
+    col = table.column(entity).combine_chunks()
+    if col.null_count:
+        row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+        raise SchemaError(f"entity column {entity!r} is null at row {row}", entity, [row])
+    if pa.types.is_dictionary(col.type):
+        col = col.dictionary_decode()
+    change = pc.not_equal(col.slice(1), col.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+    starts = np.concatenate([[0], np.flatnonzero(change) + 1, [n]])
+    values = col.take(pa.array(starts[:-1])).to_pylist()
+    return starts, values
+
+
+def check_time_order(table: pa.Table, time: str | None, starts: np.ndarray) -> None:
+    if time is None or table.num_rows < 2:
+        return
+    col = table.column(time).combine_chunks()
+    if col.null_count:
+        row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+        raise SchemaError(f"time column {time!r} is null at row {row}", time, [row])
+
+
+class WindowSet:
+    """Full training windows over per-entity series, gathered on demand.
+
+    ``data`` is the encoded matrix of all series back to back; ``ends`` are the
+    positions of the last row of every full window. ``ws[idx]`` returns the
+    windows ``(len(idx), context, width)`` without materialising them all.
+    """
+
+    def __init__(self, data: np.ndarray, starts: np.ndarray, context: int):
+        self.data = data
+        self.context = context
+        ends = [np.arange(a + context - 1, b) for a, b in zip(starts[:-1], starts[1:]) if b - a >= context]
+        self.ends = np.concatenate(ends) if ends else np.empty(0, dtype=np.int64)
+        self.lengths = np.diff(starts)
+        self._offsets = np.arange(-context + 1, 1)
+
+    def __len__(self) -> int:
+        return int(self.ends.size)
+
+    def __getitem__(self, idx) -> np.ndarray:
+        return self.data[self.ends[idx, None] + self._offsets]
+
+
+def padded_windows(series: np.ndarray, context: int, history: np.ndarray | None = None):
+    """(padded matrix, end positions) so that ``m[ends[i] + arange(-context+1, 1)]``
+    is the window of row i of ``series``, using ``history`` (earlier rows of the
+    same series, e.g. from a previous batch) before edge padding."""
+    prefix = history if history is not None and len(history) else series[:0]
+    pad_len = max(0, context - 1 - len(prefix))
+    first = prefix[:1] if len(prefix) else series[:1]
+    pad = np.repeat(first, pad_len, axis=0)
+    full = np.concatenate([pad, prefix[-(context - 1) :] if context > 1 and len(prefix) else prefix[:0], series])
+    offset = len(full) - len(series)
+    return full, np.arange(offset, offset + len(series))
