@@ -14,6 +14,7 @@ from models.registry import register
 class AEConfig:
     hidden: list[int] = field(default_factory=lambda: [64, 32])
     latent: int | None = None  # None: max(2, min(32, width // 4))
+    dropout: float = 0.0
 
 
 class AutoEncoder(AnomalyModule):
@@ -21,8 +22,8 @@ class AutoEncoder(AnomalyModule):
         super().__init__()
         self.config = config
         latent = config.latent or default_latent(width)
-        self.encoder = mlp([width, *config.hidden, latent])
-        self.decoder = mlp([latent, *reversed(config.hidden), width])
+        self.encoder = mlp([width, *config.hidden, latent], dropout=config.dropout)
+        self.decoder = mlp([latent, *reversed(config.hidden), width], dropout=config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, width) -> (B, width)
         return self.decoder(self.encoder(x))

@@ -26,13 +26,15 @@ class AnomalyModule(nn.Module):
         raise NotImplementedError
 
 
-def mlp(sizes: list[int], last_activation: bool = False) -> nn.Sequential:
-    """Linear layers with ReLU between them (and after the last if asked)."""
+def mlp(sizes: list[int], last_activation: bool = False, dropout: float = 0.0) -> nn.Sequential:
+    """Linear layers with ReLU (and dropout, if any) between them, and after the last if asked."""
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2 or last_activation:
             layers.append(nn.ReLU())
+            if dropout:
+                layers.append(nn.Dropout(dropout))
     return nn.Sequential(*layers)
 
 

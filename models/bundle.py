@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import pickle
 import platform
 from dataclasses import dataclass
 
@@ -169,7 +170,9 @@ def load_bundle(uri: str, map_location: str | torch.device = "cpu") -> Bundle:
         module = fam.module(fam.config(**manifest["model_config"]), int(manifest["width"]))
         state = torch.load(io.BytesIO(weights), map_location=map_location, weights_only=True)
         module.load_state_dict(state)
-    except (KeyError, TypeError, RuntimeError, ValueError) as e:
+    except (KeyError, TypeError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
+        # UnpicklingError: weights_only=True refused the weights file (not a plain
+        # state_dict, or pickled code); EOFError: an empty weights file.
         raise BundleError(f"bundle at {uri} is inconsistent: {e}") from None
     module.to(map_location).eval()
     return Bundle(manifest, schema, module, str(uri))

@@ -29,6 +29,7 @@ _LOG2PI = math.log(2 * math.pi)
 class VAEConfig:
     hidden: list[int] = field(default_factory=lambda: [64, 32])
     latent: int | None = None  # None: max(2, min(32, width // 4))
+    dropout: float = 0.0
     score: str = "nll"  # "nll" (reconstruction NLL) or "elbo" (negative ELBO)
     n_samples: int = 16  # L, latent samples per row when scoring
     beta: float = 1.0  # weight of the KL term in training
@@ -46,10 +47,10 @@ class VAE(AnomalyModule):
         super().__init__()
         self.config = config
         self.latent = config.latent or default_latent(width)
-        self.encoder = mlp([width, *config.hidden], last_activation=True)
+        self.encoder = mlp([width, *config.hidden], last_activation=True, dropout=config.dropout)
         self.to_mu = nn.Linear(config.hidden[-1], self.latent)
         self.to_logvar = nn.Linear(config.hidden[-1], self.latent)
-        self.decoder = mlp([self.latent, *reversed(config.hidden), width])
+        self.decoder = mlp([self.latent, *reversed(config.hidden), width], dropout=config.dropout)
         self.dec_logvar = nn.Parameter(torch.zeros(width))
         self._eps: torch.Tensor | None = None
 

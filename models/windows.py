@@ -20,14 +20,25 @@ from models.errors import SchemaError
 
 def sort_order(table: pa.Table, entity: str | None, time: str | None) -> np.ndarray | None:
     """Row order grouping entities together in time order, or None if already so."""
-    keys = [(c, "ascending") for c in (entity, time) if c]
-    if not keys or table.num_rows < 2:
+    names = [c for c in (entity, time) if c]
+    for c in names:
+        if c not in table.column_names:
+            raise SchemaError(f"column {c!r} is missing (needed as entity/time column)", c)
+    if not names or table.num_rows < 2:
         return None
-    order = pc.sort_indices(table, sort_keys=keys).to_numpy()
+    # Dictionary-encoded keys (pandas category, polars Categorical) are sorted by
+    # value; Arrow cannot sort a table on a dictionary column directly.
+    key_table = pa.table({c: _decoded(table.column(c)) for c in names})
+    keys = [(c, "ascending") for c in names]
+    order = pc.sort_indices(key_table, sort_keys=keys).to_numpy()
     if np.all(order[1:] > order[:-1]):
         return None
     # A stable sort keeps the input order of rows that tie on (entity, time).
-    return np.lexsort([np.arange(table.num_rows)] + [_sort_key(table.column(c)) for c, _ in reversed(keys)])
+    return np.lexsort([np.arange(table.num_rows)] + [_sort_key(key_table.column(c)) for c, _ in reversed(keys)])
+
+
+def _decoded(col):
+    return pc.cast(col, col.type.value_type) if pa.types.is_dictionary(col.type) else col
 
 
 def _sort_key(col) -> np.ndarray:

@@ -1,2 +1,170 @@
-def main():
-    raise SystemExit("placeholder")
+"""The ``unusual`` command line.
+
+    unusual fit    train one detector in this process and write its bundle
+    unusual info   print a bundle's manifest summary
+    unusual demo   train AE, VAE and LSTM on shipped real data, score, report
+
+Model parameters come from ``--config`` (a YAML mapping of Detector
+parameters) and ``--param key=value`` flags, flags winning. Credentials for
+object storage come from the standard AWS variables (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID`` …), never from flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+import yaml
+
+from models.errors import UnusualError
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _param(value: str) -> tuple[str, object]:
+    if "=" not in value:
+        raise argparse.ArgumentTypeError(f"--param expects key=value; got {value!r}")
+    key, raw = value.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by every command that builds a detector."""
+    p.add_argument("--model", choices=["ae", "vae", "lstm"], help="model family (default: the config's, else ae)")
+    p.add_argument("--config", help="YAML file of Detector parameters; flags override it")
+    p.add_argument("--features", type=_csv, help="comma-separated feature columns (default: all others)")
+    p.add_argument("--exclude", type=_csv, help="comma-separated columns to leave out (ids, labels)")
+    p.add_argument("--categorical", type=_csv, help="comma-separated categorical columns (default: string columns)")
+    p.add_argument("--entity-column", help="LSTM: column naming the series each row belongs to")
+    p.add_argument("--time-column", help="LSTM: column ordering rows within a series")
+    p.add_argument("--window", type=int, help="LSTM: rows of history per window")
+    p.add_argument("--epochs", type=int, help="maximum training epochs (early stopping may end sooner)")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument(
+        "--param", type=_param, action="append", default=[], metavar="KEY=VALUE",
+        help="any other Detector parameter, e.g. --param latent=8 --param threshold=pot",
+    )
+
+
+def model_params(args: argparse.Namespace) -> tuple[str, dict]:
+    params: dict = {}
+    if args.config:
+        with open(args.config) as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise SystemExit(f"--config {args.config}: expected a mapping of parameters")
+        params.update(loaded)
+    kind = args.model or params.pop("model", None) or params.pop("kind", None) or "ae"
+    params.pop("model", None)
+    params.pop("kind", None)
+    flags = {
+        "features": args.features,
+        "exclude": args.exclude,
+        "categorical": args.categorical,
+        "entity_column": args.entity_column,
+        "time_column": args.time_column,
+        "window": args.window,
+        "epochs": args.epochs,
+        "seed": args.seed,
+    }
+    params.update({k: v for k, v in flags.items() if v is not None})
+    params.update(dict(args.param))
+    return kind, params
+
+
+def cmd_fit(args) -> int:
+    from models import Detector
+    from ray_jobs.local_io import read_table
+
+    kind, params = model_params(args)
+    table = read_table(args.data)
+    print(f"read {table.num_rows:,} rows x {table.num_columns} columns from {args.data}", file=sys.stderr)
+    det = Detector(kind, **params).fit(table)
+    version = det.save(args.output, overwrite=args.overwrite)
+    h = det.history_
+    print(
+        json.dumps(
+            {
+                "output": args.output,
+                "model_version": version,
+                "threshold": det.threshold_,
+                "epochs_run": len(h["val_loss"]),
+                "best_val_loss": min(h["val_loss"]),
+                "seconds": round(h["seconds"], 2),
+            },
+            indent=1,
+        )
+    )
+    return 0
+
+
+def cmd_info(args) -> int:
+    from models import load_bundle
+
+    b = load_bundle(args.checkpoint)
+    m = b.manifest
+    cols = m["features"]["columns"]
+    print(
+        json.dumps(
+            {
+                "model_version": m["model_version"],
+                "kind": m["kind"],
+                "format_version": m["format_version"],
+                "model_config": m["model_config"],
+                "features": [f"{c['name']} ({c['kind']})" for c in cols],
+                "threshold": m["threshold"],
+                "training": {k: m["training"].get(k) for k in ("rows", "best_epoch", "seconds", "runner")},
+                "libraries": m["libraries"],
+            },
+            indent=1,
+        )
+    )
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from ray_jobs.demo import run_demo
+
+    return run_demo(args.workdir, quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unusual", description="Deep-learning anomaly detection at cluster scale.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log training progress per epoch")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fit", help="train one detector in this process and write its checkpoint bundle")
+    p.add_argument("--data", required=True, help="Parquet file/folder/prefix or CSV file (local or s3://…)")
+    p.add_argument("--output", required=True, help="bundle URI (local path or s3://…)")
+    p.add_argument("--overwrite", action="store_true", help="replace a bundle already at --output")
+    add_model_args(p)
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("info", help="print a checkpoint bundle's manifest summary")
+    p.add_argument("checkpoint", help="bundle URI")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="train, score and evaluate AE, VAE and LSTM on shipped real data")
+    p.add_argument("--workdir", default="artifacts/demo", help="where bundles and scores are written")
+    p.add_argument("--quick", action="store_true", help="fewer epochs (a smoke run)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return args.func(args)
+    except (UnusualError, FileNotFoundError, ValueError, TypeError) as e:
+        print(f"unusual {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
