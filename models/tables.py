@@ -13,6 +13,15 @@ from models.errors import SchemaError
 
 
 def to_table(data) -> pa.Table:
+    try:
+        return _to_table(data)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        # e.g. a pandas object column mixing numbers and strings; Arrow's
+        # message names the column.
+        raise SchemaError(f"cannot convert the input to a table: {e}") from None
+
+
+def _to_table(data) -> pa.Table:
     if isinstance(data, pa.Table):
         return data
     if isinstance(data, pa.RecordBatch):

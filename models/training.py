@@ -118,12 +118,14 @@ def fit_module(
     module.to(device)
     opt = make_optimizer(module, cfg)
     hist = History()
+    # Small data: at least ~8 steps per epoch, so that patience counts real progress.
+    batch_size = max(8, min(cfg.batch_size, len(train_idx) // 8))
     best, best_state, stale = math.inf, None, 0
     t0 = time.perf_counter()
     for epoch in range(cfg.epochs):
         order = rng.permutation(train_idx)
         losses, sizes = [], []
-        for x in _batches(data, order, cfg.batch_size, device):
+        for x in _batches(data, order, batch_size, device):
             losses.append(train_step(module, x, opt, cfg.grad_clip))
             sizes.append(len(x))
         train_loss = float(np.average(losses, weights=sizes))

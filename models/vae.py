@@ -68,7 +68,10 @@ class VAE(AnomalyModule):
 
     def loss(self, x):
         mu, logvar = self.encode(x)
-        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        # In eval mode (validation loss, early stopping) the draw is the first
+        # common random number, so the loss is deterministic.
+        eps = torch.randn_like(mu) if self.training else self._common_eps(x.device)[:1].expand_as(mu)
+        z = mu + eps * torch.exp(0.5 * logvar)
         nll = self._nll(x, self.decoder(z)).sum(-1)
         return (nll + self.config.beta * self._kl(mu, logvar)).mean() / x.shape[-1]
 

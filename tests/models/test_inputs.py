@@ -165,12 +165,6 @@ def test_string_in_numeric_column(cat_det, test_frame):
         cat_det.score(data)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(pa.ArrowInvalid, pa.ArrowTypeError),
-    reason="BUG (models/tables.py to_table): a pandas object column mixing numbers and strings raises "
-    "pyarrow's ArrowTypeError/ArrowInvalid from Table.from_pandas instead of a SchemaError naming the column",
-)
 def test_string_in_numeric_pandas_object_column(cat_det, test_frame):
     df = test_frame.copy()
     df["src_bytes"] = df["src_bytes"].astype(object)
