@@ -30,7 +30,7 @@ class VAEConfig:
     hidden: list[int] = field(default_factory=lambda: [64, 32])
     latent: int | None = None  # None: max(2, min(32, width // 4))
     dropout: float = 0.0
-    score: str = "nll"  # "nll" (reconstruction NLL) or "elbo" (negative ELBO)
+    score: str = "elbo"  # "elbo" (negative ELBO) or "nll" (reconstruction NLL only)
     n_samples: int = 16  # L, latent samples per row when scoring
     beta: float = 1.0  # weight of the KL term in training
     min_logvar: float = -6.0  # floor of the decoder log-variance (keeps the NLL finite)
