@@ -7,7 +7,6 @@ validation loss, early stopping that restores the best weights).
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -49,41 +48,91 @@ class History:
     stopped_early: bool = False
 
 
+class EarlyStopping:
+    """Tracks the best validation loss and its weights; says when to stop.
+
+    Shared by the in-memory loop and the Ray Train loop; its state travels in
+    the Ray checkpoints so a resumed run stops where an uninterrupted one would.
+    """
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.best = math.inf
+        self.best_epoch = -1
+        self.stale = 0
+        self.best_state: dict | None = None
+
+    def update(self, epoch: int, val_loss: float, module: torch.nn.Module) -> bool:
+        """Record an epoch's validation loss; returns True when training should stop."""
+        if self.best_state is None or val_loss < self.best - 1e-4 * abs(self.best):
+            self.best, self.best_epoch, self.stale = val_loss, epoch, 0
+            self.best_state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+            return False
+        self.stale += 1
+        return self.stale >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch, "stale": self.stale, "best_state": self.best_state}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.best, self.best_epoch, self.stale = float(d["best"]), int(d["best_epoch"]), int(d["stale"])
+        self.best_state = d["best_state"]
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
 
+class Objective(torch.nn.Module):
+    """Wraps a model family so that ``forward(x)`` is its training loss.
+
+    DDP synchronises gradients through hooks on ``forward``, so the distributed
+    runner wraps an ``Objective`` in DDP and both runners call the same
+    :func:`train_step` on it.
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module.loss(x)
+
+
 def make_optimizer(module: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def train_step(module, x: torch.Tensor, optimizer, grad_clip: float = 5.0, autocast_dtype=None) -> float:
-    """One optimisation step on a batch; returns the batch loss."""
-    module.train()
+def train_step(objective, x: torch.Tensor, optimizer, grad_clip: float = 5.0, autocast_dtype=None) -> float:
+    """One optimisation step on a batch; returns the batch loss.
+
+    ``objective`` is an :class:`Objective`, possibly wrapped in DDP.
+    """
+    objective.train()
     optimizer.zero_grad(set_to_none=True)
     if autocast_dtype is not None:
         with torch.autocast(device_type=x.device.type, dtype=autocast_dtype):
-            loss = module.loss(x)
+            loss = objective(x)
     else:
-        loss = module.loss(x)
+        loss = objective(x)
     loss.backward()
     if grad_clip:
-        torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
+        torch.nn.utils.clip_grad_norm_(objective.parameters(), grad_clip)
     optimizer.step()
     return float(loss.detach())
 
 
 @torch.no_grad()
-def eval_loss(module, batches) -> float:
-    """Row-weighted mean loss over an iterable of batches."""
-    module.eval()
+def eval_loss(objective, batches) -> tuple[float, int]:
+    """Summed loss (row-weighted) and row count over an iterable of batches."""
+    objective.eval()
     total, n = 0.0, 0
     for x in batches:
-        total += float(module.loss(x)) * len(x)
+        total += float(objective(x)) * len(x)
         n += len(x)
-    return total / max(n, 1)
+    return total, n
 
 
 def _batches(data, idx: np.ndarray, size: int, device) -> list:
@@ -116,35 +165,35 @@ def fit_module(
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     module.to(device)
+    objective = Objective(module)
     opt = make_optimizer(module, cfg)
     hist = History()
     # Small data: at least ~8 steps per epoch, so that patience counts real progress.
     batch_size = max(8, min(cfg.batch_size, len(train_idx) // 8))
-    best, best_state, stale = math.inf, None, 0
+    stopper = EarlyStopping(cfg.patience)
     t0 = time.perf_counter()
     for epoch in range(cfg.epochs):
         order = rng.permutation(train_idx)
         losses, sizes = [], []
         for x in _batches(data, order, batch_size, device):
-            losses.append(train_step(module, x, opt, cfg.grad_clip))
+            losses.append(train_step(objective, x, opt, cfg.grad_clip))
             sizes.append(len(x))
         train_loss = float(np.average(losses, weights=sizes))
-        val_loss = eval_loss(module, _batches(data, val_idx, 4096, device)) if len(val_idx) else train_loss
+        if len(val_idx):
+            total, count = eval_loss(objective, _batches(data, val_idx, 4096, device))
+            val_loss = total / count
+        else:
+            val_loss = train_loss
         hist.train_loss.append(train_loss)
         hist.val_loss.append(val_loss)
         if on_epoch:
             on_epoch(epoch, train_loss, val_loss)
         log.info("epoch %d/%d train_loss=%.5f val_loss=%.5f", epoch + 1, cfg.epochs, train_loss, val_loss)
-        if best_state is None or val_loss < best - 1e-4 * abs(best):
-            best, stale, hist.best_epoch = val_loss, 0, epoch
-            best_state = copy.deepcopy(module.state_dict())
-        else:
-            stale += 1
-            if stale >= cfg.patience:
-                hist.stopped_early = True
-                break
-    if best_state is not None:
-        module.load_state_dict(best_state)
+        if stopper.update(epoch, val_loss, module):
+            hist.stopped_early = True
+            break
+    hist.best_epoch = stopper.best_epoch
+    module.load_state_dict(stopper.best_state)
     module.eval()
     hist.seconds = time.perf_counter() - t0
     return hist
