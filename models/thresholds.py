@@ -35,16 +35,40 @@ class ThresholdConfig:
 def fit_threshold(scores: np.ndarray, cfg: ThresholdConfig) -> dict:
     """Returns the threshold record stored in the bundle manifest."""
     scores = np.asarray(scores, dtype=np.float64)
-    scores = scores[np.isfinite(scores)]
-    if scores.size == 0:
+    scores = np.sort(scores[np.isfinite(scores)])
+    return fit_threshold_tail(scores, scores.size, cfg)
+
+
+def tail_fraction(cfg: ThresholdConfig) -> float:
+    """The top fraction of the scores that :func:`fit_threshold_tail` needs."""
+    return 1.0 - min(cfg.pot_level, 1.0 - cfg.contamination)
+
+
+def fit_threshold_tail(tail: np.ndarray, n: int, cfg: ThresholdConfig) -> dict:
+    """The threshold from the ``len(tail)`` largest of ``n`` finite scores, sorted
+    ascending. With the whole sorted sample this is exact; a distributed runner
+    passes only the top :func:`tail_fraction` (plus a margin) and gets the same
+    answer without collecting every score."""
+    if n == 0:
         raise ValueError("cannot fit a threshold on zero finite scores")
-    rec = {**asdict(cfg), "n_scores": int(scores.size)}
+    rec = {**asdict(cfg), "n_scores": int(n)}
     if cfg.threshold == "quantile":
-        rec["value"] = float(np.quantile(scores, 1.0 - cfg.contamination))
+        rec["value"] = _tail_quantile(tail, n, 1.0 - cfg.contamination)
         return rec
-    value, gpd = pot_threshold(scores, cfg.contamination, cfg.pot_level)
+    value, gpd = pot_threshold(tail, n, cfg.contamination, cfg.pot_level)
     rec.update(value=value, gpd=gpd)
     return rec
+
+
+def _tail_quantile(tail: np.ndarray, n: int, q: float) -> float:
+    """numpy's default (linear) quantile of n sorted values, given the top len(tail)."""
+    h = q * (n - 1)
+    lo = int(math.floor(h))
+    i = lo - (n - tail.size)
+    if i < 0:
+        raise ValueError(f"the score tail is too short for quantile {q}: {tail.size} of {n} scores")
+    hi = min(i + 1, tail.size - 1)
+    return float(tail[i] + (h - lo) * (tail[hi] - tail[i]))
 
 
 def fit_gpd(excess: np.ndarray) -> tuple[float, float]:
@@ -65,14 +89,15 @@ def fit_gpd(excess: np.ndarray) -> tuple[float, float]:
     return float(xi), float(sigma)
 
 
-def pot_threshold(scores: np.ndarray, risk: float, level: float) -> tuple[float, dict]:
-    t = float(np.quantile(scores, level))
-    excess = scores[scores > t] - t
-    n, nt = scores.size, excess.size
+def pot_threshold(tail: np.ndarray, n: int, risk: float, level: float) -> tuple[float, dict]:
+    """SPOT's initial step on the top ``len(tail)`` of ``n`` sorted scores."""
+    t = _tail_quantile(tail, n, level)
+    excess = tail[tail > t] - t
+    nt = excess.size
     if nt < 5 or risk * n / max(nt, 1) >= 1.0:
         # Too few peaks for a tail fit, or a target inside the body: the
         # empirical quantile is the honest answer.
-        return float(np.quantile(scores, 1.0 - risk)), {"fallback": "quantile", "peaks": int(nt)}
+        return _tail_quantile(tail, n, 1.0 - risk), {"fallback": "quantile", "peaks": int(nt)}
     xi, sigma = fit_gpd(excess)
     r = risk * n / nt
     if abs(xi) < 1e-6:
@@ -80,5 +105,3 @@ def pot_threshold(scores: np.ndarray, risk: float, level: float) -> tuple[float,
     else:
         z = t + (sigma / xi) * (r ** (-xi) - 1.0)
     return float(z), {"xi": xi, "sigma": sigma, "t": t, "peaks": int(nt)}
-
-

@@ -9,7 +9,7 @@ import pytest
 from modeltestkit import tabular
 
 from models import Detector
-from models.thresholds import ThresholdConfig, fit_gpd, fit_threshold, pot_threshold
+from models.thresholds import ThresholdConfig, fit_gpd, fit_threshold, fit_threshold_tail, pot_threshold, tail_fraction
 
 
 def gpd_sample(rng, n: int, xi: float, sigma: float) -> np.ndarray:
@@ -106,7 +106,7 @@ def test_pot_extrapolates_beyond_the_sample():
     # 1e-5 on 20 000 scores: the empirical quantile is just the sample maximum.
     rng = np.random.default_rng(4)
     scores = rng.exponential(1.0, 20_000)
-    value, gpd = pot_threshold(scores, 1e-5, 0.98)
+    value, gpd = pot_threshold(np.sort(scores), scores.size, 1e-5, 0.98)
     assert "fallback" not in gpd
     assert value == pytest.approx(math.log(1e5), rel=0.15)  # 11.5
 
@@ -114,21 +114,21 @@ def test_pot_extrapolates_beyond_the_sample():
 def test_pot_on_heavy_tail():
     rng = np.random.default_rng(5)
     scores = gpd_sample(rng, 50_000, 0.25, 1.0)
-    value, gpd = pot_threshold(scores, 1e-3, 0.98)
+    value, gpd = pot_threshold(np.sort(scores), scores.size, 1e-3, 0.98)
     assert gpd["xi"] == pytest.approx(0.25, abs=0.1)
     assert value == pytest.approx(gpd_quantile(1e-3, 0.25, 1.0), rel=0.15)
 
 
 def test_pot_falls_back_to_the_quantile_with_too_few_peaks():
     scores = np.random.default_rng(6).exponential(1.0, 100)  # 2 peaks above the 98% level
-    value, gpd = pot_threshold(scores, 0.01, 0.98)
+    value, gpd = pot_threshold(np.sort(scores), scores.size, 0.01, 0.98)
     assert gpd == {"fallback": "quantile", "peaks": 2}
     assert value == np.quantile(scores, 0.99)
 
 
 def test_pot_falls_back_when_the_target_is_inside_the_body():
     scores = np.random.default_rng(7).exponential(1.0, 10_000)
-    value, gpd = pot_threshold(scores, 0.1, 0.98)  # 10% is not in the top 2% tail
+    value, gpd = pot_threshold(np.sort(scores), scores.size, 0.1, 0.98)  # 10% is not in the top 2% tail
     assert gpd["fallback"] == "quantile"
     assert value == np.quantile(scores, 0.9)
 
@@ -176,3 +176,16 @@ def test_threshold_without_validation_split_is_fit_on_training_scores():
     assert thr["fit_on"] == "training"
     assert thr["n_scores"] == 300
     assert det.threshold_ == pytest.approx(np.quantile(det.score(x), 0.99), rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["quantile", "pot"])
+def test_threshold_from_the_top_tail_equals_the_threshold_from_all_scores(method):
+    """The distributed runner passes only the top of the score distribution."""
+    scores = np.random.default_rng(8).gamma(2.0, 1.0, 30_000)
+    cfg = ThresholdConfig(threshold=method, contamination=0.01)
+    full = fit_threshold(scores, cfg)
+    m = int(np.ceil(tail_fraction(cfg) * scores.size)) + 2
+    tail = np.sort(scores)[-m:]
+    assert fit_threshold_tail(tail, scores.size, cfg)["value"] == full["value"]
+    with pytest.raises(ValueError, match="tail is too short"):
+        fit_threshold_tail(tail[-10:], scores.size, cfg)
