@@ -1,5 +1,6 @@
 """The ``unusual`` command line.
 
+    unusual train  distributed training on Ray (Ray Data + Ray Train) into a bundle
     unusual fit    train one detector in this process and write its bundle
     unusual info   print a bundle's manifest summary
     unusual demo   train AE, VAE and LSTM on shipped real data, score, report
@@ -144,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a bundle already at --output")
     add_model_args(p)
     p.set_defaults(func=cmd_fit)
+
+    from ray_jobs.train import add_train_args, cmd_train
+
+    p = sub.add_parser("train", help="distributed training with Ray Data + Ray Train; writes a bundle")
+    add_train_args(p)
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("info", help="print a checkpoint bundle's manifest summary")
     p.add_argument("checkpoint", help="bundle URI")

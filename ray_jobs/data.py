@@ -1,0 +1,225 @@
+"""Ray Data adapters: Parquet on object storage in, encoded training data out.
+
+The feature schema is fit with a distributed aggregation (mergeable
+per-block :class:`models.features.FeatureStats`, reduced on the driver: the
+driver sees one small summary per block, never the rows). Encoding, the
+train / validation split and LSTM windowing run in Ray tasks with the same
+``models`` functions the in-memory API uses.
+"""
+
+from __future__ import annotations
+
+import pickle
+from functools import reduce
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+from models.features import FeatureConfig, FeatureSchema, FeatureStats, resolve_columns
+from models.windows import WindowSet, segments, sort_order
+
+ENTITY_KEY = "__unusual_entity__"
+
+
+class DataError(ValueError):
+    """The data at a URI cannot be used: absent, empty, unreadable or inconsistent."""
+
+
+def filesystem(uri: str) -> tuple[pa.fs.FileSystem, str, fsspec.AbstractFileSystem]:
+    """(pyarrow filesystem, path, fsspec filesystem) for a local path or URI.
+
+    fsspec resolves credentials and endpoints from the standard environment
+    (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID`` …), never from flags.
+    """
+    fs, path = fsspec.core.url_to_fs(str(uri))
+    return PyFileSystem(FSSpecHandler(fs)), path, fs
+
+
+def list_parquet(uri: str) -> tuple[list[str], pa.fs.FileSystem]:
+    """The Parquet files at a URI (a file, a folder or a prefix), checked to exist
+    and to share one schema. Raises :class:`DataError` with the reason."""
+    pafs, path, fs = filesystem(uri)
+    try:
+        if fs.isfile(path):
+            files = [path]
+        else:
+            files = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
+            if not files and not fs.isdir(path):
+                files = sorted(p for p in fs.glob(path.rstrip("/") + "*") if p.endswith(".parquet"))
+    except PermissionError as e:
+        raise DataError(f"access denied reading {uri}: check the credentials ({e})") from None
+    except FileNotFoundError as e:
+        raise DataError(f"no data at {uri}: {e}") from None
+    except OSError as e:  # s3fs maps bad credentials and missing buckets to OSError subclasses
+        raise DataError(f"cannot list {uri}: {e}") from None
+    if not files:
+        raise DataError(f"no Parquet files at {uri}")
+    first = None
+    for f in files:
+        try:
+            schema = pq.read_schema(f, filesystem=pafs)
+        except (OSError, pa.ArrowInvalid) as e:
+            raise DataError(f"cannot read the Parquet footer of {f}: {e}") from None
+        schema = schema.remove_metadata()
+        if first is None:
+            first = (f, schema)
+        elif not schema.equals(first[1]):
+            raise DataError(
+                f"Parquet shards disagree on their schema: {first[0]} has {_describe(first[1])} "
+                f"but {f} has {_describe(schema)}"
+            )
+    return files, pafs
+
+
+def _describe(schema: pa.Schema) -> str:
+    return "(" + ", ".join(f"{f.name}: {f.type}" for f in schema) + ")"
+
+
+def read_parquet(uri: str, columns: list[str] | None = None) -> tuple[ray.data.Dataset, pa.Schema]:
+    files, pafs = list_parquet(uri)
+    schema = pq.read_schema(files[0], filesystem=pafs).remove_metadata()
+    ds = ray.data.read_parquet(files, filesystem=pafs, columns=columns)
+    return ds, schema
+
+
+# --------------------------------------------------------------------------- schema
+
+
+def _block_stats(batch: pa.Table, cfg: FeatureConfig, reserved: tuple[str, ...], seed: int) -> dict:
+    stats = FeatureStats.from_table(batch, cfg, reserved, seed)
+    return {"stats": np.array([pickle.dumps(stats)], dtype=object), "rows": np.array([batch.num_rows])}
+
+
+def fit_schema(
+    ds: ray.data.Dataset, schema: pa.Schema, cfg: FeatureConfig, reserved: tuple[str, ...] = (), seed: int = 0
+) -> tuple[FeatureSchema, int]:
+    """The feature schema from per-block statistics merged on the driver.
+
+    Column choice and types are checked on the Parquet schema first, so bad
+    columns fail fast with a :class:`models.SchemaError` naming them.
+    """
+    resolve_columns(schema, cfg, reserved)
+    parts = ds.map_batches(
+        _block_stats,
+        batch_format="pyarrow",
+        batch_size=None,
+        fn_kwargs={"cfg": cfg, "reserved": reserved, "seed": seed},
+    ).take_all()
+    if not parts or sum(int(p["rows"]) for p in parts) == 0:
+        raise DataError("the data has no rows")
+    stats = reduce(lambda a, b: a.merge(b, seed), (pickle.loads(p["stats"]) for p in parts))
+    if stats.n_rows == 0:
+        raise DataError("the data has no rows")
+    return FeatureSchema.from_stats(stats, cfg), stats.n_rows
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def row_uniforms(x: np.ndarray, seed: int) -> np.ndarray:
+    """A uniform [0, 1) number per row, from the row's content and the seed.
+
+    Deterministic whatever the block layout, so every pass over the data (and a
+    resumed run) puts each row on the same side of the train/validation split.
+    """
+    flat = np.ascontiguousarray(x.reshape(len(x), -1), dtype=np.float32).view(np.uint32).astype(np.uint64)
+    h = np.full(len(x), (0xCBF29CE484222325 ^ seed) & 0xFFFFFFFFFFFFFFFF, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(flat.shape[1]):
+            h = (h ^ flat[:, j]) * np.uint64(0x100000001B3)
+        # splitmix64 finaliser for good low bits
+        h ^= h >> np.uint64(30)
+        h *= np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(27)
+        h *= np.uint64(0x94D049BB133111EB)
+        h ^= h >> np.uint64(31)
+    return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def _encode_rows(
+    batch: pa.Table, schema: FeatureSchema, allowed: tuple[str, ...], part: str, val_fraction: float, seed: int
+) -> dict:
+    x, _, _ = schema.transform(batch, allowed_extra=allowed)
+    is_val = row_uniforms(x, seed) < val_fraction
+    keep = is_val if part == "val" else ~is_val
+    return {"x": x[keep]}
+
+
+def encoded_rows(
+    ds: ray.data.Dataset,
+    schema: FeatureSchema,
+    part: str,
+    val_fraction: float,
+    seed: int,
+    allowed: tuple[str, ...] = (),
+) -> ray.data.Dataset:
+    """The train or validation part of a tabular dataset as a float32 ``x`` column."""
+    return ds.map_batches(
+        _encode_rows,
+        batch_format="pyarrow",
+        fn_kwargs={"schema": schema, "allowed": allowed, "part": part, "val_fraction": val_fraction, "seed": seed},
+    )
+
+
+def _windows_of_group(
+    group: pa.Table,
+    schema: FeatureSchema,
+    entity: str | None,
+    time: str | None,
+    context: int,
+    val_fraction: float,
+    seed: int,
+) -> dict:
+    order = sort_order(group, entity, time)
+    if order is not None:
+        group = group.take(pa.array(order))
+    allowed = tuple(c for c in (entity, time, ENTITY_KEY) if c)
+    x, _, _ = schema.transform(group, allowed_extra=allowed)
+    starts, _ = segments(group, entity)
+    ws = WindowSet(x, starts, context)
+    windows = ws[np.arange(len(ws))] if len(ws) else np.empty((0, context, schema.width), np.float32)
+    return {"x": windows, "val": row_uniforms(windows, seed) < val_fraction}
+
+
+def window_dataset(
+    ds: ray.data.Dataset,
+    schema: FeatureSchema,
+    entity: str | None,
+    time: str | None,
+    context: int,
+    val_fraction: float,
+    seed: int,
+) -> ray.data.Dataset:
+    """Full training windows, built per entity (never across entities) in Ray tasks.
+
+    Rows are grouped by entity with a distributed shuffle; each group is sorted
+    by time and windowed by :class:`models.windows.WindowSet`. Without an entity
+    column the whole series is one group, windowed in one task.
+    """
+    key = entity
+    if key is None:
+        key = ENTITY_KEY
+        ds = ds.map_batches(
+            lambda b: b.append_column(ENTITY_KEY, pa.array(np.zeros(b.num_rows, np.int8))), batch_format="pyarrow"
+        )
+    fn_kwargs = {
+        "schema": schema,
+        "entity": entity,
+        "time": time,
+        "context": context,
+        "val_fraction": val_fraction,
+        "seed": seed,
+    }
+    return ds.groupby(key).map_groups(_windows_of_group, batch_format="pyarrow", fn_kwargs=fn_kwargs)
+
+
+def select_part(ds: ray.data.Dataset, part: str) -> ray.data.Dataset:
+    def pick(batch: dict) -> dict:
+        keep = batch["val"] if part == "val" else ~batch["val"]
+        return {"x": batch["x"][keep]}
+
+    return ds.map_batches(pick, batch_format="numpy")
