@@ -159,6 +159,7 @@ def train_loop(config: dict) -> None:
         start = int(st["epoch"]) + 1
         if rank == 0:
             print(f"[unusual] resumed from the checkpoint of epoch {start}", flush=True)
+    hist.setdefault("started_at_epoch", []).append(start)  # one entry per (re)start of the worker group
 
     objective = ray.train.torch.prepare_model(Objective(module))
     opt = make_optimizer(objective, cfg)
@@ -177,6 +178,10 @@ def train_loop(config: dict) -> None:
             if not os.path.exists(marker):
                 open(marker, "w").close()
                 print(f"[unusual] fault injection: worker {rank} exits at epoch {epoch}", flush=True)
+                # Ray Train's controller collects reports on its health-check poll
+                # (every 2 s); let it register the last checkpoint, so the test
+                # knows which epoch the run must resume from.
+                time.sleep(5)
                 os._exit(1)
         t0 = time.perf_counter()
         total, count = 0.0, 0
@@ -420,6 +425,7 @@ def run(job: TrainJob) -> dict:
         "use_gpu": job.use_gpu,
         "precision": job.precision,
         "run_name": run_name,
+        "started_at_epoch": hist.get("started_at_epoch", []),
         "storage": storage,
         "wall_seconds": time.perf_counter() - t_start,
     }

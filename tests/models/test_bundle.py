@@ -257,31 +257,6 @@ def test_bad_weights_with_valid_hash(saved, data):
 # --------------------------------------------------------------------------- S3
 
 
-@pytest.fixture(scope="module")
-def s3_bucket():
-    """A moto S3 server on a free local port, with the AWS environment pointing at it."""
-    s3fs = pytest.importorskip("s3fs")
-    server_mod = pytest.importorskip("moto.server")
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    with pytest.MonkeyPatch.context() as mp:
-        for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
-            mp.delenv(var, raising=False)
-        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        mp.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
-        s3fs.S3FileSystem.clear_instance_cache()
-        fs = s3fs.S3FileSystem()
-        fs.mkdir("unusual-test")
-        try:
-            yield "unusual-test"
-        finally:
-            s3fs.S3FileSystem.clear_instance_cache()
-            server.stop()
-
-
 def test_s3_round_trip(det, s3_bucket, test_x):
     uri = f"s3://{s3_bucket}/models/ae1"
     version = det.save(uri)
