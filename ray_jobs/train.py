@@ -65,6 +65,7 @@ class TrainJob:
     max_failures: int = 2
     overwrite: bool = False
     address: str | None = None
+    cache: bool | None = None  # cache encoded data in the object store; None: when it fits in 25 % of it
     fail_at_epoch: int | None = None  # testing: one worker process dies at this epoch, once
 
     def __post_init__(self):
@@ -350,7 +351,9 @@ def run(job: TrainJob) -> dict:
     # once, so epochs do not re-read and re-encode the shards; larger data
     # streams from storage every epoch.
     store = ray.cluster_resources().get("object_store_memory", 0)
-    if n_rows * schema.width * 4 * (model_cfg.context_length if fam.sequence else 1) < 0.25 * store:
+    encoded_bytes = n_rows * schema.width * 4 * (model_cfg.context_length if fam.sequence else 1)
+    cached = job.cache if job.cache is not None else encoded_bytes < 0.25 * store
+    if cached:
         train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
 
     storage = job.storage or f"{job.output.rstrip('/')}/_train"
@@ -426,6 +429,7 @@ def run(job: TrainJob) -> dict:
         "precision": job.precision,
         "run_name": run_name,
         "started_at_epoch": hist.get("started_at_epoch", []),
+        "cached": bool(cached),
         "storage": storage,
         "wall_seconds": time.perf_counter() - t_start,
     }
@@ -451,6 +455,12 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-name", help="name of the run in its storage (default: <model>-<random>)")
     p.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from (default 2)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, or start a local Ray)")
+    p.add_argument(
+        "--cache",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep the encoded data in the object store between epochs (default: when it fits in 25%% of it)",
+    )
     add_model_args(p)
 
 

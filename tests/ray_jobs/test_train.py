@@ -60,6 +60,7 @@ def test_ae_bundle_from_s3(ae_run):
     assert manifest["kind"] == "ae" and t["runner"] == "ray-train"
     assert t["num_workers"] == 2 and t["resources_per_worker"] == {"CPU": 0.5}
     assert len(t["val_loss"]) == 3 and t["rows"] == 1831
+    assert t["cached"] is True  # small data is encoded once and kept in the object store
     # Every row is in exactly one split; the validation part is ~15 %.
     assert 0.10 * 1831 < manifest["threshold"]["n_scores"] < 0.20 * 1831
     assert manifest["threshold"]["fit_on"] == "validation"
@@ -80,12 +81,24 @@ def test_existing_bundle_is_refused(ae_run, cardio_uri):
 
 
 def test_vae_resumes_after_a_worker_dies(cardio_uri, s3_bucket):
-    """One worker process exits at epoch 2; the group restarts from the epoch-1 checkpoint."""
+    """One worker process exits at epoch 2; the group restarts from the epoch-1 checkpoint.
+    This run also streams the shards from S3 every epoch (no cache), the path for
+    data larger than memory."""
     out = f"s3://{s3_bucket}/models/vae"
     manifest = run(
-        TrainJob(cardio_uri, out, "vae", {"exclude": ["label"], **FAST}, num_workers=2, fail_at_epoch=2, max_failures=1)
+        TrainJob(
+            cardio_uri,
+            out,
+            "vae",
+            {"exclude": ["label"], **FAST},
+            num_workers=2,
+            fail_at_epoch=2,
+            max_failures=1,
+            cache=False,
+        )
     )
     t = manifest["training"]
+    assert t["cached"] is False
     # Restarted once, from the checkpoint of epoch 1, not from scratch.
     assert t["started_at_epoch"] == [0, 2]
     assert len(t["val_loss"]) == 3
