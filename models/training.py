@@ -105,10 +105,14 @@ def make_optimizer(module: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     return torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def train_step(objective, x: torch.Tensor, optimizer, grad_clip: float = 5.0, autocast_dtype=None) -> float:
+def train_step(
+    objective, x: torch.Tensor, optimizer, grad_clip: float = 5.0, autocast_dtype=None, scaler=None
+) -> float:
     """One optimisation step on a batch; returns the batch loss.
 
-    ``objective`` is an :class:`Objective`, possibly wrapped in DDP.
+    ``objective`` is an :class:`Objective`, possibly wrapped in DDP. On GPUs,
+    ``autocast_dtype`` (bf16 / fp16) runs the forward pass in mixed precision;
+    fp16 also needs a ``torch.amp.GradScaler`` as ``scaler``.
     """
     objective.train()
     optimizer.zero_grad(set_to_none=True)
@@ -117,10 +121,18 @@ def train_step(objective, x: torch.Tensor, optimizer, grad_clip: float = 5.0, au
             loss = objective(x)
     else:
         loss = objective(x)
-    loss.backward()
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(objective.parameters(), grad_clip)
-    optimizer.step()
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
     return float(loss.detach())
 
 
