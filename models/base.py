@@ -26,6 +26,39 @@ class AnomalyModule(nn.Module):
         raise NotImplementedError
 
 
+class SquaredErrorModule(AnomalyModule):
+    """A family scored by squared errors per column (reconstruction or forecast).
+
+    With ``normalize_errors`` (the default) each column's error is divided by
+    its mean error on held-out normal data (``error_scale``, set by
+    :func:`models.training.calibrate_error_scale` after training and stored
+    with the weights). A column that is hard to predict even when all is well
+    (a noisy metric) then counts as much as an easy one, and the score reads as
+    "how many times the usual error"; without it, the noisiest columns drown
+    out the rest.
+    """
+
+    def _init_error_scale(self, width: int) -> None:
+        self.register_buffer("error_scale", torch.ones(width))
+
+    def errors(self, x: torch.Tensor) -> torch.Tensor:
+        """Squared error per column of the row being scored, (B, width)."""
+        raise NotImplementedError
+
+    def score_terms(self, x):
+        err = self.errors(x)
+        if self.config.normalize_errors:
+            err = err / self.error_scale
+        terms = err / err.shape[-1]  # sums to the mean over columns
+        return terms.sum(-1), terms
+
+    def set_error_scale(self, mean_errors: torch.Tensor) -> None:
+        # A floor relative to the overall level keeps columns that were
+        # reconstructed perfectly (constant ones) from dividing by ~0.
+        floor = 1e-2 * float(mean_errors.mean()) + 1e-12
+        self.error_scale.copy_(mean_errors.clamp(min=floor))
+
+
 def mlp(sizes: list[int], last_activation: bool = False, dropout: float = 0.0) -> nn.Sequential:
     """Linear layers with ReLU (and dropout, if any) between them, and after the last if asked."""
     layers: list[nn.Module] = []

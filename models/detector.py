@@ -27,7 +27,7 @@ from models.registry import family
 from models.scorer import Scorer
 from models.tables import to_table
 from models.thresholds import ThresholdConfig, fit_threshold
-from models.training import History, TrainConfig, fit_module, split_indices
+from models.training import History, TrainConfig, _batches, calibrate_error_scale, fit_module, split_indices
 from models.windows import WindowSet, segments, sort_order
 
 log = logging.getLogger("unusual")
@@ -112,6 +112,7 @@ class Detector:
         hist: History = fit_module(module, data, train_idx, val_idx, train_cfg)
         module.to("cpu")
         calib = val_idx if len(val_idx) else train_idx
+        calibrate_error_scale(module, _batches(data, calib, 8192, "cpu"))
         val_scores = _module_scores(module, data, calib)
         threshold = fit_threshold(val_scores, thr_cfg)
         threshold["fit_on"] = "validation" if len(val_idx) else "training"

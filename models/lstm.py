@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from models.base import AnomalyModule
+from models.base import SquaredErrorModule
 from models.registry import register
 
 
@@ -33,6 +33,7 @@ class LSTMConfig:
     layers: int = 1
     entity_column: str | None = None
     time_column: str | None = None
+    normalize_errors: bool = True  # each column's error in units of its usual level (SquaredErrorModule)
 
     def __post_init__(self):
         if self.objective not in ("forecast", "reconstruct"):
@@ -46,7 +47,7 @@ class LSTMConfig:
         return self.window + 1 if self.objective == "forecast" else self.window
 
 
-class LSTMDetector(AnomalyModule):
+class LSTMDetector(SquaredErrorModule):
     sequence = True
 
     def __init__(self, config: LSTMConfig, width: int):
@@ -56,6 +57,7 @@ class LSTMDetector(AnomalyModule):
         if config.objective == "reconstruct":
             self.decoder = nn.LSTM(config.hidden, config.hidden, num_layers=config.layers, batch_first=True)
         self.head = nn.Linear(config.hidden, width)
+        self._init_error_scale(width)
 
     @property
     def context_length(self) -> int:
@@ -75,13 +77,10 @@ class LSTMDetector(AnomalyModule):
         pred, target = self._predict(x)
         return ((pred - target) ** 2).mean()
 
-    def score_terms(self, x):
+    def errors(self, x):
         pred, target = self._predict(x)
         err = (pred - target) ** 2
-        if err.dim() == 3:
-            err = err[:, -1]
-        terms = err / x.shape[-1]
-        return terms.sum(-1), terms
+        return err[:, -1] if err.dim() == 3 else err
 
 
 register("lstm", LSTMDetector, LSTMConfig, sequence=True)

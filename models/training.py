@@ -147,6 +147,28 @@ def eval_loss(objective, batches) -> tuple[float, int]:
     return total, n
 
 
+@torch.no_grad()
+def error_sums(module, batches):
+    """Per-column sums of a squared-error family's raw errors and the row count
+    (None for families that do not normalise errors)."""
+    if not hasattr(module, "set_error_scale"):
+        return None
+    module.eval()
+    total, n = None, 0
+    for x in batches:
+        e = module.errors(x).double().sum(0).cpu()
+        total = e if total is None else total + e
+        n += len(x)
+    return total, n
+
+
+def calibrate_error_scale(module, batches) -> None:
+    """Set a squared-error family's ``error_scale`` from held-out normal data."""
+    sums = error_sums(module, batches)
+    if sums is not None and sums[1]:
+        module.set_error_scale((sums[0] / sums[1]).float())
+
+
 def _batches(data, idx: np.ndarray, size: int, device) -> list:
     for a in range(0, len(idx), size):
         yield torch.as_tensor(np.ascontiguousarray(data[idx[a : a + size]]), device=device)

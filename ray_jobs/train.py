@@ -39,7 +39,15 @@ from models.errors import BundleError, SchemaError, UnusualError
 from models.features import _NumStats
 from models.registry import family
 from models.thresholds import fit_threshold_tail, tail_fraction
-from models.training import EarlyStopping, Objective, TrainConfig, eval_loss, make_optimizer, train_step
+from models.training import (
+    EarlyStopping,
+    Objective,
+    TrainConfig,
+    error_sums,
+    eval_loss,
+    make_optimizer,
+    train_step,
+)
 
 log = logging.getLogger("unusual")
 
@@ -234,16 +242,40 @@ def train_loop(config: dict) -> None:
 # --------------------------------------------------------------------------- threshold at scale
 
 
-def _score_block(batch: dict, kind: str, model_config: dict, width: int, state) -> dict:
+def _block_module(kind: str, model_config: dict, width: int, state):
     import ray
 
     fam = family(kind)
     module = fam.module(fam.config(**model_config), width)
     module.load_state_dict(ray.get(state) if isinstance(state, ray.ObjectRef) else state)
-    module.eval()
+    return module.eval()
+
+
+def _score_block(batch: dict, kind: str, model_config: dict, width: int, state) -> dict:
+    module = _block_module(kind, model_config, width, state)
     with torch.inference_mode():
         s, _ = module.score_terms(torch.from_numpy(np.ascontiguousarray(batch["x"], dtype=np.float32)))
     return {"score": s.double().numpy()}
+
+
+def _error_block(batch: dict, kind: str, model_config: dict, width: int, state) -> dict:
+    module = _block_module(kind, model_config, width, state)
+    sums = error_sums(module, [torch.from_numpy(np.ascontiguousarray(batch["x"], dtype=np.float32))])
+    return {"sum": sums[0].numpy()[None, :], "n": np.array([sums[1]])}
+
+
+def calibrate_at_scale(module, data, kind: str, model_config: dict, width: int) -> None:
+    """``models.training.calibrate_error_scale`` over a Ray Dataset: per-block
+    column sums of the errors, added up on the driver."""
+    import ray
+
+    if error_sums(module, []) is None:
+        return
+    kwargs = {"kind": kind, "model_config": model_config, "width": width, "state": ray.put(module.state_dict())}
+    parts = data.map_batches(_error_block, batch_format="numpy", fn_kwargs=kwargs).take_all()
+    n = sum(int(p["n"]) for p in parts)
+    if n:
+        module.set_error_scale(torch.from_numpy(sum(p["sum"] for p in parts) / n).float())
 
 
 def _block_sample(batch: dict) -> dict:
@@ -400,17 +432,22 @@ def run(job: TrainJob) -> dict:
     hist = state["history"]
 
     print("[unusual] scoring the validation split for the threshold …", file=sys.stderr, flush=True)
+    module = fam.module(model_cfg, schema.width)
+    module.load_state_dict(best)
     calib = val_ds if train_cfg.val_fraction > 0 else train_ds
+    calibrate_at_scale(module, calib, job.kind, asdict(model_cfg), schema.width)
     scores = calib.map_batches(
         _score_block,
         batch_format="numpy",
-        fn_kwargs={"kind": job.kind, "model_config": asdict(model_cfg), "width": schema.width, "state": ray.put(best)},
+        fn_kwargs={
+            "kind": job.kind,
+            "model_config": asdict(model_cfg),
+            "width": schema.width,
+            "state": ray.put(module.state_dict()),
+        },
     ).materialize()
     threshold = fit_threshold_at_scale(scores, thr_cfg)
     threshold["fit_on"] = "validation" if train_cfg.val_fraction > 0 else "training"
-
-    module = fam.module(model_cfg, schema.width)
-    module.load_state_dict(best)
     seconds = sum(hist["epoch_seconds"])
     training = {
         "train_loss": hist["train_loss"],

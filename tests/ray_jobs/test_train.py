@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import s3fs
+import torch
 
 from models import BundleError, Detector, SchemaError, Scorer
 from ray_jobs import sample_data
@@ -66,6 +67,9 @@ def test_ae_bundle_from_s3(ae_run):
     assert manifest["threshold"]["fit_on"] == "validation"
     det = Detector.load(out)
     assert det.version == manifest["model_version"]
+    # Per-column error levels were calibrated on the validation split across the cluster.
+    scale = det.bundle_.module.error_scale
+    assert (scale > 0).all() and not torch.allclose(scale, torch.ones_like(scale))
     cardio = sample_data.load("cardio")
     x = cardio.drop_columns(["label"])
     scores = det.score(x)
