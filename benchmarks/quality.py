@@ -1,0 +1,841 @@
+#!/usr/bin/env python
+"""Detection-quality benchmark of unusual's detectors on real, labelled data.
+
+Suites (see benchmarks/README.md for the protocol of each):
+
+- ``tabular``: the ODDS sets, semi-supervised (fit on 70 % of the normal rows,
+  test on the other normals plus every anomaly), our ``ae`` / ``vae`` against
+  PyOD's AutoEncoder, VAE and IsolationForest, over several seeds.
+- ``smd``: Server Machine Dataset, one model per machine, our ``lstm`` (and
+  ``ae`` / IsolationForest as non-sequence baselines); ROC-AUC, PR-AUC and F1
+  with and without point adjustment.
+- ``nslkdd``: NSL-KDD (20 % train file) with its categorical columns, our
+  ``ae`` (and IsolationForest on one-hot features), semi-supervised split.
+
+Writes a JSON record (default ``benchmarks/results/quality.json``) and prints
+markdown tables, also written next to the JSON as ``.md``.
+
+    python benchmarks/quality.py                          # everything, defaults
+    python benchmarks/quality.py --suites tabular --methods ours --seeds 0,1
+    python benchmarks/quality.py --suites smd --params-lstm '{"epochs": 20}'
+    python benchmarks/quality.py --self-check             # metric helpers only
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA_DIR = REPO / ".." / "shared" / "data"
+DEFAULT_OUT = REPO / "benchmarks" / "results" / "quality.json"
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+SUITES = ("tabular", "smd", "nslkdd")
+OURS = ("ae", "vae", "lstm")
+PYOD = ("pyod_ae", "pyod_vae", "iforest")
+ALL_METHODS = OURS + PYOD
+SUITE_METHODS = {
+    "tabular": ("ae", "vae", "pyod_ae", "pyod_vae", "iforest"),
+    "smd": ("lstm", "ae", "iforest"),
+    "nslkdd": ("ae", "iforest"),
+}
+METHOD_LABELS = {
+    "ae": "ours ae",
+    "vae": "ours vae",
+    "lstm": "ours lstm",
+    "pyod_ae": "PyOD AutoEncoder",
+    "pyod_vae": "PyOD VAE",
+    "iforest": "PyOD IForest",
+}
+TRAIN_FRACTION = 0.7
+
+log = logging.getLogger("quality")
+
+
+# =========================================================================== metrics
+
+
+def label_segments(label: np.ndarray) -> np.ndarray:
+    """(start, stop) of every maximal run of 1s in a 0/1 label vector; shape (k, 2)."""
+    lab = np.asarray(label).astype(bool).astype(np.int8)
+    d = np.diff(np.concatenate([[0], lab, [0]]))
+    return np.stack([np.flatnonzero(d == 1), np.flatnonzero(d == -1)], axis=1)
+
+
+def point_adjust(pred: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """Standard point adjustment: if any point of a labelled segment is flagged,
+    every point of that segment counts as flagged. Points outside labelled
+    segments are left as they are."""
+    out = np.asarray(pred).astype(bool).copy()
+    for a, b in label_segments(label):
+        if out[a:b].any():
+            out[a:b] = True
+    return out
+
+
+def prf(pred: np.ndarray, label: np.ndarray) -> dict:
+    """Precision, recall and F1 of a 0/1 prediction (F1 = 0 when undefined)."""
+    pred, label = np.asarray(pred).astype(bool), np.asarray(label).astype(bool)
+    tp = int((pred & label).sum())
+    fp = int((pred & ~label).sum())
+    fn = int((~pred & label).sum())
+    p = tp / (tp + fp) if tp + fp else 0.0
+    r = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * p * r / (p + r) if p + r else 0.0
+    return {"f1": f1, "precision": p, "recall": r, "flagged": int(pred.sum())}
+
+
+def _best_from_counts(tp: np.ndarray, fp: np.ndarray, positives: int, thresholds: np.ndarray) -> dict:
+    fn = positives - tp
+    denom = 2 * tp + fp + fn
+    f1 = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
+    i = int(np.argmax(f1))
+    p = tp[i] / (tp[i] + fp[i]) if tp[i] + fp[i] else 0.0
+    r = tp[i] / positives if positives else 0.0
+    return {"f1": float(f1[i]), "precision": float(p), "recall": float(r), "threshold": float(thresholds[i])}
+
+
+def best_f1(scores: np.ndarray, label: np.ndarray) -> dict:
+    """Best F1 over every threshold ``score >= t`` (t = each distinct score), no adjustment."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(label).astype(bool)
+    cand = np.unique(s)  # ascending
+    pos_sorted = np.sort(s[y])
+    neg_sorted = np.sort(s[~y])
+    tp = pos_sorted.size - np.searchsorted(pos_sorted, cand, side="left")  # positives with s >= t
+    fp = neg_sorted.size - np.searchsorted(neg_sorted, cand, side="left")
+    return _best_from_counts(tp, fp, int(y.sum()), cand)
+
+
+def best_f1_pa(scores: np.ndarray, label: np.ndarray) -> dict:
+    """Best F1 with point adjustment over every threshold ``score >= t``.
+
+    Exact and vectorised: a labelled segment is detected at threshold t iff its
+    maximum score is >= t, and then all its points are true positives; false
+    positives are the normal points with score >= t (adjustment never touches
+    them). Equivalent to ``prf(point_adjust(scores >= t, label), label)`` for
+    every distinct score t, which ``--self-check`` verifies.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(label).astype(bool)
+    segs = label_segments(y)
+    seg_max = np.array([s[a:b].max() for a, b in segs]) if len(segs) else np.empty(0)
+    seg_len = (segs[:, 1] - segs[:, 0]) if len(segs) else np.empty(0, dtype=np.int64)
+    order = np.argsort(seg_max)
+    seg_max, seg_len = seg_max[order], seg_len[order]
+    # suffix sums: detected points when thresholds t <= seg_max[j:]
+    suffix = np.concatenate([np.cumsum(seg_len[::-1])[::-1], [0]])
+    cand = np.unique(s)
+    tp = suffix[np.searchsorted(seg_max, cand, side="left")]
+    neg_sorted = np.sort(s[~y])
+    fp = neg_sorted.size - np.searchsorted(neg_sorted, cand, side="left")
+    return _best_from_counts(tp, fp, int(y.sum()), cand)
+
+
+def ranking_metrics(label: np.ndarray, scores: np.ndarray) -> dict:
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    return {"roc_auc": float(roc_auc_score(label, scores)), "pr_auc": float(average_precision_score(label, scores))}
+
+
+def self_check() -> None:
+    """Checks of the metric helpers against hand-computed and brute-force answers."""
+    from sklearn.metrics import precision_recall_curve
+
+    # Hand example: two segments [1,4) and [6,8); the first is hit once, the second missed.
+    label = np.array([0, 1, 1, 1, 0, 0, 1, 1, 0])
+    pred = np.array([0, 0, 1, 0, 0, 0, 0, 0, 1])
+    assert label_segments(label).tolist() == [[1, 4], [6, 8]]
+    assert point_adjust(pred, label).astype(int).tolist() == [0, 1, 1, 1, 0, 0, 0, 0, 1]
+    m = prf(point_adjust(pred, label), label)  # TP 3, FP 1, FN 2
+    assert (m["precision"], m["recall"]) == (0.75, 0.6) and abs(m["f1"] - 2 / 3) < 1e-12, m
+    m = prf(pred, label)  # TP 1, FP 1, FN 4
+    assert (m["precision"], m["recall"]) == (0.5, 0.2), m
+    # Segments touching both ends of the series.
+    assert label_segments([1, 1, 0, 1]).tolist() == [[0, 2], [3, 4]]
+    assert point_adjust([0, 1, 0, 0], [1, 1, 0, 1]).astype(int).tolist() == [1, 1, 0, 0]
+
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        n = int(rng.integers(5, 60))
+        lab = (rng.random(n) < rng.uniform(0.05, 0.5)).astype(int)
+        if trial % 3 == 0:  # longer runs, like SMD
+            lab = np.repeat(lab[: max(1, n // 5)], 5)[:n]
+            n = lab.size
+        if lab.sum() == 0:
+            lab[int(rng.integers(n))] = 1
+        sc = np.round(rng.normal(size=n) + lab * rng.uniform(0, 2), 1)  # ties on purpose
+        brute = max(prf(point_adjust(sc >= t, lab), lab)["f1"] for t in np.unique(sc))
+        assert abs(best_f1_pa(sc, lab)["f1"] - brute) < 1e-12, (trial, brute, best_f1_pa(sc, lab))
+        brute = max(prf(sc >= t, lab)["f1"] for t in np.unique(sc))
+        assert abs(best_f1(sc, lab)["f1"] - brute) < 1e-12
+        p, r, _ = precision_recall_curve(lab, sc)
+        f = np.where(p + r > 0, 2 * p * r / np.maximum(p + r, 1e-300), 0)
+        assert abs(best_f1(sc, lab)["f1"] - f.max()) < 1e-9
+        t = best_f1_pa(sc, lab)["threshold"]
+        assert abs(prf(point_adjust(sc >= t, lab), lab)["f1"] - best_f1_pa(sc, lab)["f1"]) < 1e-12
+    print("self-check passed: label_segments, point_adjust, prf, best_f1, best_f1_pa")
+
+
+# =========================================================================== data
+
+
+def semi_supervised_split(y: np.ndarray, seed: int, frac: float = TRAIN_FRACTION):
+    """Train on a random ``frac`` of the normal rows; test on the other normals plus all anomalies."""
+    y = np.asarray(y).astype(int)
+    normal = np.flatnonzero(y == 0)
+    perm = np.random.default_rng(seed).permutation(normal)
+    n_train = int(round(frac * normal.size))
+    train = np.sort(perm[:n_train])
+    test = np.sort(np.concatenate([perm[n_train:], np.flatnonzero(y == 1)]))
+    return train, test
+
+
+def load_odds(data_dir: Path) -> dict:
+    import scipy.io
+
+    out = {}
+    for path in sorted((data_dir / "tabular" / "odds").glob("*.mat")):
+        m = scipy.io.loadmat(path)
+        out[path.stem] = (np.asarray(m["X"], dtype=np.float64), np.asarray(m["y"]).ravel().astype(int))
+    return out
+
+
+def load_smd(data_dir: Path) -> dict:
+    out = {}
+    for path in sorted((data_dir / "timeseries" / "smd").glob("machine-*.npz")):
+        d = np.load(path)
+        out[path.stem] = (
+            np.asarray(d["train"], dtype=np.float64),
+            np.asarray(d["test"], dtype=np.float64),
+            np.asarray(d["test_label"]).astype(int),
+        )
+    return out
+
+
+def load_nslkdd(data_dir: Path):
+    import pandas as pd
+
+    root = data_dir / "network" / "nsl_kdd"
+    names = []
+    with open(root / "field_names.csv") as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                names.append(line.split(",")[0].strip())
+    names += ["label", "difficulty"]
+    df = pd.read_csv(root / "KDDTrain+_20Percent.txt", header=None, names=names)
+    if df.shape[1] != 43 or df["label"].isna().any():
+        raise SystemExit(f"unexpected NSL-KDD layout: {df.shape} with columns {names}")
+    y = (df["label"] != "normal").to_numpy().astype(int)
+    X = df.drop(columns=["label", "difficulty"])
+    for c in ("protocol_type", "service", "flag"):
+        X[c] = X[c].astype(str)
+    return X, y
+
+
+# =========================================================================== methods
+
+
+class MethodError(Exception):
+    pass
+
+
+def our_params(args, kind: str, seed: int) -> dict:
+    return {**getattr(args, f"params_{kind}"), "seed": seed}
+
+
+def run_ours(kind: str, params: dict, X_train, X_test) -> dict:
+    from models import Detector
+
+    det = Detector(kind, **params)
+    t0 = time.perf_counter()
+    det.fit(X_train)
+    fit_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    scores = det.score(X_test)
+    score_s = time.perf_counter() - t0
+    hist = det.history_
+    info = {
+        "epochs_run": len(hist.get("train_loss", [])),
+        "best_epoch": hist.get("best_epoch"),
+        "stopped_early": hist.get("stopped_early"),
+        "final_train_loss": (hist.get("train_loss") or [None])[-1],
+        "best_val_loss": min(hist["val_loss"]) if hist.get("val_loss") else None,
+        "threshold": float(det.threshold_),
+    }
+    return {"scores": scores, "fit_s": fit_s, "score_s": score_s, "info": info, "detector": det}
+
+
+def run_pyod(method: str, seed: int, X_train: np.ndarray, X_test: np.ndarray) -> dict:
+    if method == "pyod_ae":
+        from pyod.models.auto_encoder import AutoEncoder
+
+        # PyOD seeds python/numpy/torch in __init__, so build it right before fit.
+        model = AutoEncoder(random_state=seed, verbose=0)
+    elif method == "pyod_vae":
+        from pyod.models.vae import VAE
+
+        model = VAE(random_state=seed, verbose=0)
+    elif method == "iforest":
+        from pyod.models.iforest import IForest
+
+        model = IForest(random_state=seed)
+    else:
+        raise MethodError(f"unknown PyOD method {method}")
+    t0 = time.perf_counter()
+    model.fit(X_train)
+    fit_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    scores = model.decision_function(X_test)
+    score_s = time.perf_counter() - t0
+    return {"scores": np.asarray(scores, dtype=np.float64), "fit_s": fit_s, "score_s": score_s, "info": {}}
+
+
+def run_method(args, method: str, seed: int, X_train, X_test) -> dict:
+    if method in OURS:
+        return run_ours(method, our_params(args, method, seed), X_train, X_test)
+    return run_pyod(method, seed, X_train, X_test)
+
+
+def finite_check(scores: np.ndarray) -> dict:
+    bad = int((~np.isfinite(scores)).sum())
+    return {"nonfinite_scores": bad}
+
+
+def safe_scores(scores: np.ndarray) -> np.ndarray:
+    """Non-finite scores rank as most anomalous (+inf / NaN) or least (-inf) for the metrics."""
+    s = np.asarray(scores, dtype=np.float64).copy()
+    finite = s[np.isfinite(s)]
+    hi = finite.max() + 1 if finite.size else 1.0
+    lo = finite.min() - 1 if finite.size else 0.0
+    s[np.isnan(s) | (s == np.inf)] = hi
+    s[s == -np.inf] = lo
+    return s
+
+
+def record_failure(rec: dict, e: BaseException) -> dict:
+    rec["error"] = f"{type(e).__name__}: {e}"
+    rec["traceback"] = traceback.format_exc()
+    log.error("  %s seed %s on %s failed: %s", rec["method"], rec["seed"], rec["dataset"], rec["error"])
+    return rec
+
+
+# =========================================================================== suites
+
+
+def suite_tabular(args, data_dir: Path, methods: list[str]) -> list[dict]:
+    sets = load_odds(data_dir)
+    if not sets:
+        raise SystemExit(f"no ODDS .mat files under {data_dir / 'tabular' / 'odds'}")
+    runs = []
+    for name, (X, y) in sets.items():
+        if args.datasets and name not in args.datasets:
+            continue
+        log.info("tabular %s: %d rows x %d cols, %d anomalies", name, *X.shape, int(y.sum()))
+        for seed in args.seeds:
+            tr, te = semi_supervised_split(y, seed)
+            for method in methods:
+                rec = {
+                    "suite": "tabular",
+                    "dataset": name,
+                    "method": method,
+                    "seed": seed,
+                    "n_train": int(tr.size),
+                    "n_test": int(te.size),
+                    "n_test_anomalies": int(y[te].sum()),
+                }
+                try:
+                    out = run_method(args, method, seed, X[tr], X[te])
+                    rec.update(finite_check(out["scores"]))
+                    rec.update(ranking_metrics(y[te], safe_scores(out["scores"])))
+                    rec.update(fit_s=out["fit_s"], score_s=out["score_s"], info=out["info"])
+                    log.info(
+                        "  %-8s seed %d  roc %.4f  pr %.4f  fit %.1fs",
+                        method,
+                        seed,
+                        rec["roc_auc"],
+                        rec["pr_auc"],
+                        rec["fit_s"],
+                    )
+                except Exception as e:  # noqa: BLE001 - record and go on with the next run
+                    record_failure(rec, e)
+                runs.append(rec)
+    return runs
+
+
+def smd_record(name, method, seed, scores, label, fit_s, score_s, info, pred=None) -> dict:
+    rec = {"suite": "smd", "dataset": name, "method": method, "seed": seed}
+    rec.update(finite_check(scores))
+    s = safe_scores(scores)
+    rec.update(ranking_metrics(label, s))
+    b, bpa = best_f1(s, label), best_f1_pa(s, label)
+    rec.update(best_f1=b["f1"], best_f1_pa=bpa["f1"], best_f1_detail=b, best_f1_pa_detail=bpa)
+    if pred is not None:
+        at, at_pa = prf(pred, label), prf(point_adjust(pred, label), label)
+        rec.update(
+            f1_at_threshold=at["f1"],
+            f1_pa_at_threshold=at_pa["f1"],
+            at_threshold_detail=at,
+            at_threshold_pa_detail=at_pa,
+        )
+    rec.update(fit_s=fit_s, score_s=score_s, info=info)
+    return rec
+
+
+def suite_smd(args, data_dir: Path, methods: list[str]) -> list[dict]:
+    sets = load_smd(data_dir)
+    if not sets:
+        raise SystemExit(f"no machine-*.npz under {data_dir / 'timeseries' / 'smd'}")
+    runs = []
+    for name, (train, test, label) in sets.items():
+        if args.datasets and name not in args.datasets:
+            continue
+        log.info(
+            "smd %s: train %s, test %s, %.2f%% anomalous, %d segments",
+            name,
+            train.shape,
+            test.shape,
+            100 * label.mean(),
+            len(label_segments(label)),
+        )
+        for seed in args.smd_seeds:
+            for method in methods:
+                rec = {"suite": "smd", "dataset": name, "method": method, "seed": seed}
+                try:
+                    out = run_method(args, method, seed, train, test)
+                    pred = None
+                    if method in OURS:
+                        det = out["detector"]
+                        pred = det.predict(test)
+                        manual = (out["scores"] > det.threshold_).astype(np.int64)
+                        out["info"]["predict_matches_score_gt_threshold"] = bool(np.array_equal(pred, manual))
+                        out["info"]["predict_rate"] = float(pred.mean())
+                    rec = smd_record(
+                        name, method, seed, out["scores"], label, out["fit_s"], out["score_s"], out["info"], pred
+                    )
+                    log.info(
+                        "  %-8s seed %d  roc %.4f  pr %.4f  F1 %.4f  F1-PA %.4f  fit %.1fs",
+                        method,
+                        seed,
+                        rec["roc_auc"],
+                        rec["pr_auc"],
+                        rec["best_f1"],
+                        rec["best_f1_pa"],
+                        rec["fit_s"],
+                    )
+                except Exception as e:  # noqa: BLE001
+                    record_failure(rec, e)
+                runs.append(rec)
+    return runs
+
+
+def one_hot_like(train_df, test_df, cats: list[str]):
+    """One-hot encode for the baselines, with the train-time categories (unseen -> all zeros)."""
+    import pandas as pd
+
+    tr = pd.get_dummies(train_df, columns=cats, dtype=np.float64)
+    te = pd.get_dummies(test_df, columns=cats, dtype=np.float64).reindex(columns=tr.columns, fill_value=0.0)
+    return tr.to_numpy(np.float64), te.to_numpy(np.float64)
+
+
+def suite_nslkdd(args, data_dir: Path, methods: list[str]) -> list[dict]:
+    X, y = load_nslkdd(data_dir)
+    name = "nsl_kdd_train20"
+    runs = []
+    if args.datasets and name not in args.datasets:
+        return runs
+    cats = ["protocol_type", "service", "flag"]
+    log.info("nslkdd: %d rows x %d cols, %d attacks", *X.shape, int(y.sum()))
+    for seed in args.seeds:
+        tr, te = semi_supervised_split(y, seed)
+        Xtr, Xte = X.iloc[tr].reset_index(drop=True), X.iloc[te].reset_index(drop=True)
+        for method in methods:
+            rec = {
+                "suite": "nslkdd",
+                "dataset": name,
+                "method": method,
+                "seed": seed,
+                "n_train": int(tr.size),
+                "n_test": int(te.size),
+                "n_test_anomalies": int(y[te].sum()),
+            }
+            try:
+                if method in OURS:
+                    out = run_method(args, method, seed, Xtr, Xte)
+                else:
+                    a, b = one_hot_like(Xtr, Xte, cats)
+                    out = run_method(args, method, seed, a, b)
+                rec.update(finite_check(out["scores"]))
+                rec.update(ranking_metrics(y[te], safe_scores(out["scores"])))
+                rec.update(fit_s=out["fit_s"], score_s=out["score_s"], info=out["info"])
+                log.info(
+                    "  %-8s seed %d  roc %.4f  pr %.4f  fit %.1fs",
+                    method,
+                    seed,
+                    rec["roc_auc"],
+                    rec["pr_auc"],
+                    rec["fit_s"],
+                )
+            except Exception as e:  # noqa: BLE001
+                record_failure(rec, e)
+            runs.append(rec)
+    return runs
+
+
+SUITE_FUNCS = {"tabular": suite_tabular, "smd": suite_smd, "nslkdd": suite_nslkdd}
+SUITE_METRICS = {
+    "tabular": ["roc_auc", "pr_auc", "fit_s"],
+    "smd": ["roc_auc", "pr_auc", "best_f1", "best_f1_pa", "f1_at_threshold", "f1_pa_at_threshold", "fit_s"],
+    "nslkdd": ["roc_auc", "pr_auc", "fit_s"],
+}
+
+
+# =========================================================================== summary
+
+
+def _mean_std(values: list[float]) -> dict:
+    v = np.asarray([x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))], float)
+    if v.size == 0:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=0)), "n": int(v.size)}
+
+
+def summarize(runs: list[dict], suite: str) -> dict:
+    """{dataset: {method: {metric: {mean, std, n}}}} plus an 'average' pseudo-dataset.
+
+    The average row averages over datasets within each seed, then takes mean and
+    std over seeds (only seeds where the method ran on every dataset count).
+    """
+    metrics = SUITE_METRICS[suite]
+    ok = [r for r in runs if "error" not in r]
+    datasets = sorted({r["dataset"] for r in runs})
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    out: dict = {}
+    for d in datasets:
+        out[d] = {}
+        for m in methods:
+            rs = [r for r in ok if r["dataset"] == d and r["method"] == m]
+            errs = [r for r in runs if r["dataset"] == d and r["method"] == m and "error" in r]
+            out[d][m] = {k: _mean_std([r.get(k) for r in rs]) for k in metrics}
+            out[d][m]["errors"] = len(errs)
+    if len(datasets) > 1:
+        out["average"] = {}
+        for m in methods:
+            per_seed = {k: [] for k in metrics}
+            for seed in sorted({r["seed"] for r in ok if r["method"] == m}):
+                rs = [r for r in ok if r["method"] == m and r["seed"] == seed]
+                if {r["dataset"] for r in rs} != set(datasets):
+                    continue
+                for k in metrics:
+                    vals = [r.get(k) for r in rs]
+                    if all(v is not None for v in vals):
+                        per_seed[k].append(float(np.mean(vals)))
+            out["average"][m] = {k: _mean_std(v) for k, v in per_seed.items()}
+    return out
+
+
+def _cell(s: dict, digits: int = 3) -> str:
+    if not s or s.get("mean") is None:
+        return "—"
+    if s["n"] > 1:
+        return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+    return f"{s['mean']:.{digits}f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def markdown(result: dict) -> str:
+    parts = []
+    for suite, block in result["suites"].items():
+        summ = block["summary"]
+        if not summ:
+            continue
+        methods = list(dict.fromkeys(m for d in summ.values() for m in d))
+        datasets = list(summ)
+        n_seeds = len(block["seeds"])
+        if suite in ("tabular", "nslkdd"):
+            title = "Tabular (ODDS), semi-supervised" if suite == "tabular" else "NSL-KDD (KDDTrain+_20Percent)"
+            parts.append(f"### {title}: mean ± std over {n_seeds} seed(s)")
+            for metric, label in (
+                ("roc_auc", "ROC-AUC"),
+                ("pr_auc", "PR-AUC (average precision)"),
+                ("fit_s", "fit seconds"),
+            ):
+                rows = []
+                for d in datasets:
+                    row = [f"**{d}**" if d == "average" else d]
+                    for m in methods:
+                        s = summ[d].get(m, {})
+                        cell = _cell(s.get(metric, {}), 1 if metric == "fit_s" else 3)
+                        if s.get("errors"):
+                            cell += f" ({s['errors']} err)"
+                        row.append(cell)
+                    rows.append(row)
+                parts.append(f"\n{label}\n\n" + _table(["dataset", *[METHOD_LABELS[m] for m in methods]], rows))
+        else:
+            parts.append(f"### SMD: {n_seeds} seed(s) per machine" + (" (mean ± std)" if n_seeds > 1 else ""))
+            cols = [
+                ("roc_auc", "ROC-AUC"),
+                ("pr_auc", "PR-AUC"),
+                ("best_f1", "best F1"),
+                ("best_f1_pa", "best F1 (PA)"),
+                ("f1_at_threshold", "F1 @thr"),
+                ("f1_pa_at_threshold", "F1 @thr (PA)"),
+                ("fit_s", "fit s"),
+            ]
+            rows = []
+            for d in datasets:
+                for m in methods:
+                    s = summ[d].get(m, {})
+                    row = [f"**{d}**" if d == "average" else d, METHOD_LABELS[m]]
+                    row += [_cell(s.get(k, {}), 1 if k == "fit_s" else 3) for k, _ in cols]
+                    if s.get("errors"):
+                        row[-1] += f" ({s['errors']} err)"
+                    rows.append(row)
+            parts.append("\n" + _table(["machine", "method", *[c for _, c in cols]], rows))
+            parts.append(
+                "\nPA = point adjustment (inflates scores; unadjusted figures are the honest ones). "
+                "best F1 = oracle threshold on the test labels; @thr = the model's own fitted "
+                "threshold (det.predict); IForest has no calibrated threshold here."
+            )
+        parts.append(f"\nSuite wall time: {block['seconds']:.0f} s\n")
+    return "\n".join(parts)
+
+
+# =========================================================================== environment, CLI
+
+
+def environment() -> dict:
+    def git(*a):
+        try:
+            return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+        except Exception:  # noqa: BLE001
+            return None
+
+    versions = {"python": platform.python_version()}
+    for mod in ("models", "numpy", "torch", "pyod", "sklearn", "scipy", "pandas", "pyarrow", "polars"):
+        try:
+            versions["unusual" if mod == "models" else mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001
+            versions[mod] = None
+    import torch
+
+    status = git("status", "--porcelain")
+    return {
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty_files": status.splitlines() if status else [],
+        "versions": versions,
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cuda_available": torch.cuda.is_available(),
+        },
+    }
+
+
+def _loadavg():
+    """1/5/15-minute load averages: other processes on the machine skew the fit timings."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _csv_ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x.strip()]
+
+
+def _json_dict(s: str) -> dict:
+    try:
+        d = json.loads(s)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object, e.g. '{\"epochs\": 20}'")
+    return d
+
+
+def parse_methods(spec: str | None) -> list[str]:
+    if not spec:
+        return list(ALL_METHODS)
+    out = []
+    for tok in (t.strip() for t in spec.split(",")):
+        if not tok:
+            continue
+        group = {"ours": OURS, "pyod": PYOD, "baselines": PYOD, "all": ALL_METHODS}.get(tok)
+        if group is None and tok not in ALL_METHODS:
+            raise SystemExit(f"unknown method {tok!r}; choose from {', '.join(ALL_METHODS)} or ours / pyod / all")
+        out += list(group or [tok])
+    return list(dict.fromkeys(out))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="See benchmarks/README.md for the protocols.",
+    )
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        help="root of the shared data sets (default: <repo>/../shared/data)",
+    )
+    p.add_argument("--suites", default=",".join(SUITES), help=f"comma list of {', '.join(SUITES)} (default: all)")
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="comma list of methods (" + ", ".join(ALL_METHODS) + ") or groups ours / pyod / all; "
+        "each suite runs the ones that apply to it (default: all)",
+    )
+    p.add_argument(
+        "--datasets", default=None, help="comma list of dataset names to keep (e.g. cardio,machine-1-2,nsl_kdd_train20)"
+    )
+    p.add_argument("--seeds", type=_csv_ints, default=[0, 1, 2, 3, 4], help="seeds for tabular and nslkdd")
+    p.add_argument("--smd-seeds", type=_csv_ints, default=[0], help="seeds for smd (default: 0)")
+    for kind in OURS:
+        p.add_argument(
+            f"--params-{kind}",
+            type=_json_dict,
+            default={},
+            help=f"JSON object of Detector('{kind}') parameter overrides, e.g. '{{\"epochs\": 20}}' "
+            "(seed always comes from the seed loop)",
+        )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads for every method (default 1: the models are small, and more "
+        "threads than free cores slows PyTorch down many times over)",
+    )
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path (markdown goes next to it)")
+    p.add_argument("--self-check", action="store_true", help="only verify the metric helpers and exit")
+    p.add_argument("-q", "--quiet", action="store_true", help="less progress logging")
+    return p
+
+
+def write_json(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=_json_default))
+    tmp.replace(path)
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(type(o).__name__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    # the library logs every epoch at INFO; keep our own progress lines only
+    logging.getLogger("unusual").setLevel(logging.WARNING)
+    if args.self_check:
+        self_check()
+        return 0
+    data_dir = args.data_dir.resolve()
+    if not data_dir.is_dir():
+        raise SystemExit(
+            f"data directory {data_dir} does not exist. The benchmark needs the shared data sets "
+            "(tabular/odds, timeseries/smd, network/nsl_kdd); pass --data-dir PATH."
+        )
+    suites = [s.strip() for s in args.suites.split(",") if s.strip()]
+    for s in suites:
+        if s not in SUITES:
+            raise SystemExit(f"unknown suite {s!r}; choose from {', '.join(SUITES)}")
+    methods = parse_methods(args.methods)
+    args.datasets = [d.strip() for d in args.datasets.split(",")] if args.datasets else None
+    self_check()  # cheap; never publish numbers from broken metrics
+    import torch
+
+    torch.set_num_threads(args.threads)
+
+    result = {
+        "benchmark": "unusual quality",
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "argv": sys.argv,
+        **environment(),
+        "data_dir": str(data_dir),
+        "protocol": {
+            "train_fraction_of_normals": TRAIN_FRACTION,
+            "seeds": args.seeds,
+            "smd_seeds": args.smd_seeds,
+            "torch_threads": args.threads,
+        },
+        "params": {
+            "ours": {k: {**getattr(args, f"params_{k}"), "seed": "<seed>"} for k in OURS},
+            "pyod_ae": "pyod.models.auto_encoder.AutoEncoder(random_state=seed, verbose=0), other args default",
+            "pyod_vae": "pyod.models.vae.VAE(random_state=seed, verbose=0), other args default",
+            "iforest": "pyod.models.iforest.IForest(random_state=seed), other args default",
+        },
+        "load_average_start": _loadavg(),
+        "suites": {},
+    }
+    t_all = time.perf_counter()
+    for suite in suites:
+        suite_methods = [m for m in methods if m in SUITE_METHODS[suite]]
+        if not suite_methods:
+            log.warning("suite %s: none of the selected methods apply; skipped", suite)
+            continue
+        log.info("=== suite %s: methods %s", suite, ", ".join(suite_methods))
+        t0 = time.perf_counter()
+        runs = SUITE_FUNCS[suite](args, data_dir, suite_methods)
+        seconds = time.perf_counter() - t0
+        result["suites"][suite] = {
+            "methods": suite_methods,
+            "seeds": args.smd_seeds if suite == "smd" else args.seeds,
+            "seconds": seconds,
+            "load_average_end": _loadavg(),
+            "summary": summarize(runs, suite),
+            "runs": runs,
+        }
+        result["total_seconds"] = time.perf_counter() - t_all
+        write_json(args.out, result)  # after every suite, so a long run keeps partial results
+        log.info("=== suite %s done in %.0f s", suite, seconds)
+    md = markdown(result)
+    header = (
+        f"Quality benchmark — commit {str(result['git_commit'])[:12]}"
+        f"{' (dirty tree)' if result['git_dirty_files'] else ''}, {result['timestamp']}, "
+        f"{result['machine']['cpu_count']} CPU(s), total {result.get('total_seconds', 0):.0f} s\n\n"
+    )
+    args.out.with_suffix(".md").write_text(header + md + "\n")
+    print(header + md)
+    n_err = sum("error" in r for b in result["suites"].values() for r in b["runs"])
+    if n_err:
+        log.error("%d run(s) failed; see 'error' / 'traceback' in %s", n_err, args.out)
+    return 1 if n_err else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
