@@ -28,7 +28,7 @@ from models.scorer import Scorer
 from models.tables import to_table
 from models.thresholds import ThresholdConfig, fit_threshold
 from models.training import History, TrainConfig, _batches, calibrate_error_scale, fit_module, split_indices
-from models.windows import WindowSet, segments, sort_order
+from models.windows import training_windows
 
 log = logging.getLogger("unusual")
 
@@ -56,13 +56,7 @@ def prepare_training_data(table: pa.Table, schema: FeatureSchema, model_cfg, con
     if context is None:
         X, _, _ = schema.transform(table)
         return X
-    ent, tcol = model_cfg.entity_column, model_cfg.time_column
-    order = sort_order(table, ent, tcol)
-    if order is not None:
-        table = table.take(pa.array(order))
-    X, _, _ = schema.transform(table, allowed_extra=tuple(c for c in (ent, tcol) if c))
-    starts, _ = segments(table, ent)
-    ws = WindowSet(X, starts, context)
+    ws = training_windows(table, schema, model_cfg.entity_column, model_cfg.time_column, context)
     if len(ws) == 0:
         raise SchemaError(
             f"window {model_cfg.window} is longer than every series: the longest has "

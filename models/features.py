@@ -77,12 +77,7 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def is_numeric_type(t: pa.DataType) -> bool:
-    return (
-        pa.types.is_integer(t)
-        or pa.types.is_floating(t)
-        or pa.types.is_boolean(t)
-        or pa.types.is_decimal(t)
-    )
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_decimal(t)
 
 
 def is_categorical_type(t: pa.DataType) -> bool:
@@ -144,9 +139,7 @@ def _as_float(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """A column as float64 numpy with nulls as NaN (one copy at most)."""
     if not pa.types.is_floating(col.type):
         col = pc.cast(col, pa.float64())
-    arr = col.to_numpy(zero_copy_only=False) if isinstance(col, pa.ChunkedArray) else col.to_numpy(
-        zero_copy_only=False
-    )
+    arr = col.to_numpy(zero_copy_only=False) if isinstance(col, pa.ChunkedArray) else col.to_numpy(zero_copy_only=False)
     return np.asarray(arr, dtype=np.float64)
 
 
@@ -244,8 +237,7 @@ class FeatureStats:
     def merge(self, other: FeatureStats, seed: int = 0) -> FeatureStats:
         if list(self.numeric) != list(other.numeric) or list(self.categorical) != list(other.categorical):
             raise SchemaError(
-                "data shards disagree on their feature columns: "
-                f"{sorted(self.dtypes)} vs {sorted(other.dtypes)}"
+                f"data shards disagree on their feature columns: {sorted(self.dtypes)} vs {sorted(other.dtypes)}"
             )
         rng = np.random.default_rng(seed)
         num = {c: self.numeric[c].merge(other.numeric[c], rng) for c in self.numeric}
@@ -317,9 +309,7 @@ class FeatureSchema:
                 # its raw difference so that it still raises the error.
                 scale = 1.0
                 constant = True
-            columns.append(
-                ColumnSpec(name, "numeric", stats.dtypes[name], float(center), float(scale), constant)
-            )
+            columns.append(ColumnSpec(name, "numeric", stats.dtypes[name], float(center), float(scale), constant))
         for name, counts in stats.categorical.items():
             if stats.null_categories.get(name) and cfg.nan_policy == "raise":
                 raise SchemaError(
@@ -361,9 +351,7 @@ class FeatureSchema:
         names = set(table.schema.names)
         missing = [c.name for c in self.columns if c.name not in names]
         if missing:
-            raise SchemaError(
-                f"missing column(s) {missing}; the model needs {self.names}", missing[0]
-            )
+            raise SchemaError(f"missing column(s) {missing}; the model needs {self.names}", missing[0])
         known = set(self.names) | set(self.passthrough) | set(allowed_extra)
         extra = [c for c in table.schema.names if c not in known]
         if extra:
@@ -375,15 +363,11 @@ class FeatureSchema:
         for c in self.columns:
             t = table.schema.field(c.name).type
             if c.kind == "numeric" and not is_numeric_type(t):
-                raise SchemaError(
-                    f"column {c.name!r} has type {t}, expected a numeric type ({c.dtype})", c.name
-                )
+                raise SchemaError(f"column {c.name!r} has type {t}, expected a numeric type ({c.dtype})", c.name)
             if c.kind == "categorical" and not (
                 is_categorical_type(t) or (not is_categorical_type(_parse_type(c.dtype)) and is_numeric_type(t))
             ):
-                raise SchemaError(
-                    f"column {c.name!r} has type {t}, expected a categorical type ({c.dtype})", c.name
-                )
+                raise SchemaError(f"column {c.name!r} has type {t}, expected a categorical type ({c.dtype})", c.name)
 
     # ----------------------------------------------------------------- transform
     def transform(
@@ -410,21 +394,25 @@ class FeatureSchema:
                 if nonfinite.any():
                     if strict:
                         rows = np.flatnonzero(nonfinite)
-                        msg = (
-                            f"column {c.name!r} has NaN/inf/null at row {int(rows[0])}"
-                            f" ({rows.size} row(s) in all); nan_policy is 'raise'"
+                        _reject(
+                            bad,
+                            reasons,
+                            rows,
+                            c.name,
+                            f"has NaN/inf/null at row {int(rows[0])}",
+                            "nan_policy",
+                            "NaN/inf/null",
                         )
-                        if bad is None:
-                            raise SchemaError(msg, c.name, rows[:100].tolist())
-                        _mark(bad, reasons, rows, f"{c.name}: NaN/inf/null")
                     x = np.where(nonfinite, c.center, x)
                 out[:, a] = (x - c.center) / c.scale
             else:
                 out[:, a:b] = 0.0
                 col = _as_string(col)
                 idx = pc.index_in(col, value_set=pa.array(c.vocabulary, pa.string()))
-                idx = idx.to_numpy(zero_copy_only=False) if isinstance(idx, pa.ChunkedArray) else idx.to_numpy(
-                    zero_copy_only=False
+                idx = (
+                    idx.to_numpy(zero_copy_only=False)
+                    if isinstance(idx, pa.ChunkedArray)
+                    else idx.to_numpy(zero_copy_only=False)
                 )
                 idx = np.asarray(idx, dtype=np.float64)
                 missing = np.isnan(idx)
@@ -432,23 +420,27 @@ class FeatureSchema:
                     isnull = np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
                     null_rows = np.flatnonzero(isnull)
                     if null_rows.size and strict:
-                        msg = (
-                            f"column {c.name!r} has a null at row {int(null_rows[0])}"
-                            f" ({null_rows.size} row(s) in all); nan_policy is 'raise'"
+                        _reject(
+                            bad,
+                            reasons,
+                            null_rows,
+                            c.name,
+                            f"has a null at row {int(null_rows[0])}",
+                            "nan_policy",
+                            "null",
                         )
-                        if bad is None:
-                            raise SchemaError(msg, c.name, null_rows[:100].tolist())
-                        _mark(bad, reasons, null_rows, f"{c.name}: null")
                     unseen_rows = np.flatnonzero(missing & ~isnull)
                     if unseen_rows.size and self.config.unseen_category == "raise":
                         value = col.take([int(unseen_rows[0])]).to_pylist()[0]
-                        msg = (
-                            f"column {c.name!r} has unseen category {value!r} at row {int(unseen_rows[0])}"
-                            f" ({unseen_rows.size} row(s) in all); unseen_category is 'raise'"
+                        _reject(
+                            bad,
+                            reasons,
+                            unseen_rows,
+                            c.name,
+                            f"has unseen category {value!r} at row {int(unseen_rows[0])}",
+                            "unseen_category",
+                            "unseen category",
                         )
-                        if bad is None:
-                            raise SchemaError(msg, c.name, unseen_rows[:100].tolist())
-                        _mark(bad, reasons, unseen_rows, f"{c.name}: unseen category")
                     idx[missing] = len(c.vocabulary)
                 out[np.arange(n), a + idx.astype(np.int64)] = 1.0
         return out, bad, reasons
@@ -470,8 +462,14 @@ class FeatureSchema:
         )
 
 
-def _mark(bad: np.ndarray, reasons: list[str], rows: np.ndarray, why: str) -> None:
+def _reject(bad, reasons, rows: np.ndarray, column: str, what: str, policy: str, why: str) -> None:
+    """Raise for bad rows (``bad is None``), or mark them for quarantine with a reason."""
+    if bad is None:
+        raise SchemaError(
+            f"column {column!r} {what} ({rows.size} row(s) in all); {policy} is 'raise'", column, rows[:100].tolist()
+        )
     bad[rows] = True
+    why = f"{column}: {why}"
     for r in rows:
         reasons[r] = f"{reasons[r]}; {why}" if reasons[r] else why
 

@@ -95,6 +95,22 @@ class WindowSet:
         return self.data[self.ends[idx, None] + self._offsets]
 
 
+def training_windows(
+    table: pa.Table, schema, entity: str | None, time: str | None, context: int, allowed_extra: tuple[str, ...] = ()
+) -> WindowSet:
+    """Group, order and encode a table, then index its full windows per entity.
+
+    The one path from rows to training windows, used by the in-memory API and
+    by the Ray job (per entity group)."""
+    order = sort_order(table, entity, time)
+    if order is not None:
+        table = table.take(pa.array(order))
+    allowed = tuple(c for c in (entity, time, *allowed_extra) if c)
+    x, _, _ = schema.transform(table, allowed_extra=allowed)
+    starts, _ = segments(table, entity)
+    return WindowSet(x, starts, context)
+
+
 def padded_windows(series: np.ndarray, context: int, history: np.ndarray | None = None):
     """(padded matrix, end positions) so that ``m[ends[i] + arange(-context+1, 1)]``
     is the window of row i of ``series``, using ``history`` (earlier rows of the

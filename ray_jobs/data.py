@@ -20,7 +20,7 @@ import ray
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from models.features import FeatureConfig, FeatureSchema, FeatureStats, resolve_columns
-from models.windows import WindowSet, segments, sort_order
+from models.windows import training_windows
 
 ENTITY_KEY = "__unusual_entity__"
 
@@ -174,13 +174,7 @@ def _windows_of_group(
     val_fraction: float,
     seed: int,
 ) -> dict:
-    order = sort_order(group, entity, time)
-    if order is not None:
-        group = group.take(pa.array(order))
-    allowed = tuple(c for c in (entity, time, ENTITY_KEY) if c)
-    x, _, _ = schema.transform(group, allowed_extra=allowed)
-    starts, _ = segments(group, entity)
-    ws = WindowSet(x, starts, context)
+    ws = training_windows(group, schema, entity, time, context, allowed_extra=(ENTITY_KEY,))
     windows = ws[np.arange(len(ws))] if len(ws) else np.empty((0, context, schema.width), np.float32)
     return {"x": windows, "val": row_uniforms(windows, seed) < val_fraction}
 
