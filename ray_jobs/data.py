@@ -10,6 +10,7 @@ train / validation split and LSTM windowing run in Ray tasks with the same
 from __future__ import annotations
 
 import pickle
+from contextlib import contextmanager
 from functools import reduce
 
 import fsspec
@@ -39,23 +40,30 @@ def filesystem(uri: str) -> tuple[pa.fs.FileSystem, str, fsspec.AbstractFileSyst
     return PyFileSystem(FSSpecHandler(fs)), path, fs
 
 
+@contextmanager
+def storage_errors(uri: str, doing: str = "reading"):
+    """Turn object-storage failures into a :class:`DataError` naming the URI."""
+    try:
+        yield
+    except PermissionError as e:
+        raise DataError(f"access denied {doing} {uri}: check the credentials ({e})") from None
+    except FileNotFoundError as e:
+        raise DataError(f"no data at {uri}: {e}") from None
+    except OSError as e:  # s3fs maps bad credentials and missing buckets to OSError subclasses
+        raise DataError(f"cannot access {uri}: {e}") from None
+
+
 def list_parquet(uri: str) -> tuple[list[str], pa.fs.FileSystem]:
     """The Parquet files at a URI (a file, a folder or a prefix), checked to exist
     and to share one schema. Raises :class:`DataError` with the reason."""
     pafs, path, fs = filesystem(uri)
-    try:
+    with storage_errors(uri):
         if fs.isfile(path):
             files = [path]
         else:
             files = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
             if not files and not fs.isdir(path):
                 files = sorted(p for p in fs.glob(path.rstrip("/") + "*") if p.endswith(".parquet"))
-    except PermissionError as e:
-        raise DataError(f"access denied reading {uri}: check the credentials ({e})") from None
-    except FileNotFoundError as e:
-        raise DataError(f"no data at {uri}: {e}") from None
-    except OSError as e:  # s3fs maps bad credentials and missing buckets to OSError subclasses
-        raise DataError(f"cannot list {uri}: {e}") from None
     if not files:
         raise DataError(f"no Parquet files at {uri}")
     first = None

@@ -336,8 +336,11 @@ def _ensure_ray(address: str | None):
 def _output_exists(uri: str) -> bool:
     import fsspec
 
-    fs, path = fsspec.core.url_to_fs(uri)
-    return fs.exists(f"{path.rstrip('/')}/{MANIFEST}")
+    from ray_jobs.data import storage_errors
+
+    with storage_errors(uri, "checking"):
+        fs, path = fsspec.core.url_to_fs(uri)
+        return fs.exists(f"{path.rstrip('/')}/{MANIFEST}")
 
 
 def run(job: TrainJob) -> dict:

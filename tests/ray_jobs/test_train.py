@@ -166,3 +166,20 @@ def test_impossible_resources(cardio_uri, s3_bucket):
         run(TrainJob(cardio_uri, f"s3://{s3_bucket}/models/x", "ae", use_gpu=True))
     with pytest.raises(ResourceError, match=r"4 worker\(s\) x 1 CPU need 4 CPUs; the cluster has 2"):
         run(TrainJob(cardio_uri, f"s3://{s3_bucket}/models/x", "ae", num_workers=4, cpus_per_worker=1))
+
+
+def test_wrong_credentials(cardio_uri, s3_bucket, monkeypatch):
+    """With moto's IAM checks on, unknown keys are refused: a clear error, no hang."""
+    from moto.core.authorization import enable_iam_authentication
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIANOTAREALKEY00000")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        with enable_iam_authentication():
+            with pytest.raises(DataError, match=r"access denied checking s3://unusual-test/models/x: check the cred"):
+                run(TrainJob(cardio_uri, f"s3://{s3_bucket}/models/x", "ae"))
+            with pytest.raises(DataError, match=r"access denied reading s3://unusual-test/data/cardio: check the cred"):
+                run(TrainJob(cardio_uri, "/tmp/unusual-never-written", "ae"))
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
