@@ -139,8 +139,7 @@ def _as_float(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """A column as float64 numpy with nulls as NaN (one copy at most)."""
     if not pa.types.is_floating(col.type):
         col = pc.cast(col, pa.float64())
-    arr = col.to_numpy(zero_copy_only=False) if isinstance(col, pa.ChunkedArray) else col.to_numpy(zero_copy_only=False)
-    return np.asarray(arr, dtype=np.float64)
+    return np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float64)
 
 
 def _as_string(col: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
@@ -409,12 +408,7 @@ class FeatureSchema:
                 out[:, a:b] = 0.0
                 col = _as_string(col)
                 idx = pc.index_in(col, value_set=pa.array(c.vocabulary, pa.string()))
-                idx = (
-                    idx.to_numpy(zero_copy_only=False)
-                    if isinstance(idx, pa.ChunkedArray)
-                    else idx.to_numpy(zero_copy_only=False)
-                )
-                idx = np.asarray(idx, dtype=np.float64)
+                idx = np.asarray(idx.to_numpy(zero_copy_only=False), dtype=np.float64)
                 missing = np.isnan(idx)
                 if missing.any():
                     isnull = np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)

@@ -172,12 +172,11 @@ class Scorer:
             [self._names.take(pa.array(idx.ravel())), pa.array(vals.ravel().astype(np.float64))],
             names=["feature", "contribution"],
         )
-        valid = None if bad is None else ~bad
         top = pa.ListArray.from_arrays(
-            pa.array(np.arange(0, n * k + 1, k if k else 1)[: n + 1] if k else np.zeros(n + 1, np.int32), pa.int32()),
+            pa.array(np.arange(n + 1, dtype=np.int32) * k),  # k entries per row
             struct,
             type=TOP_FEATURE_TYPE,
-            mask=None if valid is None else pa.array(bad),
+            mask=None if bad is None else pa.array(bad),
         )
         score_arr = pa.array(scores, pa.float64(), mask=bad)
         flag = pa.array(scores > self.threshold, pa.bool_(), mask=bad)

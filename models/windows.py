@@ -63,15 +63,6 @@ def segments(table: pa.Table, entity: str | None) -> tuple[np.ndarray, list]:
     return starts, values
 
 
-def check_time_order(table: pa.Table, time: str | None, starts: np.ndarray) -> None:
-    if time is None or table.num_rows < 2:
-        return
-    col = table.column(time).combine_chunks()
-    if col.null_count:
-        row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
-        raise SchemaError(f"time column {time!r} is null at row {row}", time, [row])
-
-
 class WindowSet:
     """Full training windows over per-entity series, gathered on demand.
 

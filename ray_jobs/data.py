@@ -13,31 +13,20 @@ import pickle
 from contextlib import contextmanager
 from functools import reduce
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from models.features import FeatureConfig, FeatureSchema, FeatureStats, resolve_columns
 from models.windows import training_windows
+from ray_jobs.local_io import filesystem
 
 ENTITY_KEY = "__unusual_entity__"
 
 
 class DataError(ValueError):
     """The data at a URI cannot be used: absent, empty, unreadable or inconsistent."""
-
-
-def filesystem(uri: str) -> tuple[pa.fs.FileSystem, str, fsspec.AbstractFileSystem]:
-    """(pyarrow filesystem, path, fsspec filesystem) for a local path or URI.
-
-    fsspec resolves credentials and endpoints from the standard environment
-    (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID`` …), never from flags.
-    """
-    fs, path = fsspec.core.url_to_fs(str(uri))
-    return PyFileSystem(FSSpecHandler(fs)), path, fs
 
 
 @contextmanager

@@ -10,12 +10,21 @@ import pyarrow.dataset as ds
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 
+def filesystem(uri: str) -> tuple[pa.fs.FileSystem, str, fsspec.AbstractFileSystem]:
+    """(pyarrow filesystem, path, fsspec filesystem) for a local path or URI.
+
+    fsspec resolves credentials and endpoints from the standard environment
+    (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID`` …), never from flags.
+    """
+    fs, path = fsspec.core.url_to_fs(str(uri))
+    return PyFileSystem(FSSpecHandler(fs)), path, fs
+
+
 def read_table(uri: str) -> pa.Table:
     """A Parquet file, a folder / prefix of Parquet shards, or a CSV file."""
-    fs, path = fsspec.core.url_to_fs(str(uri))
+    pafs, path, fs = filesystem(uri)
     if not fs.exists(path):
         raise FileNotFoundError(f"no data at {uri}")
-    pafs = PyFileSystem(FSSpecHandler(fs))
     if path.endswith((".csv", ".csv.gz")):
         with fs.open(path, "rb", compression="infer") as f:
             return pacsv.read_csv(f)
