@@ -44,6 +44,15 @@ DEFAULT_OUT = REPO / "benchmarks" / "results" / "quality.json"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from models.metrics import (  # noqa: E402  (after the sys.path set-up above)
+    best_f1,
+    best_f1_pa,
+    label_segments,
+    point_adjust,
+    prf,
+    ranking_metrics,
+)
+
 SUITES = ("tabular", "smd", "nslkdd")
 OURS = ("ae", "vae", "lstm")
 PYOD = ("pyod_ae", "pyod_vae", "iforest")
@@ -67,89 +76,8 @@ log = logging.getLogger("quality")
 
 
 # =========================================================================== metrics
-
-
-def label_segments(label: np.ndarray) -> np.ndarray:
-    """(start, stop) of every maximal run of 1s in a 0/1 label vector; shape (k, 2)."""
-    lab = np.asarray(label).astype(bool).astype(np.int8)
-    d = np.diff(np.concatenate([[0], lab, [0]]))
-    return np.stack([np.flatnonzero(d == 1), np.flatnonzero(d == -1)], axis=1)
-
-
-def point_adjust(pred: np.ndarray, label: np.ndarray) -> np.ndarray:
-    """Standard point adjustment: if any point of a labelled segment is flagged,
-    every point of that segment counts as flagged. Points outside labelled
-    segments are left as they are."""
-    out = np.asarray(pred).astype(bool).copy()
-    for a, b in label_segments(label):
-        if out[a:b].any():
-            out[a:b] = True
-    return out
-
-
-def prf(pred: np.ndarray, label: np.ndarray) -> dict:
-    """Precision, recall and F1 of a 0/1 prediction (F1 = 0 when undefined)."""
-    pred, label = np.asarray(pred).astype(bool), np.asarray(label).astype(bool)
-    tp = int((pred & label).sum())
-    fp = int((pred & ~label).sum())
-    fn = int((~pred & label).sum())
-    p = tp / (tp + fp) if tp + fp else 0.0
-    r = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * p * r / (p + r) if p + r else 0.0
-    return {"f1": f1, "precision": p, "recall": r, "flagged": int(pred.sum())}
-
-
-def _best_from_counts(tp: np.ndarray, fp: np.ndarray, positives: int, thresholds: np.ndarray) -> dict:
-    fn = positives - tp
-    denom = 2 * tp + fp + fn
-    f1 = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
-    i = int(np.argmax(f1))
-    p = tp[i] / (tp[i] + fp[i]) if tp[i] + fp[i] else 0.0
-    r = tp[i] / positives if positives else 0.0
-    return {"f1": float(f1[i]), "precision": float(p), "recall": float(r), "threshold": float(thresholds[i])}
-
-
-def best_f1(scores: np.ndarray, label: np.ndarray) -> dict:
-    """Best F1 over every threshold ``score >= t`` (t = each distinct score), no adjustment."""
-    s = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(label).astype(bool)
-    cand = np.unique(s)  # ascending
-    pos_sorted = np.sort(s[y])
-    neg_sorted = np.sort(s[~y])
-    tp = pos_sorted.size - np.searchsorted(pos_sorted, cand, side="left")  # positives with s >= t
-    fp = neg_sorted.size - np.searchsorted(neg_sorted, cand, side="left")
-    return _best_from_counts(tp, fp, int(y.sum()), cand)
-
-
-def best_f1_pa(scores: np.ndarray, label: np.ndarray) -> dict:
-    """Best F1 with point adjustment over every threshold ``score >= t``.
-
-    Exact and vectorised: a labelled segment is detected at threshold t iff its
-    maximum score is >= t, and then all its points are true positives; false
-    positives are the normal points with score >= t (adjustment never touches
-    them). Equivalent to ``prf(point_adjust(scores >= t, label), label)`` for
-    every distinct score t, which ``--self-check`` verifies.
-    """
-    s = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(label).astype(bool)
-    segs = label_segments(y)
-    seg_max = np.array([s[a:b].max() for a, b in segs]) if len(segs) else np.empty(0)
-    seg_len = (segs[:, 1] - segs[:, 0]) if len(segs) else np.empty(0, dtype=np.int64)
-    order = np.argsort(seg_max)
-    seg_max, seg_len = seg_max[order], seg_len[order]
-    # suffix sums: detected points when thresholds t <= seg_max[j:]
-    suffix = np.concatenate([np.cumsum(seg_len[::-1])[::-1], [0]])
-    cand = np.unique(s)
-    tp = suffix[np.searchsorted(seg_max, cand, side="left")]
-    neg_sorted = np.sort(s[~y])
-    fp = neg_sorted.size - np.searchsorted(neg_sorted, cand, side="left")
-    return _best_from_counts(tp, fp, int(y.sum()), cand)
-
-
-def ranking_metrics(label: np.ndarray, scores: np.ndarray) -> dict:
-    from sklearn.metrics import average_precision_score, roc_auc_score
-
-    return {"roc_auc": float(roc_auc_score(label, scores)), "pr_auc": float(average_precision_score(label, scores))}
+# The helpers (label_segments, point_adjust, prf, best_f1, best_f1_pa,
+# ranking_metrics) live in models/metrics.py, shared with `unusual evaluate`.
 
 
 def self_check() -> None:

@@ -1,6 +1,8 @@
 """The ``unusual`` command line.
 
     unusual train  distributed training on Ray (Ray Data + Ray Train) into a bundle
+    unusual score  batch scoring with Ray Data: Parquet in, scores + quarantine out
+    unusual evaluate  metrics and a report from scored data with labels
     unusual fit    train one detector in this process and write its bundle
     unusual info   print a bundle's manifest summary
     unusual demo   train AE, VAE and LSTM on shipped real data, score, report
@@ -151,6 +153,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="distributed training with Ray Data + Ray Train; writes a bundle")
     add_train_args(p)
     p.set_defaults(func=cmd_train)
+
+    from ray_jobs.score import add_score_args, cmd_score
+
+    p = sub.add_parser("score", help="batch-score Parquet data with Ray Data; writes scores and a quarantine")
+    add_score_args(p)
+    p.set_defaults(func=cmd_score)
+
+    from ray_jobs.evaluate import add_evaluate_args, cmd_evaluate
+
+    p = sub.add_parser("evaluate", help="ROC-AUC, PR-AUC, F1 and an HTML report from scored data with labels")
+    add_evaluate_args(p)
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("info", help="print a checkpoint bundle's manifest summary")
     p.add_argument("checkpoint", help="bundle URI")

@@ -42,19 +42,35 @@ def storage_errors(uri: str, doing: str = "reading"):
         raise DataError(f"cannot access {uri}: {e}") from None
 
 
-def list_parquet(uri: str) -> tuple[list[str], pa.fs.FileSystem]:
-    """The Parquet files at a URI (a file, a folder or a prefix), checked to exist
-    and to share one schema. Raises :class:`DataError` with the reason."""
+def _hidden(rel: str) -> bool:
+    return any(part.startswith(("_", ".")) for part in rel.split("/"))
+
+
+def list_parquet_files(uri: str) -> tuple[list[str], pa.fs.FileSystem]:
+    """The Parquet files at a URI (a file, a folder or a prefix), sorted.
+
+    Files under a folder whose name starts with ``_`` or ``.`` (job metadata,
+    quarantines, temporary files) are not data, as for Spark and Hive.
+    Raises :class:`DataError` when there are none.
+    """
     pafs, path, fs = filesystem(uri)
     with storage_errors(uri):
         if fs.isfile(path):
             files = [path]
         else:
-            files = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
+            root = path.rstrip("/")
+            files = sorted(p for p in fs.find(root) if p.endswith(".parquet") and not _hidden(p[len(root) + 1 :]))
             if not files and not fs.isdir(path):
-                files = sorted(p for p in fs.glob(path.rstrip("/") + "*") if p.endswith(".parquet"))
+                files = sorted(p for p in fs.glob(root + "*") if p.endswith(".parquet"))
     if not files:
         raise DataError(f"no Parquet files at {uri}")
+    return files, pafs
+
+
+def list_parquet(uri: str) -> tuple[list[str], pa.fs.FileSystem]:
+    """The Parquet files at a URI, checked to share one schema.
+    Raises :class:`DataError` with the reason."""
+    files, pafs = list_parquet_files(uri)
     first = None
     for f in files:
         try:

@@ -16,28 +16,12 @@ import numpy as np
 import pyarrow as pa
 
 from models import Detector, Scorer
+from models.metrics import roc_auc
 from ray_jobs import sample_data
 
 
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """ROC-AUC by the rank-sum formula (ties get their average rank)."""
-    labels = np.asarray(labels, bool)
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    s = np.asarray(scores)[order]
-    i = 0
-    while i < len(s):  # average ranks over ties
-        j = i
-        while j + 1 < len(s) and s[j + 1] == s[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    npos, nneg = labels.sum(), (~labels).sum()
-    return float((ranks[labels].sum() - npos * (npos + 1) / 2) / (npos * nneg))
 
 
 def _report(name: str, out: pa.Table, labels: np.ndarray, seconds: float, threshold: float) -> dict:
