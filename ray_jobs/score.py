@@ -648,7 +648,6 @@ def _execute(job: ScoreJob, spec: dict, pending: list[int]) -> None:
             "threads": res["threads"],
             "fail_after_parts": job.fail_after_parts,
         },
-        "concurrency": res["concurrency"],
         "num_cpus": res["num_cpus"],
         "num_gpus": res["num_gpus"] or None,
         "batch_format": "pyarrow",
@@ -665,7 +664,12 @@ def _execute(job: ScoreJob, spec: dict, pending: list[int]) -> None:
             batch_format="pyarrow",
         )
     else:
-        ds = ds.map_batches(ScoreActor, batch_size=job.batch_size or 131_072, **actor_args)
+        ds = ds.map_batches(
+            ScoreActor,
+            batch_size=job.batch_size or 131_072,
+            compute=ray.data.ActorPoolStrategy(size=res["concurrency"]),
+            **actor_args,
+        )
     seen = set()
     for b in ds.iter_batches(batch_format="numpy", batch_size=None):
         seen.update(int(u) for u in b["unit"])

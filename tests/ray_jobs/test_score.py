@@ -1,0 +1,212 @@
+"""Batch scoring against a real S3 endpoint (moto server) and a real local Ray.
+
+Bundles are trained once per module with the in-memory API (small, fast);
+the job's output is checked row by row against ``Detector.score`` on the same
+rows, for counts (rows in = scored + quarantined), the quarantine's content,
+and a crash half-way followed by a rerun.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+
+from models import Detector, SchemaError
+from models.errors import UnusualError
+from models.metrics import roc_auc
+from ray_jobs import sample_data
+from ray_jobs.local_io import filesystem
+from ray_jobs.score import QUARANTINE_DIR, ScoreJob, main, run
+
+
+def _put(bucket: str, prefix: str, table: pa.Table, n: int, row_group: int = 200) -> str:
+    fs = s3fs.S3FileSystem()
+    step = -(-table.num_rows // n)
+    for i in range(n):
+        with fs.open(f"{bucket}/{prefix}/part-{i:03d}.parquet", "wb") as f:
+            pq.write_table(table.slice(i * step, step), f, row_group_size=row_group)
+    return f"s3://{bucket}/{prefix}"
+
+
+def _read(uri: str) -> pa.Table:
+    """The scored rows: every part at the top of the output (not _quarantine/)."""
+    pafs, path, fs = filesystem(uri)
+    files = sorted(p for p in fs.find(path) if p.rsplit("/", 1)[-1].startswith("part-") and "/_" not in p)
+    return pa.concat_tables([pq.read_table(f, filesystem=pafs) for f in files])
+
+
+@pytest.fixture(scope="module")
+def cardio() -> pa.Table:
+    t = sample_data.load("cardio")
+    return t.append_column("id", pa.array(np.arange(t.num_rows, dtype=np.int64)))
+
+
+@pytest.fixture(scope="module")
+def cardio_uri(cardio, s3_bucket, ray_cluster) -> str:
+    return _put(s3_bucket, "score/cardio", cardio, 3)
+
+
+@pytest.fixture(scope="module")
+def ae(cardio, s3_bucket, s3_endpoint):
+    normal = cardio.filter(pa.compute.invert(cardio.column("label")))  # fit on normal rows, score them all
+    det = Detector("ae", exclude=["label", "id"], epochs=10, seed=0).fit(normal)
+    uri = f"s3://{s3_bucket}/score/models/ae"
+    det.save(uri, overwrite=True)
+    return uri, det
+
+
+@pytest.fixture(scope="module")
+def ae_scored(ae, cardio_uri, s3_bucket):
+    out = f"s3://{s3_bucket}/score/out/ae"
+    summary = run(ScoreJob(ae[0], cardio_uri, out, keep_columns=["id", "label"], unit_rows=400, batch_size=256))
+    return out, summary
+
+
+def test_ae_rows_in_equal_rows_out_and_scores_equal_in_memory(ae, ae_scored, cardio):
+    out, summary = ae_scored
+    n = cardio.num_rows
+    assert summary["rows_in"] == summary["rows_scored"] == n
+    assert summary["rows_quarantined"] == 0 and summary["quarantine"] is None
+    t = _read(out).sort_by("id")
+    assert t.num_rows == n
+    assert t.column("id").to_pylist() == list(range(n))  # every row once: no loss, no duplicate
+    assert t.column_names == ["id", "label", "anomaly_score", "is_anomaly", "top_features", "model_version"]
+    expected = ae[1].score(cardio)
+    np.testing.assert_allclose(t.column("anomaly_score").to_numpy(), expected, rtol=1e-6, atol=1e-9)
+    assert t.column("is_anomaly").to_pylist() == list(expected > ae[1].threshold_)
+    assert set(t.column("model_version").to_pylist()) == {ae[1].version}
+    assert summary["anomalies"] == int((expected > ae[1].threshold_).sum())
+    # Real detection quality on the batch output: cardio's labelled anomalies.
+    assert roc_auc(t.column("label").to_numpy(), t.column("anomaly_score").to_numpy()) > 0.75
+    feats = t.column("top_features")[0].as_py()
+    assert len(feats) == 3 and feats[0]["contribution"] >= feats[-1]["contribution"]
+
+
+def test_summary_and_spec_are_written(ae_scored):
+    out, summary = ae_scored
+    fs = s3fs.S3FileSystem()
+    path = out.removeprefix("s3://")
+    assert json.loads(fs.cat_file(f"{path}/_unusual/summary.json"))["rows_scored"] == summary["rows_scored"]
+    spec = json.loads(fs.cat_file(f"{path}/_unusual/job.json"))
+    assert spec["model_version"] == summary["model_version"] and len(spec["files"]) == 3
+
+
+def test_rerun_of_a_complete_job_does_nothing(ae, ae_scored, cardio_uri):
+    out, first = ae_scored
+    again = run(ScoreJob(ae[0], cardio_uri, out, keep_columns=["id", "label"], unit_rows=400, batch_size=256))
+    assert again["units_resumed"] == again["units"] and again["rows_scored"] == first["rows_scored"]
+
+
+def test_vae_scores_equal_in_memory(cardio, cardio_uri, s3_bucket):
+    det = Detector("vae", exclude=["label", "id"], epochs=3, seed=0).fit(cardio)
+    ckpt = f"s3://{s3_bucket}/score/models/vae"
+    det.save(ckpt, overwrite=True)
+    out = f"s3://{s3_bucket}/score/out/vae"
+    summary = run(ScoreJob(ckpt, cardio_uri, out, keep_columns=["id"], batch_size=500))
+    assert summary["rows_scored"] == cardio.num_rows
+    t = _read(out).sort_by("id")
+    np.testing.assert_allclose(t.column("anomaly_score").to_numpy(), det.score(cardio), rtol=1e-5, atol=1e-6)
+
+
+def test_crash_half_way_then_rerun_gives_complete_output_without_duplicates(ae, cardio, cardio_uri, s3_bucket):
+    out = f"s3://{s3_bucket}/score/out/crash"
+    job = dict(keep_columns=["id"], unit_rows=400, batch_size=100, concurrency=1)
+    with pytest.raises(Exception, match="fault injection"):
+        run(ScoreJob(ae[0], cardio_uri, out, fail_after_parts=3, **job))
+    fs = s3fs.S3FileSystem()
+    fs.invalidate_cache()
+    written = [p for p in fs.find(out.removeprefix("s3://")) if p.rsplit("/", 1)[-1].startswith("part-")]
+    assert 0 < len(written) < 19  # stopped half-way: some parts, not all
+    summary = run(ScoreJob(ae[0], cardio_uri, out, **job))
+    assert summary["rows_in"] == summary["rows_scored"] == cardio.num_rows
+    ids = _read(out).column("id").to_numpy()
+    assert len(ids) == cardio.num_rows and len(np.unique(ids)) == cardio.num_rows
+
+
+def test_bad_rows_and_bad_files_go_to_the_quarantine_with_the_reason(ae, cardio, s3_bucket):
+    f00 = cardio.column("f00").to_numpy().copy()
+    f00[[5, 1000]] = np.nan
+    t = cardio.set_column(cardio.column_names.index("f00"), "f00", pa.array(f00))
+    uri = _put(s3_bucket, "score/dirty", t, 2)
+    # A third shard whose f01 is text: its rows cannot be scored at all.
+    bad = t.slice(0, 50).set_column(1, "f01", pa.array(["x"] * 50))
+    with s3fs.S3FileSystem().open(f"{s3_bucket}/score/dirty/part-009.parquet", "wb") as f:
+        pq.write_table(bad, f)
+    out = f"s3://{s3_bucket}/score/out/dirty"
+    summary = run(ScoreJob(ae[0], uri, out, keep_columns=["id"]))
+    n = cardio.num_rows + 50
+    assert summary["rows_in"] == n
+    assert summary["rows_quarantined"] == 52 and summary["rows_scored"] == n - 52
+    scored = _read(out)
+    assert 5 not in scored.column("id").to_pylist() and scored.num_rows == n - 52
+    pafs, path, fs = filesystem(f"{out}/{QUARANTINE_DIR}")
+    q = [pq.read_table(p, filesystem=pafs) for p in sorted(fs.find(path))]
+    rows = [x.select(["id", "source_row", "error"]) for x in q if x.schema.field("f01").type != pa.string()]
+    rows = pa.concat_tables(rows).sort_by("id")
+    assert rows.column("id").to_pylist() == [5, 1000]
+    assert rows.column("source_row").to_pylist() == [5, 1000 - 916]  # row numbers within their source file
+    assert rows.column("error").to_pylist() == ["f00: NaN/inf/null"] * 2
+    whole = [x for x in q if x.schema.field("f01").type == pa.string()]
+    assert len(whole) == 1 and whole[0].num_rows == 50
+    assert "column 'f01' has type string" in whole[0].column("error")[0].as_py()
+    assert whole[0].column("source_file")[0].as_py().endswith("part-009.parquet")
+
+
+def test_lstm_scores_equal_in_memory_whatever_the_block_size(s3_bucket, ray_cluster):
+    parts = []
+    for name in ("nab_ec2_request_latency", "nab_machine_temperature"):
+        t = sample_data.load(name).slice(0, 1200).drop_columns(["label"])
+        parts.append(t.append_column("host", pa.array([name] * t.num_rows)))
+    table = pa.concat_tables(parts)
+    det = Detector("lstm", entity_column="host", time_column="timestamp", window=16, epochs=2, seed=0).fit(table)
+    ckpt = f"s3://{s3_bucket}/score/models/lstm"
+    det.save(ckpt, overwrite=True)
+    shuffled = table.take(pa.array(np.random.default_rng(0).permutation(table.num_rows)))
+    uri = _put(s3_bucket, "score/series", shuffled, 3, row_group=100)
+    expected = det.score(shuffled)
+    key = [f"{h}|{t}" for h, t in zip(shuffled.column("host").to_pylist(), shuffled.column("timestamp").to_pylist())]
+    want = dict(zip(key, expected))
+    for i, sizes in enumerate([{}, {"block_rows": 64, "unit_rows": 300, "bucket_rows": 500}]):
+        out = f"s3://{s3_bucket}/score/out/lstm{i}"
+        summary = run(ScoreJob(ckpt, uri, out, **sizes))
+        assert summary["rows_scored"] == table.num_rows
+        t = _read(out)
+        assert t.column_names[:2] == ["host", "timestamp"]  # entity and time are kept by default
+        got = {f"{h}|{ts}": s for h, ts, s in zip(*(t.column(c).to_pylist() for c in ("host", "timestamp",
+                                                                                      "anomaly_score")))}
+        assert got.keys() == want.keys()
+        np.testing.assert_allclose([got[k] for k in key], [want[k] for k in key], rtol=1e-6, atol=1e-9)
+
+
+def test_refuses_foreign_or_different_output(ae, ae_scored, cardio_uri, s3_bucket):
+    out, _ = ae_scored
+    with pytest.raises(UnusualError, match="holds the output of a different scoring job"):
+        run(ScoreJob(ae[0], cardio_uri, out, keep_columns=["id"]))
+    fs = s3fs.S3FileSystem()
+    fs.pipe_file(f"{s3_bucket}/score/foreign/notes.txt", b"mine")
+    with pytest.raises(UnusualError, match="already holds files that unusual score did not write"):
+        run(ScoreJob(ae[0], cardio_uri, f"s3://{s3_bucket}/score/foreign"))
+
+
+def test_bad_requests_name_the_column(ae, cardio, cardio_uri, s3_bucket):
+    with pytest.raises(SchemaError, match=r"--keep-columns 'customer' is not a column of .*part-000.parquet"):
+        run(ScoreJob(ae[0], cardio_uri, f"s3://{s3_bucket}/score/out/x", keep_columns=["customer"]))
+    uri = _put(s3_bucket, "score/nof00", cardio.drop_columns(["f00"]), 1)
+    with pytest.raises(SchemaError, match=r"no file can be scored by this model: .*missing column\(s\) \['f00'\]"):
+        run(ScoreJob(ae[0], uri, f"s3://{s3_bucket}/score/out/y"))
+    with pytest.raises(ValueError, match="would clash with the output columns"):
+        ScoreJob(ae[0], cardio_uri, "x", keep_columns=["anomaly_score"])
+
+
+def test_cli_writes_local_output(ae, cardio_uri, tmp_path, capsys):
+    out = tmp_path / "scores"
+    assert main(["--checkpoint", ae[0], "--data", cardio_uri, "--output", str(out), "--keep-columns", "id"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["rows_scored"] == pq.read_table(out).num_rows == 1831
+    assert not [p for p in out.rglob(".tmp-*")]
