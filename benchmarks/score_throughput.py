@@ -58,6 +58,10 @@ ROW_GROUP = 131_072
 GENERATOR = "score-v1"  # bump when make_rows changes, so cached data is regenerated
 TRAIN_ROWS = 100_000
 MIB = 1024 * 1024
+# plain: the baseline loop; unusual: the `unusual score` command (starts its own Ray);
+# warm: the same job on a Ray that is already running (its own seconds exclude starting Ray).
+RUNNERS = ("plain", "unusual", "warm")
+JOBS = ("unusual", "warm")
 
 
 # =========================================================================== data
@@ -201,6 +205,33 @@ def plain_worker(argv: list[str]) -> int:
         "import_seconds": t0 - t_start,  # argparse, torch and models
         "torch_threads": torch.get_num_threads(), "batch_size": a.batch_size, "errors": a.errors,
     }))
+    return 0
+
+
+def warm_worker(argv: list[str]) -> int:
+    """``score_throughput.py _warm ...``: the scoring job on a Ray that is already up (as on a cluster
+    that serves many jobs). Starts a local Ray, runs one unrecorded job on ``--warmup-data``, then the
+    measured job; prints the measured job's summary (its ``seconds`` exclude starting Ray)."""
+    p = argparse.ArgumentParser(prog="score_throughput.py _warm")
+    for flag in ("--bundle", "--data", "--output", "--warmup-data"):
+        p.add_argument(flag, required=True)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--concurrency", type=int)
+    a = p.parse_args(argv)
+
+    import ray
+
+    from ray_jobs.score import ScoreJob, run
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            run(ScoreJob(a.bundle, a.warmup_data, f"{tmp}/warmup", keep_columns=["id"]))
+        opts = {"batch_size": a.batch_size, "concurrency": a.concurrency}
+        summary = run(ScoreJob(a.bundle, a.data, a.output, keep_columns=["id"], **opts))
+    finally:
+        ray.shutdown()
+    print(json.dumps(summary))
     return 0
 
 
@@ -515,6 +546,13 @@ def measure(runner: str, args, ucmd: list[str], env: dict, bundle: Path, data: P
         cmd = [sys.executable, str(Path(__file__).resolve()), "_plain", "--bundle", str(bundle),
                "--data", str(data), "--output", str(out), "--batch-size", str(args.plain_batch_size),
                "--threads", str(args.plain_threads), "--errors", args.plain_errors]
+    elif runner == "warm":
+        first = data if data.is_file() else sorted(data.glob("*.parquet"))[0]
+        cmd = [sys.executable, str(Path(__file__).resolve()), "_warm", "--bundle", str(bundle),
+               "--data", str(data), "--output", str(out), "--warmup-data", str(first)]
+        for flag, v in (("--batch-size", args.batch_size), ("--concurrency", args.concurrency)):
+            if v:
+                cmd += [flag, str(v)]
     else:
         cmd = [*ucmd, "--checkpoint", str(bundle), "--data", str(data), "--output", str(out), "--keep-columns", "id"]
         if args.batch_size:
@@ -524,11 +562,11 @@ def measure(runner: str, args, ucmd: list[str], env: dict, bundle: Path, data: P
     run = run_measured(cmd, env, args.sample_interval, args.timeout, f"{runner} ({rows:,} rows)")
     run["load_average_after"] = _loadavg()
     summary = None
-    if runner == "unusual" and (out / "_unusual" / "summary.json").exists():
+    if runner in JOBS and (out / "_unusual" / "summary.json").exists():
         summary = json.loads((out / "_unusual" / "summary.json").read_text())
     printed = _last_json(run.pop("stdout"))
     run["summary"] = summary if summary is not None else printed
-    if runner == "unusual":
+    if runner in JOBS:
         run["printed_summary_matches_file"] = None if summary is None else printed == summary
     s = run["summary"] or {}
     run["own_seconds"] = s.get("seconds")
@@ -537,7 +575,7 @@ def measure(runner: str, args, ucmd: list[str], env: dict, bundle: Path, data: P
         counts = count_output(out)
         run["output"] = counts
         checks = {"rows_out == rows_in": counts["rows_out"] == rows}
-        if runner == "unusual":
+        if runner in JOBS:
             checks["summary rows_in == rows_in"] = s.get("rows_in") == rows
             checks["summary rows_scored + rows_quarantined == rows_in"] = (
                 (s.get("rows_scored") or 0) + (s.get("rows_quarantined") or 0) == rows)
@@ -551,7 +589,7 @@ def measure(runner: str, args, ucmd: list[str], env: dict, bundle: Path, data: P
         last = run["stderr_tail"].splitlines()[-1:] or [""]
         run["error"] = f"exit {run['returncode']}{' (timed out)' if run['timed_out'] else ''}: {last[0][:300]}"
     m = run["memory"]
-    if runner == "unusual" and run["returncode"] == 0 and not m["ray_local"]:
+    if runner in JOBS and run["returncode"] == 0 and not m["ray_local"]:
         run["warning"] = ("no raylet among the command's processes: it joined a Ray cluster it did not start, "
                           "so the memory figures miss that cluster's processes")
         print(f"\n!! {run['warning']}", file=sys.stderr)
@@ -591,7 +629,7 @@ def markdown(record: dict) -> str:
              "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
 
     for s in record["sizes"]:
-        for runner in ("plain", "unusual"):
+        for runner in RUNNERS:
             r = s.get(runner)
             if r is None:
                 if runner in s.get("errors", {}):
@@ -601,6 +639,8 @@ def markdown(record: dict) -> str:
             ratio = ""
             if runner == "unusual" and s.get("ratio_wall") is not None:
                 ratio = f"{s['ratio_wall']:.3f} / {_fmt(s.get('ratio_own'), '.3f')}"
+            if runner == "warm" and s.get("ratio_warm_own") is not None:
+                ratio = f"- / {s['ratio_warm_own']:.3f}"
             lines.append(
                 f"| {s['rows']:,} | {s['files']} | {runner} | {r['wall_seconds']:.1f} | "
                 f"{_fmt(r['own_seconds'], '.1f')} | "
@@ -620,6 +660,8 @@ def markdown(record: dict) -> str:
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "_plain":
         return plain_worker(sys.argv[2:])
+    if len(sys.argv) > 1 and sys.argv[1] == "_warm":
+        return warm_worker(sys.argv[2:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=_csv_ints, default=[1_000_000, 10_000_000], help="comma list of sizes")
     p.add_argument("--rows-per-file", type=int, default=1_000_000)
@@ -627,7 +669,8 @@ def main() -> int:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "score_throughput.json"))
     p.add_argument("--repeat", type=int, default=1, help="runs of each runner per size (median time, max memory)")
     p.add_argument("--skip-plain", action="store_true")
-    p.add_argument("--skip-unusual", action="store_true", help="only the plain runner (to test the harness)")
+    p.add_argument("--skip-unusual", action="store_true", help="skip the `unusual score` command runner")
+    p.add_argument("--skip-warm", action="store_true", help="skip the job on an already running Ray")
     p.add_argument("--batch-size", type=int, help="passed to unusual score --batch-size when given")
     p.add_argument("--concurrency", type=int, help="passed to unusual score --concurrency when given")
     p.add_argument("--plain-batch-size", type=int, default=65536, help="iter_batches size of the plain loop")
@@ -677,7 +720,7 @@ def main() -> int:
     bundle, bundle_meta = ensure_bundle(workdir, args.seed, args.epochs)
     record["bundle"] = {"path": str(bundle), **bundle_meta}
 
-    runners = [r for r in ("plain", "unusual") if not getattr(args, f"skip_{r}")]
+    runners = [r for r in RUNNERS if not getattr(args, f"skip_{r}")]
     record["warmup"] = {}
     if not args.no_warmup:
         # Unrecorded runs on one shard: the first start of Ray and of torch pays for cold caches.
@@ -698,7 +741,7 @@ def main() -> int:
         size = {"rows": rows, "files": len(files), "data": str(data), "data_cached": cached,
                 "data_bytes": sum(f.stat().st_size for f in files),
                 "prepare_seconds": round(time.perf_counter() - t0, 1),
-                "runs": {"plain": [], "unusual": []}, "errors": {}}
+                "runs": {r: [] for r in RUNNERS}, "errors": {}}
         print(f"{rows:,} rows in {len(files)} file(s) ({'cached' if cached else 'generated'}) at {data}", flush=True)
         outputs: dict[str, Path] = {}
         for rep in range(args.repeat):
@@ -724,8 +767,10 @@ def main() -> int:
             except Exception as e:  # noqa: BLE001
                 failed = True
                 size["errors"]["score_check"] = f"{type(e).__name__}: {e}"
-        for runner in ("plain", "unusual"):
+        for runner in RUNNERS:
             size[runner] = summarize(size["runs"][runner], rows)
+        if size["plain"] and size["warm"] and size["warm"]["rows_per_s_own"] and size["plain"]["rows_per_s_own"]:
+            size["ratio_warm_own"] = round(size["warm"]["rows_per_s_own"] / size["plain"]["rows_per_s_own"], 3)
         if size["plain"] and size["unusual"]:
             size["ratio_wall"] = round(size["unusual"]["rows_per_s_wall"] / size["plain"]["rows_per_s_wall"], 3)
             if size["unusual"]["rows_per_s_own"] and size["plain"]["rows_per_s_own"]:
@@ -737,7 +782,7 @@ def main() -> int:
         _write(record, args.out, complete=False)
 
     growth = {}
-    for runner in ("plain", "unusual"):
+    for runner in RUNNERS:
         ok = [s for s in record["sizes"] if s.get(runner)]
         if len(ok) >= 2:
             a, b = ok[0], ok[-1]

@@ -23,15 +23,18 @@ import json
 import pickle
 import platform
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import fsspec
 import numpy as np
 import pyarrow as pa
-import torch
 
 from models.errors import BundleError, BundleVersionError
 from models.features import FeatureSchema
 from models.registry import family
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -39,6 +42,8 @@ WEIGHTS = "weights.pt"
 
 
 def library_versions() -> dict:
+    import torch
+
     from models import __version__
 
     return {
@@ -110,6 +115,8 @@ def seal(manifest: dict, module: torch.nn.Module) -> tuple[dict, bytes]:
     """Serialise the weights and stamp the manifest with its model version and
     content hash. The version is derived from the content, so the same weights
     and metadata always get the same version, saved or not."""
+    import torch
+
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, buf)
     weights = buf.getvalue()
@@ -134,7 +141,9 @@ def save_bundle(uri: str, manifest: dict, module: torch.nn.Module, overwrite: bo
     return manifest
 
 
-def load_bundle(uri: str, map_location: str | torch.device = "cpu") -> Bundle:
+def read_bundle(uri: str) -> tuple[dict, bytes]:
+    """The manifest and weights bytes of a bundle, with its format version and
+    content hash checked; needs no PyTorch (e.g. a job's driver planning work)."""
     fs, root = _fs(uri)
     try:
         with fs.open(f"{root}/{MANIFEST}", "rb") as f:
@@ -164,6 +173,13 @@ def load_bundle(uri: str, map_location: str | torch.device = "cpu") -> Bundle:
             f"bundle at {uri} is corrupt or was modified: content hash mismatch "
             f"(manifest says {str(expected)[:12]}…)"
         )
+    return manifest, weights
+
+
+def load_bundle(uri: str, map_location="cpu") -> Bundle:
+    import torch
+
+    manifest, weights = read_bundle(uri)
     try:
         fam = family(manifest["kind"])
         schema = FeatureSchema.from_dict(manifest["features"])

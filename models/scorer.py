@@ -29,11 +29,9 @@ import pyarrow as pa
 import torch
 
 from models.bundle import Bundle, load_bundle
-from models.tables import to_table
+from models.tables import TOP_FEATURE_TYPE, to_table
 from models.training import resolve_device
 from models.windows import padded_windows, segments, sort_order
-
-TOP_FEATURE_TYPE = pa.list_(pa.struct([("feature", pa.string()), ("contribution", pa.float64())]))
 
 
 class Scorer:

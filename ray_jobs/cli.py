@@ -54,6 +54,27 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="Parquet file, folder or prefix of shards (local, s3://, gs://)")
+    p.add_argument("--output", required=True, help="bundle URI (local path or s3://…)")
+    p.add_argument("--overwrite", action="store_true", help="replace a bundle already at --output")
+    p.add_argument("--num-workers", type=int, default=2, help="Ray Train workers (default 2)")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (DDP over NCCL)")
+    p.add_argument("--cpus-per-worker", type=float, help="CPUs per worker (default: sized from the cluster)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast on GPU")
+    p.add_argument("--storage", help="run storage for per-epoch checkpoints (default: <output>/_train)")
+    p.add_argument("--run-name", help="name of the run in its storage (default: <model>-<random>)")
+    p.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from (default 2)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, or start a local Ray)")
+    p.add_argument(
+        "--cache",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep the encoded data in the object store between epochs (default: when it fits in 25%% of it)",
+    )
+    add_model_args(p)
+
+
 def model_params(args: argparse.Namespace) -> tuple[str, dict]:
     params: dict = {}
     if args.config:
@@ -106,6 +127,13 @@ def cmd_fit(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    # Imported when used: the training job pulls in PyTorch, the other commands need not.
+    from ray_jobs.train import cmd_train
+
+    return cmd_train(args)
+
+
 def cmd_info(args) -> int:
     from models import load_bundle
 
@@ -148,11 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.set_defaults(func=cmd_fit)
 
-    from ray_jobs.train import add_train_args, cmd_train
-
     p = sub.add_parser("train", help="distributed training with Ray Data + Ray Train; writes a bundle")
     add_train_args(p)
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=_cmd_train)
 
     from ray_jobs.score import add_score_args, cmd_score
 

@@ -335,11 +335,11 @@ def _metrics_of(h: ScoreHistogram, prefix: str = "") -> dict:
 def run(job: EvaluateJob) -> dict:
     """Evaluate the scores at ``job.scores``; writes ``metrics.json`` and ``report.html``
     to the output and returns the metrics."""
-    from ray_jobs.train import _ensure_ray
+    from ray_jobs.runtime import ensure_ray
 
     files, pafs = list_score_files(job.scores)
     columns = _check_schema(job.scores, files, pafs, job)
-    ray = _ensure_ray(job.address)
+    ray = ensure_ray(job.address)
     say = _progress
     ds = ray.data.read_parquet(files, filesystem=pafs, columns=columns)
     label = job.label_column

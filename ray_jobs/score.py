@@ -89,19 +89,22 @@ class ScoreJob:
     batch_size: int | None = None  # rows per Scorer call; default 131072 (LSTM: whole buckets)
     concurrency: int | None = None  # scoring actors; default from the cluster's CPUs / GPUs
     use_gpu: bool = False
-    unit_rows: int = 1_000_000  # rows per unit of work (and per output part, at most)
+    unit_rows: int | None = None  # rows per unit of work and output part; default: see unit_size()
     block_rows: int = 65_536  # rows per block read
     bucket_rows: int = 500_000  # LSTM: target rows per entity bucket
     top_k: int = 3
     overwrite: bool = False
     address: str | None = None
-    fail_after_parts: int | None = None  # testing: the actor process dies after writing this many parts
+    read: str = "auto"  # auto | actors | tasks: who reads the Parquet (see read_mode)
+    fail_after_parts: int | None = None  # testing: a scoring actor raises after writing this many parts
 
     def __post_init__(self):
         for name in ("batch_size", "concurrency", "unit_rows", "block_rows", "bucket_rows"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be >= 1; got {v}")
+        if self.read not in ("auto", "actors", "tasks"):
+            raise ValueError(f"read must be auto, actors or tasks; got {self.read!r}")
         clash = sorted(set(self.keep_columns) & {*OUTPUT_COLUMNS, "error"})
         if clash:
             raise ValueError(f"--keep-columns {clash} would clash with the output columns {list(OUTPUT_COLUMNS)}")
@@ -136,21 +139,49 @@ def _check_file(schema: pa.Schema, bundle_schema, needed: list[str]) -> str | No
     return None
 
 
-def plan(job: ScoreJob, bundle) -> dict:
+@dataclass
+class BundleInfo:
+    """What the driver needs of a bundle, read without PyTorch (hash checked)."""
+
+    kind: str
+    version: str
+    threshold: float
+    schema: object  # models.features.FeatureSchema
+    entity_column: str | None
+    time_column: str | None
+
+    @classmethod
+    def read(cls, uri: str) -> BundleInfo:
+        from models.bundle import read_bundle
+        from models.features import FeatureSchema
+
+        m, _ = read_bundle(uri)
+        cfg = m.get("model_config", {})
+        return cls(
+            m["kind"],
+            m["model_version"],
+            float(m["threshold"]["value"]),
+            FeatureSchema.from_dict(m["features"]),
+            cfg.get("entity_column"),
+            cfg.get("time_column"),
+        )
+
+
+def plan(job: ScoreJob, bundle: BundleInfo) -> dict:
     """The job spec: files, units of work and columns. Small; lives on the driver."""
-    from models.scorer import TOP_FEATURE_TYPE
+    from models.tables import TOP_FEATURE_TYPE
     from ray_jobs.data import list_parquet_files
 
     files, pafs = list_parquet_files(job.data)
     metas = _footers(files, pafs)
-    cfg = bundle.model_config
-    entity, time_col = getattr(cfg, "entity_column", None), getattr(cfg, "time_column", None)
+    entity, time_col = bundle.entity_column, bundle.time_column
     features = [c.name for c in bundle.schema.columns]
     keep = list(job.keep_columns)
     if bundle.kind == "lstm":  # entity and time identify a sequence row: kept by default
         keep = [c for c in (entity, time_col) if c and c not in keep] + keep
     needed = list(dict.fromkeys([*features, *(c for c in (entity, time_col) if c), *keep]))
     units, bad_files, first_bad = [], [], None
+    unit_rows = job.unit_rows or unit_size(sum(m.num_rows for m in metas))
     for i, (f, meta) in enumerate(zip(files, metas)):
         schema = meta.schema.to_arrow_schema()
         for c in keep:
@@ -164,7 +195,7 @@ def plan(job: ScoreJob, bundle) -> dict:
         start_rg, start_row = 0, 0
         for rg in range(meta.num_row_groups):
             n = meta.row_group(rg).num_rows
-            if rows and rows + n > job.unit_rows:
+            if rows and rows + n > unit_rows:
                 units.append({"file": i, "rg": [start_rg, rg], "base": start_row, "rows": rows})
                 start_rg, start_row, rows = rg, base, 0
             rows += n
@@ -220,6 +251,13 @@ def output_schema(spec: dict) -> pa.Schema:
     return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(spec["output_schema"])))
 
 
+def unit_size(rows: int) -> int:
+    """Default rows per unit: about 64 units, so the work spreads evenly over
+    the scorers, between 100,000 and 1,000,000 rows (whole row groups).
+    Depends on the data only, so a rerun plans the same units."""
+    return min(1_000_000, max(100_000, rows // 64))
+
+
 def _same_job(a: dict, b: dict) -> bool:
     keys = ("format", "model_version", "files", "file_rows", "columns", "units", "buckets", "out_units", "top_k")
     return all(a.get(k) == b.get(k) for k in keys)
@@ -242,17 +280,18 @@ class Output:
     def join(self, *parts: str) -> str:
         return "/".join([self.path, *parts])
 
+    def open_atomic(self, *parts: str) -> AtomicFile:
+        """A file that appears whole at ``parts`` on commit, or not at all."""
+        return AtomicFile(self, self.join(*parts))
+
     def write_table(self, table: pa.Table, *parts: str) -> None:
-        """Write whole or not at all: a temporary name renamed on local disks;
-        an object store makes an object visible only once its upload completes."""
-        target = self.join(*parts)
-        if self.local:
-            self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-            tmp = f"{target.rsplit('/', 1)[0]}/.tmp-{uuid.uuid4().hex}"
-            pq.write_table(table, tmp, filesystem=self.pafs)
-            os.replace(tmp, target)
-        else:
-            pq.write_table(table, target, filesystem=self.pafs)
+        f = self.open_atomic(*parts)
+        try:
+            pq.write_table(table, f.file)
+        except BaseException:
+            f.abort()
+            raise
+        f.commit()
 
     def write_json(self, obj: dict, *parts: str) -> None:
         target = self.join(*parts)
@@ -282,6 +321,34 @@ class Output:
     def remove(self, rel: list[str]) -> None:
         if rel:
             self.fs.rm([self.join(r) for r in rel])
+
+
+class AtomicFile:
+    """Written whole or not at all: on local disks a temporary name renamed on
+    commit; on object storage one upload that only becomes visible when it
+    completes (an aborted or interrupted multipart upload leaves nothing)."""
+
+    def __init__(self, out: Output, target: str):
+        self.out, self.target = out, target
+        if out.local:
+            folder = target.rsplit("/", 1)[0]
+            out.fs.makedirs(folder, exist_ok=True)
+            self.tmp = f"{folder}/.tmp-{uuid.uuid4().hex}"
+            self.file = open(self.tmp, "wb")
+        else:
+            self.file = out.fs.open(target, "wb")
+
+    def commit(self) -> None:
+        self.file.close()
+        if self.out.local:
+            os.replace(self.tmp, self.target)
+
+    def abort(self) -> None:
+        if self.out.local:
+            self.file.close()
+            os.remove(self.tmp)
+        elif hasattr(self.file, "discard"):
+            self.file.discard()  # s3fs: abort the multipart upload
 
 
 def _parts(listing: list[str], prefix: str = "") -> dict[int, list[tuple[int, int, int, str]]]:
@@ -360,7 +427,7 @@ def entity_buckets(table: pa.Table, entity: str | None, buckets: int) -> np.ndar
 
 
 class _PartWriter:
-    """Writes the parts of one output unit range: quarantine first, output last."""
+    """Opens the parts of output units; knows the output schema and the plan."""
 
     def __init__(self, spec: dict, output: str):
         self.spec = spec
@@ -370,32 +437,81 @@ class _PartWriter:
         self.schema = output_schema(spec)
         self.out = Output(output)
 
+    def part(self, unit: int, start: int, stop: int, total: int) -> Part:
+        return Part(self, part_name(unit, start, stop, total), stop - start)
+
     def write(self, batch: pa.Table, scored: pa.Table, unit: int, start: int, stop: int, total: int) -> dict:
-        name = part_name(unit, start, stop, total)
-        err = scored.column("error")
-        bad = np.asarray(err.is_valid().to_numpy(zero_copy_only=False), bool)
-        nbad = int(bad.sum())
-        if nbad:
-            idx = pa.array(np.flatnonzero(bad))
-            q = batch.select(self.spec["columns"]).take(idx)
-            src = [self.units[int(u)] for u in batch.column(UNIT).take(idx).to_numpy()]
-            rows = batch.column(ROW).take(idx).to_numpy()
-            q = q.append_column("source_file", pa.array([self.files[u["file"]] for u in src], pa.string()))
-            q = q.append_column("source_row", pa.array(np.array([u["base"] for u in src], np.int64) + rows))
-            q = q.append_column("error", err.take(idx))
-            self.out.write_table(q, QUARANTINE_DIR, name)
-        cols = [batch.column(c) for c in self.keep] + [scored.column(c) for c in OUTPUT_COLUMNS]
-        out = pa.Table.from_arrays(cols, schema=self.schema)
-        if nbad:
-            out = out.filter(pa.array(~bad))
-        anomalies = int(pc.sum(out.column("is_anomaly")).as_py() or 0)
-        meta = {"rows": stop - start, "scored": out.num_rows, "quarantined": nbad, "anomalies": anomalies}
-        self.out.write_table(out.replace_schema_metadata({b"unusual": json.dumps(meta).encode()}), name)
-        return meta | {"unit": unit}
+        part = self.part(unit, start, stop, total)
+        try:
+            part.add(batch, scored)
+        except BaseException:
+            part.abort()
+            raise
+        return part.commit() | {"unit": unit}
 
     def write_empty(self, unit: int, meta: dict) -> None:
         empty = self.schema.empty_table().replace_schema_metadata({b"unusual": json.dumps(meta).encode()})
         self.out.write_table(empty, part_name(unit, 0, meta["rows"], meta["rows"]))
+
+
+class Part:
+    """One output part, streamed batch by batch, and its quarantine part.
+
+    Committed in that order (quarantine, then output), so a part that exists
+    always has its quarantine rows in place; its counts go into the footer.
+    """
+
+    def __init__(self, writer: _PartWriter, name: str, rows: int):
+        self.w, self.name = writer, name
+        self.meta = {"rows": rows, "scored": 0, "quarantined": 0, "anomalies": 0}
+        self.file = writer.out.open_atomic(name)
+        self.pq = pq.ParquetWriter(self.file.file, writer.schema)
+        self.qfile = self.qpq = None
+
+    def add(self, batch: pa.Table, scored: pa.Table) -> None:
+        """Rows of ``batch`` (with the internal unit / row columns) and their scores."""
+        err = scored.column("error")
+        nbad = len(err) - err.null_count
+        cols = [batch.column(c) for c in self.w.keep] + [scored.column(c) for c in OUTPUT_COLUMNS]
+        out = pa.Table.from_arrays(cols, schema=self.w.schema)
+        if nbad:
+            bad = np.asarray(err.is_valid().to_numpy(zero_copy_only=False), bool)
+            idx = pa.array(np.flatnonzero(bad))
+            q = batch.select(self.w.spec["columns"]).take(idx)
+            src = [self.w.units[int(u)] for u in batch.column(UNIT).take(idx).to_numpy()]
+            rows = batch.column(ROW).take(idx).to_numpy()
+            q = q.append_column("source_file", pa.array([self.w.files[u["file"]] for u in src], pa.string()))
+            q = q.append_column("source_row", pa.array(np.array([u["base"] for u in src], np.int64) + rows))
+            q = q.append_column("error", err.take(idx))
+            if self.qpq is None:
+                self.qfile = self.w.out.open_atomic(QUARANTINE_DIR, self.name)
+                self.qpq = pq.ParquetWriter(self.qfile.file, q.schema)
+            self.qpq.write_table(q)
+            out = out.filter(pa.array(~bad))
+        self.pq.write_table(out)
+        self.meta["scored"] += out.num_rows
+        self.meta["quarantined"] += nbad
+        self.meta["anomalies"] += int(pc.sum(out.column("is_anomaly")).as_py() or 0)
+
+    def commit(self) -> dict:
+        if self.meta["scored"] + self.meta["quarantined"] != self.meta["rows"]:
+            self.abort()
+            raise RuntimeError(f"part {self.name} got {self.meta} rows; expected {self.meta['rows']}")
+        if self.qpq is not None:
+            self.qpq.close()
+            self.qfile.commit()
+        self.pq.add_key_value_metadata({"unusual": json.dumps(self.meta)})
+        self.pq.close()
+        self.file.commit()
+        return dict(self.meta)
+
+    def abort(self) -> None:
+        for f in (self.file, self.qfile):
+            if f is not None:
+                try:
+                    f.abort()
+                except OSError:
+                    pass
 
 
 class ScoreActor:
@@ -405,10 +521,13 @@ class ScoreActor:
     travels back to the driver.
     """
 
-    def __init__(self, spec: dict, output: str, device: str, threads: int, fail_after_parts: int | None):
+    def __init__(
+        self, spec: dict, output: str, device: str, threads: int, fail_after_parts: int | None, block_rows: int = 65536
+    ):
         import torch
 
         from models import Scorer
+        from ray_jobs.local_io import filesystem
 
         torch.set_num_threads(max(1, threads))
         self.spec = spec
@@ -428,11 +547,16 @@ class ScoreActor:
             )
         self.fail_after = fail_after_parts
         self.written = 0
+        self.block_rows = block_rows
+        self.data_fs = filesystem(spec["data"])[0]
 
     def __call__(self, batch: pa.Table) -> dict:
-        """A batch of rows (tabular), or a whole entity bucket (sequences, from map_groups)."""
+        """Units to read and score (tabular on CPUs), a batch of rows read by Ray
+        Data tasks (tabular on GPUs), or a whole entity bucket (sequences)."""
         if self.scorer.sequence:
             return self._bucket(batch)
+        if "path" in batch.column_names:
+            return _stats_batch([self._unit(*row.values()) for row in batch.to_pylist()])
         scored = self.scorer.score_table(batch)
         units = batch.column(UNIT).to_numpy()
         rows = batch.column(ROW).to_numpy()
@@ -446,6 +570,34 @@ class ScoreActor:
             stats.append(self._write(batch.slice(a, n), scored.slice(a, n), u, start, stop, total))
         return _stats_batch(stats)
 
+    def _unit(self, unit: int, path: str, rg0: int, rg1: int) -> dict:
+        """Stream one unit's row groups from storage into one part: reading the
+        next block (a thread; Arrow decodes without the GIL) overlaps scoring."""
+        total = self.spec["units"][unit]["rows"]
+        pf = pq.ParquetFile(path, filesystem=self.data_fs)
+        blocks = pf.iter_batches(batch_size=self.block_rows, row_groups=range(rg0, rg1), columns=self.spec["columns"])
+        part = self.writer.part(unit, 0, total, total)
+        try:
+            row = 0
+            for rb in _prefetch(blocks):
+                n = rb.num_rows
+                t = pa.Table.from_batches([rb])
+                t = t.append_column(UNIT, pa.array(np.full(n, unit, np.int32)))
+                t = t.append_column(ROW, pa.array(np.arange(row, row + n, dtype=np.int64)))
+                part.add(t, self.scorer.score_table(t))
+                row += n
+            meta = part.commit()
+        except BaseException:
+            part.abort()
+            raise
+        self._count()
+        return meta | {"unit": unit}
+
+    def _count(self) -> None:
+        self.written += 1
+        if self.fail_after is not None and self.written >= self.fail_after:
+            raise RuntimeError(f"fault injection: scoring actor fails after {self.written} part(s)")
+
     def _bucket(self, group: pa.Table) -> dict:
         """Rows in entity, time, then input order, so ties keep the file order."""
         ent, tm = self.spec["entity_column"], self.spec["time_column"]
@@ -458,10 +610,46 @@ class ScoreActor:
 
     def _write(self, batch, scored, unit, start, stop, total) -> dict:
         meta = self.writer.write(batch, scored, unit, start, stop, total)
-        self.written += 1
-        if self.fail_after is not None and self.written >= self.fail_after:
-            raise RuntimeError(f"fault injection: scoring actor fails after {self.written} part(s)")
+        self._count()
         return meta
+
+
+def _prefetch(iterable, depth: int = 2):
+    """Iterate in a background thread, ``depth`` items ahead."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def work():
+        try:
+            for item in iterable:
+                if stop.is_set():
+                    return
+                q.put(item)
+            q.put(done)
+        except BaseException as e:  # handed to the consumer
+            q.put(e)
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while t.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                t.join(0.05)
 
 
 _SCORERS: dict = {}
@@ -507,12 +695,25 @@ def _quarantine_units(batch: dict, spec: dict, output: str) -> dict:
 # --------------------------------------------------------------------------- resources
 
 
-def plan_actors(job: ScoreJob) -> dict:
-    """Actor count and resources. CPU actors leave room for the read tasks
-    (on 2 cores: 2 actors x 0.75 CPU, reads at 0.25 CPU each)."""
+def read_mode(job: ScoreJob, kind: str) -> str:
+    """``actors``: each CPU actor streams its units from storage itself (no
+    data through the object store); ``tasks``: Ray Data read tasks feed the
+    actors (GPU actors, so CPUs decode while GPUs score) or the LSTM's
+    group-by."""
+    if kind == "lstm":
+        return "tasks"
+    if job.read != "auto":
+        return job.read
+    return "tasks" if job.use_gpu else "actors"
+
+
+def plan_actors(job: ScoreJob, mode: str) -> dict:
+    """Scorer count and resources, checked against the cluster. With read
+    tasks, the scorers leave them room (on 2 cores: 2 x 0.75 CPU, reads at
+    0.25 CPU each)."""
     import ray
 
-    from ray_jobs.train import ResourceError
+    from ray_jobs.runtime import ResourceError
 
     total = ray.cluster_resources()
     cpus, gpus = float(total.get("CPU", 0)), float(total.get("GPU", 0))
@@ -523,7 +724,7 @@ def plan_actors(job: ScoreJob) -> dict:
         if n > gpus:
             raise ResourceError(f"--concurrency {n} GPU actors need {n} GPUs; the cluster has {gpus:g}")
         return {"concurrency": n, "num_cpus": 1.0 if cpus >= n + 1 else 0.5, "num_gpus": 1, "threads": 1}
-    read_reserve = 0.5
+    read_reserve = 0.5 if mode == "tasks" else 0.0
     if cpus < 1:
         raise ResourceError(f"the cluster has {cpus:g} CPUs; scoring needs at least 1")
     n = job.concurrency or max(1, int(cpus))
@@ -538,12 +739,11 @@ def plan_actors(job: ScoreJob) -> dict:
 
 def run(job: ScoreJob) -> dict:
     """Score ``job.data`` into ``job.output``; returns the summary."""
-    from models.bundle import load_bundle
     from ray_jobs.data import storage_errors
-    from ray_jobs.train import _ensure_ray
+    from ray_jobs.runtime import ensure_ray
 
     t0 = time.perf_counter()
-    bundle = load_bundle(job.checkpoint)
+    bundle = BundleInfo.read(job.checkpoint)
     out = Output(job.output)
     with storage_errors(job.output, "checking"):
         existing = out.listing()
@@ -577,7 +777,7 @@ def run(job: ScoreJob) -> dict:
         flush=True,
     )
     if pending:
-        _ensure_ray(job.address)
+        ensure_ray(job.address)
         _execute(job, spec, pending)
     summary = summarize(out, spec, time.perf_counter() - t0, resumed=len(done))
     with storage_errors(job.output, "writing"):
@@ -601,7 +801,8 @@ def _clean(out: Output) -> set[int]:
 def _execute(job: ScoreJob, spec: dict, pending: list[int]) -> None:
     import ray
 
-    res = plan_actors(job)
+    mode = read_mode(job, spec["kind"])
+    res = plan_actors(job, mode)
     units = spec["units"]
     sequence = spec["kind"] == "lstm"
     bad = [u for u in pending if str(u) in spec["quarantine_units"]]
@@ -613,6 +814,7 @@ def _execute(job: ScoreJob, spec: dict, pending: list[int]) -> None:
     print(
         f"[unusual] {len(pending)} unit(s) to do with {res['concurrency']} scoring "
         f"{'task' if sequence else 'actor'}(s) x {res['num_cpus']} CPU{' + 1 GPU' if res['num_gpus'] else ''}"
+        f"{', reading in Ray Data tasks' if mode == 'tasks' else ', each reading its units'}"
         + (f"; {len(bad)} unit(s) of unscorable files go to the quarantine" if bad else ""),
         file=sys.stderr,
         flush=True,
@@ -627,48 +829,42 @@ def _execute(job: ScoreJob, spec: dict, pending: list[int]) -> None:
         {"unit": u, "path": spec["files"][units[u]["file"]], "rg0": units[u]["rg"][0], "rg1": units[u]["rg"][1]}
         for u in read
     ]
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        _read_units,
-        batch_size=1,
-        num_cpus=0.25,
-        fn_kwargs={
-            "data": spec["data"],
-            "columns": spec["columns"],
-            "block_rows": job.block_rows,
-            "buckets": spec["buckets"],
-            "entity": spec["entity_column"],
-            "todo": todo if todo is not None and len(todo) < spec["buckets"] else None,
-        },
-    )
-    actor_args = {
-        "fn_constructor_kwargs": {
-            "spec": spec,
-            "output": job.output,
-            "device": "cuda" if job.use_gpu else "cpu",
-            "threads": res["threads"],
-            "fail_after_parts": job.fail_after_parts,
-        },
-        "num_cpus": res["num_cpus"],
-        "num_gpus": res["num_gpus"] or None,
-        "batch_format": "pyarrow",
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    if mode == "tasks":
+        ds = ds.map_batches(
+            _read_units,
+            batch_size=1,
+            num_cpus=0.25,
+            fn_kwargs={
+                "data": spec["data"],
+                "columns": spec["columns"],
+                "block_rows": job.block_rows,
+                "buckets": spec["buckets"],
+                "entity": spec["entity_column"],
+                "todo": todo if todo is not None and len(todo) < spec["buckets"] else None,
+            },
+        )
+    actor_kwargs = {
+        "spec": spec,
+        "output": job.output,
+        "device": "cuda" if job.use_gpu else "cpu",
+        "threads": res["threads"],
+        "fail_after_parts": job.fail_after_parts,
+        "block_rows": job.block_rows,
     }
+    resources = {"num_cpus": res["num_cpus"], "num_gpus": res["num_gpus"] or None, "batch_format": "pyarrow"}
     if sequence:
         # Tasks, not an actor pool: actors holding the CPUs would starve the
         # groupby's shuffle on a small cluster. Each worker process still
         # loads the bundle once (cached per process).
-        ds = ds.groupby(BUCKET).map_groups(
-            _score_bucket,
-            fn_kwargs={"actor_kwargs": actor_args["fn_constructor_kwargs"]},
-            num_cpus=res["num_cpus"],
-            num_gpus=res["num_gpus"] or None,
-            batch_format="pyarrow",
-        )
+        ds = ds.groupby(BUCKET).map_groups(_score_bucket, fn_kwargs={"actor_kwargs": actor_kwargs}, **resources)
     else:
         ds = ds.map_batches(
             ScoreActor,
-            batch_size=job.batch_size or 131_072,
+            batch_size=(job.batch_size or 131_072) if mode == "tasks" else 1,
             compute=ray.data.ActorPoolStrategy(size=res["concurrency"]),
-            **actor_args,
+            fn_constructor_kwargs=actor_kwargs,
+            **resources,
         )
     seen = set()
     for b in ds.iter_batches(batch_format="numpy", batch_size=None):
@@ -740,7 +936,9 @@ def add_score_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="rows per scoring call (default 131072; LSTM scores whole buckets)")
     p.add_argument("--concurrency", type=int, help="scoring actors (default: one per CPU, or per GPU with --use-gpu)")
     p.add_argument("--use-gpu", action="store_true", help="score on GPU actors (one GPU each)")
-    p.add_argument("--unit-rows", type=int, default=1_000_000, help="rows per unit of work and output part (1000000)")
+    p.add_argument(
+        "--unit-rows", type=int, help="rows per unit of work and output part (default: rows/64, within 1e5..1e6)"
+    )
     p.add_argument("--top-k", type=int, default=3, help="contributing features reported per row (default 3)")
     p.add_argument("--overwrite", action="store_true", help="delete whatever is at --output first")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, or start a local Ray)")

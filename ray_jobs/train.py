@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -35,7 +34,7 @@ import torch
 
 from models.bundle import MANIFEST, build_manifest, save_bundle
 from models.detector import split_params
-from models.errors import BundleError, SchemaError, UnusualError
+from models.errors import BundleError, SchemaError
 from models.features import _NumStats
 from models.registry import family
 from models.thresholds import fit_threshold_tail, tail_fraction
@@ -48,14 +47,11 @@ from models.training import (
     make_optimizer,
     train_step,
 )
+from ray_jobs.runtime import ResourceError, ensure_ray  # noqa: F401  (ResourceError: part of this API)
 
 log = logging.getLogger("unusual")
 
 STATE_FILE = "state.pt"
-
-
-class ResourceError(UnusualError):
-    """The requested workers / GPUs can never be placed on this cluster."""
 
 
 @dataclass
@@ -325,14 +321,6 @@ def fit_threshold_at_scale(scores, cfg) -> dict:
 # --------------------------------------------------------------------------- the job
 
 
-def _ensure_ray(address: str | None):
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True, include_dashboard=False)
-    return ray
-
-
 def _output_exists(uri: str) -> bool:
     import fsspec
 
@@ -349,7 +337,7 @@ def run(job: TrainJob) -> dict:
         raise BundleError(f"a bundle already exists at {job.output}; pass --overwrite to replace it")
     model_cfg, feat_cfg, train_cfg, thr_cfg = split_params(job.kind, job.params)
     fam = family(job.kind)
-    ray = _ensure_ray(job.address)
+    ray = ensure_ray(job.address)
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -479,29 +467,6 @@ def run(job: TrainJob) -> dict:
 
 
 # --------------------------------------------------------------------------- CLI
-
-
-def add_train_args(p: argparse.ArgumentParser) -> None:
-    from ray_jobs.cli import add_model_args
-
-    p.add_argument("--data", required=True, help="Parquet file, folder or prefix of shards (local, s3://, gs://)")
-    p.add_argument("--output", required=True, help="bundle URI (local path or s3://…)")
-    p.add_argument("--overwrite", action="store_true", help="replace a bundle already at --output")
-    p.add_argument("--num-workers", type=int, default=2, help="Ray Train workers (default 2)")
-    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (DDP over NCCL)")
-    p.add_argument("--cpus-per-worker", type=float, help="CPUs per worker (default: sized from the cluster)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast on GPU")
-    p.add_argument("--storage", help="run storage for per-epoch checkpoints (default: <output>/_train)")
-    p.add_argument("--run-name", help="name of the run in its storage (default: <model>-<random>)")
-    p.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from (default 2)")
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, or start a local Ray)")
-    p.add_argument(
-        "--cache",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="keep the encoded data in the object store between epochs (default: when it fits in 25%% of it)",
-    )
-    add_model_args(p)
 
 
 def job_from_args(args) -> TrainJob:

@@ -108,7 +108,9 @@ def test_vae_scores_equal_in_memory(cardio, cardio_uri, s3_bucket):
     ckpt = f"s3://{s3_bucket}/score/models/vae"
     det.save(ckpt, overwrite=True)
     out = f"s3://{s3_bucket}/score/out/vae"
-    summary = run(ScoreJob(ckpt, cardio_uri, out, keep_columns=["id"], batch_size=500))
+    # read="tasks": Ray Data read tasks feed the actors, as on GPUs; batches cut units into several parts.
+    summary = run(ScoreJob(ckpt, cardio_uri, out, keep_columns=["id"], batch_size=500, read="tasks"))
+    assert summary["parts"] > summary["units"]
     assert summary["rows_scored"] == cardio.num_rows
     t = _read(out).sort_by("id")
     np.testing.assert_allclose(t.column("anomaly_score").to_numpy(), det.score(cardio), rtol=1e-5, atol=1e-6)

@@ -1,0 +1,21 @@
+"""What every Ray job shares: connecting to (or starting) Ray, and the error
+for resources a cluster can never provide. Imports neither PyTorch nor Ray at
+module level, so Ray Data tasks that unpickle job functions stay light."""
+
+from __future__ import annotations
+
+from models.errors import UnusualError
+
+
+class ResourceError(UnusualError):
+    """The requested workers / actors / GPUs can never be placed on this cluster."""
+
+
+def ensure_ray(address: str | None = None):
+    """The ``ray`` module, connected: to ``address`` (or ``RAY_ADDRESS``), or a
+    local Ray started for this process when neither is set."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=True, include_dashboard=False)
+    return ray
