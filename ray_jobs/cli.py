@@ -134,6 +134,47 @@ def _cmd_train(args) -> int:
     return cmd_train(args)
 
 
+def cmd_serve(args) -> int:
+    """Start the Serve application on a local (or ``--address``) Ray and block until Ctrl-C."""
+    import time
+
+    from ray import serve
+
+    from ray_jobs.runtime import ensure_ray
+    from serving.app import ServeSettings, build, parse_models
+
+    models = {}
+    for spec in args.checkpoint:
+        name, uri = spec.split("=", 1) if "=" in spec else (None, spec)
+        if name is None:
+            from models.bundle import read_bundle
+
+            name = read_bundle(uri)[0]["kind"]
+        models[name] = uri
+    models.update(parse_models(args.models or ""))
+    settings = ServeSettings(
+        models=models,
+        default_model=args.default_model,
+        min_replicas=args.min_replicas,
+        max_replicas=args.max_replicas,
+        max_batch_size=args.max_batch_size,
+        use_gpu=args.use_gpu,
+        auth_token=args.token,
+    )
+    ensure_ray(args.address)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build(settings), name="unusual", route_prefix="/", blocking=False)
+    print(
+        json.dumps({"url": f"http://{args.host}:{args.port}", "models": models, "docs": "/docs"}, indent=1), flush=True
+    )
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0
+
+
 def cmd_info(args) -> int:
     from models import load_bundle
 
@@ -191,6 +232,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="ROC-AUC, PR-AUC, F1 and an HTML report from scored data with labels")
     add_evaluate_args(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("serve", help="start the Ray Serve endpoint (online JSON + bulk Arrow/Parquet scoring)")
+    p.add_argument(
+        "--checkpoint", action="append", default=[], metavar="[NAME=]URI",
+        help="a bundle to serve, named NAME (default: its kind); repeat for several models",
+    )
+    p.add_argument("--models", help="name=URI,name=URI (the same as repeated --checkpoint NAME=URI)")
+    p.add_argument("--default-model", help="the model of POST /v1/score (default: the only one)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--min-replicas", type=int, default=1, help="autoscaling floor per model (default 1)")
+    p.add_argument("--max-replicas", type=int, default=2, help="autoscaling ceiling per model (default 2)")
+    p.add_argument("--max-batch-size", type=int, default=64, help="requests batched into one model call (64)")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per model replica")
+    p.add_argument("--token", help="require Authorization: Bearer TOKEN (default: $UNUSUAL_SERVE_TOKEN)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, or start a local Ray)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("info", help="print a checkpoint bundle's manifest summary")
     p.add_argument("checkpoint", help="bundle URI")

@@ -1,0 +1,315 @@
+"""The Serve application over real HTTP on a local Ray: every model kind, bulk
+formats, batching, bad requests, authentication, a model swap under load and
+autoscaling from 1 to 2 replicas and back.
+
+Online scores are compared with the in-memory ``Detector`` on the same rows:
+the endpoint, the batch job and the Python API share one ``Scorer``.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+import pytest
+import requests
+
+from models import Detector
+from ray_jobs import sample_data
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cardio() -> pa.Table:
+    t = sample_data.load("cardio")
+    return t.drop_columns(["label"])
+
+
+@pytest.fixture(scope="module")
+def series() -> pa.Table:
+    parts = []
+    for name in ("nab_ec2_request_latency", "nab_machine_temperature"):
+        t = sample_data.load(name).slice(0, 600).drop_columns(["label"])
+        parts.append(t.append_column("host", pa.array([name] * t.num_rows)))
+    return pa.concat_tables(parts)
+
+
+@pytest.fixture(scope="module")
+def bundles(cardio, series, tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve-bundles")
+    dets = {
+        "ae": Detector("ae", epochs=3, seed=0).fit(cardio),
+        "ae2": Detector("ae", epochs=3, seed=1).fit(cardio),
+        "vae": Detector("vae", epochs=2, seed=0).fit(cardio),
+        "lstm": Detector("lstm", entity_column="host", time_column="timestamp", window=8, epochs=1).fit(series),
+    }
+    uris = {}
+    for name, det in dets.items():
+        uris[name] = str(root / name)
+        det.save(uris[name])
+    return dets, uris
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, bundles):
+    from ray import serve
+
+    from serving.app import ServeSettings, build
+
+    dets, uris = bundles
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    settings = ServeSettings(
+        models={"ae": uris["ae"], "vae": uris["vae"], "lstm": uris["lstm"]},
+        default_model="ae",
+        max_body_bytes=1_000_000,
+        num_cpus=0.2,
+        max_replicas=2,
+        target_ongoing_requests=1,
+        upscale_delay_s=1,
+        downscale_delay_s=3,
+        batch_wait_timeout_s=0.01,
+    )
+    serve.run(build(settings), name="unusual", route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{url}/readyz", timeout=5).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    else:
+        pytest.fail("the Serve application did not become ready in 120 s")
+    try:
+        yield url, settings
+    finally:
+        serve.shutdown()
+
+
+def _rows(table: pa.Table) -> list[dict]:
+    return table.to_pylist()
+
+
+def test_health_readiness_and_model_listing(server, bundles):
+    url, _ = server
+    dets, _ = bundles
+    assert requests.get(f"{url}/healthz").json() == {"status": "ok"}
+    assert requests.get(f"{url}/readyz").json()["status"] == "ready"
+    listing = requests.get(f"{url}/v1/models").json()
+    assert listing.get("default") == "ae", listing
+    versions = {m["name"]: m["model_version"] for m in listing["models"]}
+    assert versions == {"ae": dets["ae"].version, "vae": dets["vae"].version, "lstm": dets["lstm"].version}
+    assert requests.get(f"{url}/openapi.json").json()["info"]["version"] == "v1"
+
+
+@pytest.mark.parametrize("kind", ["ae", "vae"])
+def test_json_scores_equal_in_memory_scores(server, bundles, cardio, kind):
+    url, _ = server
+    det = bundles[0][kind]
+    rows = cardio.slice(0, 40)
+    path = "/v1/score" if kind == "ae" else f"/v1/models/{kind}/score"
+    r = requests.post(f"{url}{path}", json={"rows": _rows(rows)})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model_version"] == det.version == r.headers["X-Model-Version"]
+    assert body["threshold"] == pytest.approx(det.threshold_)
+    got = np.array([x["anomaly_score"] for x in body["rows"]])
+    np.testing.assert_allclose(got, det.score(rows), rtol=1e-6, atol=1e-9)
+    assert [x["is_anomaly"] for x in body["rows"]] == list(det.score(rows) > det.threshold_)
+    assert len(body["rows"][0]["top_features"]) == 3
+
+
+def test_lstm_request_carries_each_entitys_window(server, bundles, series):
+    url, _ = server
+    det = bundles[0]["lstm"]
+    # the last 20 rows of each entity, interleaved: scored per entity in time order
+    window = pa.concat_tables([series.slice(580, 20), series.slice(1180, 20)])
+    window = window.take(pa.array(np.random.default_rng(0).permutation(window.num_rows)))
+    rows = [{**r, "timestamp": r["timestamp"].isoformat()} for r in _rows(window)]
+    r = requests.post(f"{url}/v1/models/lstm/score", json={"rows": rows})
+    assert r.status_code == 200, r.text
+    got = np.array([x["anomaly_score"] for x in r.json()["rows"]])
+    np.testing.assert_allclose(got, det.score(window), rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("fmt", ["arrow", "parquet"])
+def test_bulk_arrow_and_parquet_bodies(server, bundles, cardio, fmt):
+    url, _ = server
+    det = bundles[0]["ae"]
+    table = cardio.slice(0, 1000)
+    sink = io.BytesIO()
+    if fmt == "arrow":
+        with ipc.new_stream(sink, table.schema) as w:
+            w.write_table(table)
+        ctype = "application/vnd.apache.arrow.stream"
+    else:
+        pq.write_table(table, sink)
+        ctype = "application/vnd.apache.parquet"
+    r = requests.post(f"{url}/v1/models/ae/score", data=sink.getvalue(), headers={"Content-Type": ctype})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith(ctype)
+    out = ipc.open_stream(r.content).read_all() if fmt == "arrow" else pq.read_table(io.BytesIO(r.content))
+    assert out.num_rows == 1000 and r.headers["X-Model-Version"] == det.version
+    np.testing.assert_allclose(out.column("anomaly_score").to_numpy(), det.score(table), rtol=1e-6, atol=1e-9)
+
+
+def test_concurrent_single_rows_are_batched_and_each_gets_its_own_score(server, bundles, cardio):
+    url, _ = server
+    det = bundles[0]["ae"]
+    rows = _rows(cardio.slice(100, 48))
+    expected = det.score(cardio.slice(100, 48))
+    got = [None] * len(rows)
+
+    def one(i):
+        got[i] = requests.post(f"{url}/v1/score", json={"rows": [rows[i]]}).json()["rows"][0]["anomaly_score"]
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(rows))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9)
+
+
+def test_bad_requests_get_a_4xx_naming_the_field(server, cardio):
+    url, _ = server
+    good = _rows(cardio.slice(0, 3))
+
+    def post(body=None, data=None, headers=None, path="/v1/score"):
+        r = requests.post(f"{url}{path}", json=body, data=data, headers=headers, timeout=30)
+        return r.status_code, r.json()["error"]
+
+    assert post(data=b'{"rows": [', headers={"Content-Type": "application/json"})[0] == 400
+    assert post({"row": good}) == (422, 'the body must be a JSON object with a "rows" field: {"rows": [{...}, ...]}')
+    assert post({"rows": []}) == (422, '"rows" is empty: send at least one row')
+    code, msg = post({"rows": [{k: v for k, v in good[0].items() if k != "f03"}]})
+    assert code == 422 and "missing column(s) ['f03']" in msg
+    code, msg = post({"rows": [{**good[0], "customer": 7}]})
+    assert code == 422 and "unexpected column(s) ['customer']" in msg
+    code, msg = post({"rows": [{**good[0], "f05": "high"}]})
+    assert code == 422 and "column 'f05' has type string" in msg
+    code, msg = post({"rows": [good[0], {**good[1], "f05": None}]})
+    assert code == 422 and "column 'f05' has NaN/inf/null at row 1" in msg
+    nan_body = b'{"rows": [{"f00": NaN}]}'
+    assert post(data=nan_body, headers={"Content-Type": "application/json"})[0] == 422
+    assert post({"rows": [{**good[0], "f05": [1, 2]}]}) == (
+        422, "column 'f05' holds nested values; send numbers or strings")
+    code, msg = post(data=b"x" * 1_200_000, headers={"Content-Type": "application/json"})
+    assert code == 413 and "over the limit of 1,000,000 bytes" in msg
+    code, msg = post({"rows": good}, path="/v1/models/nope/score")
+    assert code == 404 and "no model named 'nope'" in msg
+    code, msg = post(data=b"abc", headers={"Content-Type": "text/csv"})
+    assert code == 415 and "unsupported Content-Type 'text/csv'" in msg
+
+
+def test_bearer_token(ray_cluster, server, bundles, cardio):
+    from ray import serve
+
+    from serving.app import ServeSettings, build
+
+    url, _ = server
+    settings = ServeSettings(models={"ae": bundles[1]["ae"]}, auth_token="s3cret", num_cpus=0.1, max_replicas=1)
+    serve.run(build(settings), name="secured", route_prefix="/secured", blocking=False)
+    deadline = time.time() + 60
+    while requests.get(f"{url}/secured/readyz").status_code != 200 and time.time() < deadline:
+        time.sleep(0.5)
+    rows = {"rows": _rows(cardio.slice(0, 2))}
+    r = requests.post(f"{url}/secured/v1/score", json=rows)
+    assert r.status_code == 401 and "bearer token" in r.json()["error"]
+    r = requests.post(f"{url}/secured/v1/score", json=rows, headers={"Authorization": "Bearer s3cret"})
+    assert r.status_code == 200
+    serve.delete("secured")
+
+
+def _load(url: str, rows: list, stop: threading.Event, results: list, threads: int = 6):
+    def worker():
+        while not stop.is_set():
+            try:
+                r = requests.post(f"{url}/v1/score", json={"rows": rows}, timeout=30)
+                results.append((r.status_code, r.headers.get("X-Model-Version")))
+            except requests.RequestException as e:
+                results.append((0, repr(e)))
+
+    pool = [threading.Thread(target=worker, daemon=True) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    return pool
+
+
+def test_model_swap_under_load_fails_no_request(server, bundles, cardio):
+    from ray import serve
+
+    from serving.app import ServeSettings, build
+
+    url, settings = server
+    dets, uris = bundles
+    stop, results = threading.Event(), []
+    pool = _load(url, _rows(cardio.slice(0, 5)), stop, results)
+    time.sleep(2)
+    swapped = ServeSettings(**{**settings.__dict__, "models": {**settings.models, "ae": uris["ae2"]}})
+    serve.run(build(swapped), name="unusual", route_prefix="/", blocking=False)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if results and results[-1][1] == dets["ae2"].version:
+            break
+        time.sleep(0.5)
+    time.sleep(1)
+    stop.set()
+    for t in pool:
+        t.join()
+    assert results and all(code == 200 for code, _ in results), [r for r in results if r[0] != 200][:3]
+    versions = [v for _, v in results]
+    assert dets["ae"].version in versions and versions[-1] == dets["ae2"].version
+    first_new = versions.index(dets["ae2"].version)
+    assert set(versions[first_new:]) == {dets["ae2"].version}  # no flapping back to the old model
+
+
+def _running(app: str, deployment: str) -> int:
+    from ray import serve
+
+    d = serve.status().applications[app].deployments[deployment]
+    return int(d.replica_states.get("RUNNING", 0))
+
+
+def test_autoscaling_from_one_to_two_replicas_and_back(server, cardio):
+    url, _ = server
+    assert _running("unusual", "model-vae") == 1
+    stop, results = threading.Event(), []
+
+    def worker():
+        rows = {"rows": _rows(cardio.slice(0, 200))}
+        while not stop.is_set():
+            r = requests.post(f"{url}/v1/models/vae/score", json=rows, timeout=60)
+            results.append(r.status_code)
+
+    pool = [threading.Thread(target=worker, daemon=True) for _ in range(8)]
+    for t in pool:
+        t.start()
+    deadline, peak = time.time() + 90, 1
+    while time.time() < deadline and peak < 2:
+        peak = max(peak, _running("unusual", "model-vae"))
+        time.sleep(0.5)
+    stop.set()
+    for t in pool:
+        t.join()
+    assert peak == 2, "did not scale to 2 replicas under load"
+    assert results and set(results) == {200}
+    deadline = time.time() + 90
+    while time.time() < deadline and _running("unusual", "model-vae") > 1:
+        time.sleep(1)
+    assert _running("unusual", "model-vae") == 1, "did not scale back to 1 replica"
