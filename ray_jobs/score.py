@@ -717,6 +717,7 @@ def plan_actors(job: ScoreJob, mode: str) -> dict:
 
     total = ray.cluster_resources()
     cpus, gpus = float(total.get("CPU", 0)), float(total.get("GPU", 0))
+    free = float(ray.available_resources().get("CPU", 0))
     if job.use_gpu:
         if gpus < 1:
             raise ResourceError("--use-gpu needs a GPU; the cluster has 0")
@@ -727,8 +728,10 @@ def plan_actors(job: ScoreJob, mode: str) -> dict:
     read_reserve = 0.5 if mode == "tasks" else 0.0
     if cpus < 1:
         raise ResourceError(f"the cluster has {cpus:g} CPUs; scoring needs at least 1")
-    n = job.concurrency or max(1, int(cpus))
-    per = round((cpus - read_reserve) / n, 2)
+    # Size from what is free now (a shared cluster may be serving too), never above the total.
+    budget = min(cpus, free) if free >= 0.5 else cpus
+    n = job.concurrency or max(1, int(budget))
+    per = math.floor(max(budget - read_reserve, 0.25 * n) / n * 100) / 100
     if per < 0.1:
         raise ResourceError(f"--concurrency {n} actors do not fit in {cpus:g} CPUs alongside the read tasks")
     return {"concurrency": n, "num_cpus": per, "num_gpus": 0, "threads": max(1, int(round(per)))}

@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -68,7 +69,7 @@ class ServeSettings:
     downscale_delay_s: float = 30.0
     max_batch_size: int = 64
     batch_wait_timeout_s: float = 0.005
-    ray_address: str | None = None  # for /v1/jobs: the dashboard address (default: $RAY_ADDRESS or local)
+    ray_address: str | None = None  # for /v1/jobs: the dashboard (default: $RAY_DASHBOARD_ADDRESS, else this cluster)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -463,7 +464,7 @@ class Gateway:
         if not isinstance(keep, list) or not all(isinstance(c, str) for c in keep):
             return self._error(422, "field 'keep_columns' must be a list of column names")
         info = await self.handles[name].info.remote()
-        cmd = ["python", "-m", "ray_jobs.score", "--checkpoint", info["checkpoint"], "--data", doc["data"],
+        cmd = [sys.executable, "-m", "ray_jobs.score", "--checkpoint", info["checkpoint"], "--data", doc["data"],
                "--output", doc["output"]]
         if keep:
             cmd += ["--keep-columns", ",".join(keep)]
@@ -490,7 +491,8 @@ class Gateway:
         from ray.job_submission import JobSubmissionClient
 
         if self.jobs is None:
-            address = self.settings.ray_address or os.environ.get("RAY_DASHBOARD_ADDRESS") or "http://127.0.0.1:8265"
+            # "auto": the dashboard of the cluster this replica runs in, found through the GCS
+            address = self.settings.ray_address or os.environ.get("RAY_DASHBOARD_ADDRESS") or "auto"
             self.jobs = JobSubmissionClient(address)
         return self.jobs
 

@@ -58,7 +58,7 @@ def ray_cluster(s3_endpoint):
         ray.shutdown()
     ray.init(
         num_cpus=2,
-        include_dashboard=False,
+        include_dashboard=True,  # the job API (serving's /v1/jobs) lives in the dashboard
         log_to_driver=False,
         runtime_env={"env_vars": {k: os.environ[k] for k in AWS_ENV}},
     )

@@ -313,3 +313,61 @@ def test_autoscaling_from_one_to_two_replicas_and_back(server, cardio):
     while time.time() < deadline and _running("unusual", "model-vae") > 1:
         time.sleep(1)
     assert _running("unusual", "model-vae") == 1, "did not scale back to 1 replica"
+
+
+def test_batch_job_route_submits_a_scoring_job_and_reports_its_status(server, bundles, cardio, tmp_path):
+    url, _ = server
+    data = tmp_path / "data.parquet"
+    pq.write_table(cardio.append_column("id", pa.array(np.arange(cardio.num_rows))), data)
+    out = tmp_path / "scores"
+    r = requests.post(f"{url}/v1/jobs", json={"model": "vae", "data": str(data), "output": str(out),
+                                              "keep_columns": ["id"]})
+    assert r.status_code == 200, r.text
+    job = r.json()
+    assert job["model_version"] == bundles[0]["vae"].version
+    deadline, status = time.time() + 180, None
+    while time.time() < deadline:
+        status = requests.get(f"{url}/v1/jobs/{job['job_id']}").json()["status"]
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            break
+        time.sleep(1)
+    assert status == "SUCCEEDED", requests.get(f"{url}/v1/jobs/{job['job_id']}").json()
+    assert pq.read_table(out).num_rows == cardio.num_rows
+    assert requests.get(f"{url}/v1/jobs/raysubmit_nope").status_code == 404
+    r = requests.post(f"{url}/v1/jobs", json={"model": "vae", "output": str(out)})
+    assert r.status_code == 422 and r.json()["error"] == "field 'data' is required: a Parquet URI"
+
+
+def test_prometheus_metrics_count_rows_by_model_version(server, bundles, cardio):
+    import ray
+
+    url, _ = server
+    requests.post(f"{url}/v1/models/vae/score", json={"rows": _rows(cardio.slice(0, 7))})
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    deadline, text = time.time() + 60, ""
+    while time.time() < deadline:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if "unusual_rows_scored" in text and bundles[0]["vae"].version in text:
+            break
+        time.sleep(2)
+    assert "unusual_rows_scored" in text and "unusual_anomaly_score_bucket" in text
+    assert f'model_version="{bundles[0]["vae"].version}"' in text
+
+
+def test_serve_config_file_is_valid_and_builds_the_application():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from serving.app import build_app
+
+    with open("serving/serve_config.yaml") as f:
+        cfg = yaml.safe_load(f)
+    ServeDeploySchema.parse_obj(cfg)
+    app_cfg = cfg["applications"][0]
+    assert app_cfg["import_path"] == "serving.app:build_app"
+    built = build_app(app_cfg["args"])  # binds the deployments; nothing is loaded until deployed
+    assert type(built).__name__ == "Application"
+    with pytest.raises(ValueError, match="unknown serve argument 'replicas'"):
+        build_app({"models": "ae=/x", "replicas": 3})
+    with pytest.raises(ValueError, match="models: expected name=URI; got '/x'"):
+        build_app({"models": "/x"})
