@@ -53,6 +53,7 @@ from models.features import _NumStats
 from models.metrics import ScoreHistogram, adjusted_scores, label_segments, point_adjust, quantile_edges
 from ray_jobs.data import DataError, list_parquet_files, storage_errors
 from ray_jobs.local_io import filesystem
+from ray_jobs.runtime import progress
 
 SCORE, FLAG, VERSION = "anomaly_score", "is_anomaly", "model_version"
 JOB_FILE = "_unusual/job.json"
@@ -340,7 +341,7 @@ def run(job: EvaluateJob) -> dict:
     files, pafs = list_score_files(job.scores)
     columns = _check_schema(job.scores, files, pafs, job)
     ray = ensure_ray(job.address)
-    say = _progress
+    say = progress
     ds = ray.data.read_parquet(files, filesystem=pafs, columns=columns)
     label = job.label_column
 
@@ -434,10 +435,6 @@ def write_outputs(output: str, metrics: dict, hist: ScoreHistogram, pa_hist: Sco
             f.write(json.dumps(metrics, indent=1, allow_nan=False) + "\n")
         with fs.open(f"{root}/report.html", "w") as f:
             f.write(report_html(metrics, hist, pa_hist))
-
-
-def _progress(msg: str) -> None:
-    print(f"[unusual] {msg}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- report
@@ -605,7 +602,7 @@ def cmd_evaluate(args) -> int:
     metrics = run(job)
     out = job.output_uri.rstrip("/")
     print(json.dumps(metrics, indent=1))
-    _progress(f"metrics written to {out}/metrics.json; report: {out}/report.html")
+    progress(f"metrics written to {out}/metrics.json; report: {out}/report.html")
     return 0
 
 

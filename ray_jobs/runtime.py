@@ -4,7 +4,14 @@ module level, so Ray Data tasks that unpickle job functions stay light."""
 
 from __future__ import annotations
 
+import sys
+
 from models.errors import UnusualError
+
+
+def progress(msg: str) -> None:
+    """A progress line of a job's driver, on stderr (stdout carries the JSON result)."""
+    print(f"[unusual] {msg}", file=sys.stderr, flush=True)
 
 
 class ResourceError(UnusualError):

@@ -62,6 +62,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from models.errors import SchemaError, UnusualError
+from ray_jobs.runtime import progress
 
 log = logging.getLogger("unusual")
 
@@ -772,12 +773,10 @@ def run(job: ScoreJob) -> dict:
             out.write_json(spec, JOB_DIR, SPEC_FILE)
         done = _clean(out)
     pending = [u for u in range(spec["out_units"]) if u not in done]
-    print(
-        f"[unusual] scoring {spec['rows_in']:,} rows in {len(spec['files'])} file(s) with model "
+    progress(
+        f"scoring {spec['rows_in']:,} rows in {len(spec['files'])} file(s) with model "
         f"{spec['model_version']} -> {job.output}"
-        + (f" (resuming: {len(done)} of {spec['out_units']} units already complete)" if done else ""),
-        file=sys.stderr,
-        flush=True,
+        + (f" (resuming: {len(done)} of {spec['out_units']} units already complete)" if done else "")
     )
     if pending:
         ensure_ray(job.address)
@@ -814,13 +813,11 @@ def _execute(job: ScoreJob, spec: dict, pending: list[int]) -> None:
         read = [i for i, u in enumerate(units) if "quarantine" not in u] if todo else []
     else:
         todo, read = None, [u for u in pending if str(u) not in spec["quarantine_units"]]
-    print(
-        f"[unusual] {len(pending)} unit(s) to do with {res['concurrency']} scoring "
+    progress(
+        f"{len(pending)} unit(s) to do with {res['concurrency']} scoring "
         f"{'task' if sequence else 'actor'}(s) x {res['num_cpus']} CPU{' + 1 GPU' if res['num_gpus'] else ''}"
         f"{', reading in Ray Data tasks' if mode == 'tasks' else ', each reading its units'}"
-        + (f"; {len(bad)} unit(s) of unscorable files go to the quarantine" if bad else ""),
-        file=sys.stderr,
-        flush=True,
+        + (f"; {len(bad)} unit(s) of unscorable files go to the quarantine" if bad else "")
     )
     if bad:
         ray.data.from_items([{"unit": u} for u in bad]).map_batches(

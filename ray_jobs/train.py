@@ -47,7 +47,7 @@ from models.training import (
     make_optimizer,
     train_step,
 )
-from ray_jobs.runtime import ResourceError, ensure_ray  # noqa: F401  (ResourceError: part of this API)
+from ray_jobs.runtime import ResourceError, ensure_ray, progress  # noqa: F401  (ResourceError: part of this API)
 
 log = logging.getLogger("unusual")
 
@@ -347,7 +347,7 @@ def run(job: TrainJob) -> dict:
     resources = plan_resources(job.num_workers, job.use_gpu, job.cpus_per_worker)
     ds, schema_pa = rdata.read_parquet(job.data)
     reserved = (model_cfg.entity_column, model_cfg.time_column) if fam.sequence else ()
-    print(f"[unusual] fitting the feature schema on {job.data} …", file=sys.stderr, flush=True)
+    progress(f"fitting the feature schema on {job.data} …")
     schema, n_rows = rdata.fit_schema(ds, schema_pa, feat_cfg, reserved, train_cfg.seed)
     allowed = tuple(c for c in reserved if c)
     if fam.sequence:
@@ -392,11 +392,9 @@ def run(job: TrainJob) -> dict:
         "fail_at_epoch": job.fail_at_epoch,
         "fail_marker": os.path.join(tempfile.gettempdir(), f"unusual-fail-{run_name}"),
     }
-    print(
-        f"[unusual] training {job.kind} on {n_rows:,} rows with {job.num_workers} worker(s) x {resources} "
-        f"(run {run_name}, checkpoints in {storage})",
-        file=sys.stderr,
-        flush=True,
+    progress(
+        f"training {job.kind} on {n_rows:,} rows with {job.num_workers} worker(s) x {resources} "
+        f"(run {run_name}, checkpoints in {storage})"
     )
     trainer = TorchTrainer(
         train_loop,
@@ -422,7 +420,7 @@ def run(job: TrainJob) -> dict:
     best = state["stopper"]["best_state"]
     hist = state["history"]
 
-    print("[unusual] scoring the validation split for the threshold …", file=sys.stderr, flush=True)
+    progress("scoring the validation split for the threshold …")
     module = fam.module(model_cfg, schema.width)
     module.load_state_dict(best)
     calib = val_ds if train_cfg.val_fraction > 0 else train_ds

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import s3fs
+from s3kit import put_shards
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from models import SchemaError
@@ -33,15 +34,6 @@ def _scores_table(score: np.ndarray, flag: np.ndarray, versions, **keep) -> pa.T
     )
 
 
-def _put(bucket: str, prefix: str, table: pa.Table, n: int) -> str:
-    fs = s3fs.S3FileSystem()
-    step = -(-table.num_rows // n)
-    for i in range(n):
-        with fs.open(f"{bucket}/{prefix}/part-{i:03d}.parquet", "wb") as f:
-            pq.write_table(table.slice(i * step, step), f)
-    return f"s3://{bucket}/{prefix}"
-
-
 def _read_json(uri: str) -> dict:
     with s3fs.S3FileSystem().open(uri.removeprefix("s3://"), "r") as f:
         return json.load(f)
@@ -58,7 +50,8 @@ def tabular(s3_bucket, ray_cluster):
     flag = score >= 6.0
     label = pa.array(y.astype(np.int64), mask=np.arange(n) % 100 == 7)
     versions = ["ae-v1"] * (n // 2) + ["ae-v2"] * (n - n // 2)
-    uri = _put(s3_bucket, "eval/tabular", _scores_table(score, flag, versions, label=label, row_id=np.arange(n)), 4)
+    table = _scores_table(score, flag, versions, label=label, row_id=np.arange(n))
+    uri = put_shards(s3_bucket, "eval/tabular", table, 4)
     fs = s3fs.S3FileSystem()
     bad = _scores_table(np.full(50, 1e9), np.ones(50, bool), ["zz"] * 50, label=np.ones(50, np.int64))
     with fs.open(f"{s3_bucket}/eval/tabular/_quarantine/part-000.parquet", "wb") as f:
@@ -118,7 +111,7 @@ def series(s3_bucket, ray_cluster):
     flag = score >= 5.5
     table = _scores_table(score, flag, ["lstm-1"] * score.size, host=host, ts=ts, label=y)
     table = table.take(pa.array(rng.permutation(table.num_rows)))
-    return _put(s3_bucket, "eval/series", table, 3), parts
+    return put_shards(s3_bucket, "eval/series", table, 3), parts
 
 
 def test_point_adjusted_per_entity(series, s3_bucket):
@@ -154,7 +147,7 @@ def test_cli_with_more_scores_than_the_sample(s3_bucket, ray_cluster, capsys):
     y = rng.random(n) < 0.03
     score = np.exp(rng.standard_t(3, size=n) + 1.2 * y)  # heavy-tailed
     table = pa.table({"anomaly_score": score, "is_anomaly": score > 20, "model_version": ["v"] * n, "y": y})
-    uri = _put(s3_bucket, "eval/many", table, 2)
+    uri = put_shards(s3_bucket, "eval/many", table, 2)
     out = f"s3://{s3_bucket}/eval/reports/many"
     assert main(["--scores", uri, "--label-column", "y", "--bins", "2000", "--output", out]) == 0
     printed = json.loads(capsys.readouterr().out)
@@ -182,7 +175,7 @@ def test_missing_label_column(tabular, ray_cluster):
 
 
 def test_not_batch_scoring_output(s3_bucket, ray_cluster):
-    uri = _put(s3_bucket, "eval/raw", pa.table({"x": [1.0, 2.0], "label": [0, 1]}), 1)
+    uri = put_shards(s3_bucket, "eval/raw", pa.table({"x": [1.0, 2.0], "label": [0, 1]}), 1)
     with pytest.raises(
         SchemaError,
         match=re.escape(
@@ -197,7 +190,7 @@ def test_one_class(s3_bucket, ray_cluster):
     rng = np.random.default_rng(3)
     score = rng.random(300)
     table = _scores_table(score, score > 0.9, ["v"] * 300, label=np.zeros(300, np.int8))
-    uri = _put(s3_bucket, "eval/one-class", table, 2)
+    uri = put_shards(s3_bucket, "eval/one-class", table, 2)
     with pytest.raises(DataError) as e:
         run(EvaluateJob(uri, "label"))
     assert str(e.value) == (

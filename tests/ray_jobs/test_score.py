@@ -16,6 +16,7 @@ import pyarrow.compute  # noqa: F401
 import pyarrow.parquet as pq
 import pytest
 import s3fs
+from s3kit import put_shards
 
 from models import Detector, SchemaError
 from models.errors import UnusualError
@@ -23,15 +24,6 @@ from models.metrics import roc_auc
 from ray_jobs import sample_data
 from ray_jobs.local_io import filesystem
 from ray_jobs.score import QUARANTINE_DIR, ScoreJob, main, run
-
-
-def _put(bucket: str, prefix: str, table: pa.Table, n: int, row_group: int = 200) -> str:
-    fs = s3fs.S3FileSystem()
-    step = -(-table.num_rows // n)
-    for i in range(n):
-        with fs.open(f"{bucket}/{prefix}/part-{i:03d}.parquet", "wb") as f:
-            pq.write_table(table.slice(i * step, step), f, row_group_size=row_group)
-    return f"s3://{bucket}/{prefix}"
 
 
 def _read(uri: str) -> pa.Table:
@@ -49,7 +41,7 @@ def cardio() -> pa.Table:
 
 @pytest.fixture(scope="module")
 def cardio_uri(cardio, s3_bucket, ray_cluster) -> str:
-    return _put(s3_bucket, "score/cardio", cardio, 3)
+    return put_shards(s3_bucket, "score/cardio", cardio, 3, row_group=200)
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +127,7 @@ def test_bad_rows_and_bad_files_go_to_the_quarantine_with_the_reason(ae, cardio,
     f00 = cardio.column("f00").to_numpy().copy()
     f00[[5, 1000]] = np.nan
     t = cardio.set_column(cardio.column_names.index("f00"), "f00", pa.array(f00))
-    uri = _put(s3_bucket, "score/dirty", t, 2)
+    uri = put_shards(s3_bucket, "score/dirty", t, 2, row_group=200)
     # A third shard whose f01 is text: its rows cannot be scored at all.
     bad = t.slice(0, 50).set_column(1, "f01", pa.array(["x"] * 50))
     with s3fs.S3FileSystem().open(f"{s3_bucket}/score/dirty/part-009.parquet", "wb") as f:
@@ -170,7 +162,7 @@ def test_lstm_scores_equal_in_memory_whatever_the_block_size(s3_bucket, ray_clus
     ckpt = f"s3://{s3_bucket}/score/models/lstm"
     det.save(ckpt, overwrite=True)
     shuffled = table.take(pa.array(np.random.default_rng(0).permutation(table.num_rows)))
-    uri = _put(s3_bucket, "score/series", shuffled, 3, row_group=100)
+    uri = put_shards(s3_bucket, "score/series", shuffled, 3, row_group=100)
     expected = det.score(shuffled)
     key = [f"{h}|{t}" for h, t in zip(shuffled.column("host").to_pylist(), shuffled.column("timestamp").to_pylist())]
     want = dict(zip(key, expected))
@@ -199,7 +191,7 @@ def test_refuses_foreign_or_different_output(ae, ae_scored, cardio_uri, s3_bucke
 def test_bad_requests_name_the_column(ae, cardio, cardio_uri, s3_bucket):
     with pytest.raises(SchemaError, match=r"--keep-columns 'customer' is not a column of .*part-000.parquet"):
         run(ScoreJob(ae[0], cardio_uri, f"s3://{s3_bucket}/score/out/x", keep_columns=["customer"]))
-    uri = _put(s3_bucket, "score/nof00", cardio.drop_columns(["f00"]), 1)
+    uri = put_shards(s3_bucket, "score/nof00", cardio.drop_columns(["f00"]), 1, row_group=200)
     with pytest.raises(SchemaError, match=r"no file can be scored by this model: .*missing column\(s\) \['f00'\]"):
         run(ScoreJob(ae[0], uri, f"s3://{s3_bucket}/score/out/y"))
     with pytest.raises(ValueError, match="would clash with the output columns"):

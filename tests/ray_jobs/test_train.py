@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 import torch
+from s3kit import put_shards
 
 from models import BundleError, Detector, SchemaError, Scorer
 from ray_jobs import sample_data
@@ -23,18 +24,9 @@ from ray_jobs.train import ResourceError, TrainJob, run
 FAST = {"epochs": 3, "hidden": [32, 16]}
 
 
-def _put_shards(bucket: str, prefix: str, table: pa.Table, n: int) -> str:
-    fs = s3fs.S3FileSystem()
-    step = -(-table.num_rows // n)
-    for i in range(n):
-        with fs.open(f"{bucket}/{prefix}/part-{i:03d}.parquet", "wb") as f:
-            pq.write_table(table.slice(i * step, step), f)
-    return f"s3://{bucket}/{prefix}"
-
-
 @pytest.fixture(scope="module")
 def cardio_uri(s3_bucket, ray_cluster) -> str:
-    return _put_shards(s3_bucket, "data/cardio", sample_data.load("cardio"), 4)
+    return put_shards(s3_bucket, "data/cardio", sample_data.load("cardio"), 4)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +38,7 @@ def series_uri(s3_bucket, ray_cluster) -> str:
         parts.append(t.append_column("host", pa.array([name] * t.num_rows)))
     table = pa.concat_tables(parts)
     table = table.take(pa.array(np.random.default_rng(0).permutation(table.num_rows)))
-    return _put_shards(s3_bucket, "data/series", table, 3)
+    return put_shards(s3_bucket, "data/series", table, 3)
 
 
 @pytest.fixture(scope="module")
