@@ -35,6 +35,7 @@ import importlib
 import json
 import os
 import platform
+import queue
 import signal
 import socket
 import subprocess
@@ -123,10 +124,6 @@ def serve_worker(argv: list[str]) -> int:
     p.add_argument("--ready-timeout", type=float, default=120)
     a = p.parse_args(argv)
 
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-
     from dataclasses import asdict
 
     import ray
@@ -139,6 +136,11 @@ def serve_worker(argv: list[str]) -> int:
     # log_to_driver=False: replica logs stay in Ray's log files (as in a deployed cluster) instead of being
     # forwarded to this process's stderr, which would cost CPU in this driver on a 2-core machine.
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    # After ray.init: its core worker installs a SIGTERM handler of its own that aborts the process
+    # (exit -6) without shutting Serve down and leaves Ray's agents running.
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": a.port})
         serve.run(build(settings), name="unusual", route_prefix="/", blocking=False)
@@ -339,6 +341,9 @@ def load_worker(argv: list[str]) -> int:
         timeout = aiohttp.ClientTimeout(total=a.timeout)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
             warm = await phase(session, a.warmup, a.warmup_seconds) if a.warmup else None
+            # The harness snapshots the server's CPU time between the warm-up and the measured phase.
+            print("WARM", flush=True)
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
             r0 = resource.getrusage(resource.RUSAGE_SELF)
             res = await phase(session, a.requests, a.seconds)
             r1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -463,13 +468,14 @@ class Server:
                 pass
         return out
 
-    def cpu_seconds(self) -> dict[tuple[int, float], float]:
+    def cpu_seconds(self) -> dict[tuple[int, float], tuple[str, float]]:
+        """CPU seconds (user + system) so far of each process of the server, with what it is."""
         ps = self.psutil
         cpu = {}
         for p in self.members():
             try:
                 t = p.cpu_times()
-                cpu[(p.pid, p.create_time())] = t.user + t.system
+                cpu[(p.pid, p.create_time())] = (_label(p), t.user + t.system)
             except ps.Error:
                 continue
         return cpu
@@ -518,13 +524,32 @@ class Server:
                 p.kill()
             except self.psutil.Error:
                 pass
+        rec["stderr_tail_at_exit"] = self.stderr_tail(15)
         self.out.close()
         self.err.close()
         return rec
 
 
-def _cpu_delta(before: dict, after: dict) -> float:
-    return round(sum(v - before.get(k, 0.0) for k, v in after.items()), 2)
+def _label(p) -> str:
+    """What a process is: its Ray title (``ray::ProxyActor``, ``ray::ServeReplica:unusual:gateway``; the
+    method after a dot left out), else the executable, or the script a Python runs (``log_monitor.py``)."""
+    cmd = p.cmdline() or [p.name()]
+    if cmd[0].startswith("ray::"):
+        return cmd[0].split()[0].split(".")[0]
+    exe = os.path.basename(cmd[0])
+    if exe.startswith("python"):
+        script = next((c for c in cmd[1:] if c.endswith(".py")), None)
+        return os.path.basename(script) if script else exe
+    return exe
+
+
+def _cpu_delta(before: dict, after: dict) -> dict[str, float]:
+    """CPU seconds used between two ``cpu_seconds`` snapshots, per kind of process (largest first);
+    processes that ended in between are missed, those started in between count in full."""
+    per: dict[str, float] = {}
+    for k, (label, v) in after.items():
+        per[label] = per.get(label, 0.0) + v - before.get(k, ("", 0.0))[1]
+    return {k: round(v, 2) for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if round(v, 2)}
 
 
 def _loadavg():
@@ -536,7 +561,9 @@ def _loadavg():
 
 
 def run_scenario(server: Server, args, kind: str, conc: int, env: dict) -> dict:
-    """One load subprocess against ``server``; samples the server's replicas while it runs."""
+    """One load subprocess against ``server``. The server's CPU time is read when the load generator has
+    finished its warm-up (it waits for a line on stdin) and when it is done; its replicas are counted
+    every second in between."""
     bulk = kind != "single"
     n, seconds = (args.bulk_requests, args.bulk_seconds) if bulk else (args.requests, args.seconds)
     warm = args.bulk_warmup if bulk else max(args.warmup, 2 * conc)
@@ -550,39 +577,66 @@ def run_scenario(server: Server, args, kind: str, conc: int, env: dict) -> dict:
             replicas.append(server.replicas())
 
     sampler = threading.Thread(target=sample, daemon=True) if server.name == "serve" else None
-    cpu0 = server.cpu_seconds()
-    if sampler:
-        replicas.append(server.replicas())
-        sampler.start()
-    t0 = time.perf_counter()
-    limit = seconds + args.warmup_seconds + 180
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    lines: queue.Queue = queue.Queue()
+    err = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                            text=True, start_new_session=True)
+
+    def read():
+        for line in proc.stdout:
+            lines.put(line.rstrip("\n"))
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+
+    def next_line(deadline: float):
+        try:
+            return lines.get(timeout=max(0.0, deadline - time.time()))
+        except queue.Empty:
+            raise TimeoutError from None
+
+    out, problem, cpu0, cpu1, t0 = [], None, None, None, time.perf_counter()
     try:
-        stdout, stderr = proc.communicate(timeout=limit)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        stderr += f"\n(load generator killed after {limit:.0f} s)"
+        deadline = time.time() + args.warmup_seconds + 120  # start-up and the warm-up
+        while (line := next_line(deadline)) not in ("WARM", None):
+            out.append(line)
+        if line is None:
+            problem = "the load generator exited before its measured phase"
+        else:
+            cpu0 = server.cpu_seconds()
+            if sampler:
+                replicas.append(server.replicas())
+                sampler.start()
+            t0 = time.perf_counter()
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            deadline = time.time() + seconds + 120
+            while (line := next_line(deadline)) is not None:
+                out.append(line)
+            cpu1 = server.cpu_seconds()
+        proc.wait(timeout=30)
+    except TimeoutError:
+        problem = "the load generator did not finish in time; killed"
     finally:
+        stop.set()
+        if sampler and sampler.is_alive():
+            sampler.join()
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        stop.set()
-        if sampler:
-            sampler.join()
+        err.seek(0)
+        stderr = err.read()
+        err.close()
     wall = time.perf_counter() - t0
-    cpu1 = server.cpu_seconds()
-    res = None
-    for line in reversed(stdout.splitlines()):
-        if line.startswith("{"):
-            res = json.loads(line)
-            break
-    if proc.returncode != 0 or res is None:
-        return {"kind": kind, "concurrency": conc, "error": f"load generator exit {proc.returncode}",
+    res = next((json.loads(x) for x in reversed(out) if x.startswith("{")), None)
+    if problem or proc.returncode != 0 or res is None:
+        return {"kind": kind, "concurrency": conc, "error": problem or f"load generator exit {proc.returncode}",
                 "stderr_tail": _tail(stderr, 30)}
-    res["server_cpu_seconds"] = _cpu_delta(cpu0, cpu1)  # warm-up included; processes gone by the end are missed
-    res["wall_seconds"] = round(wall, 2)
+    per = _cpu_delta(cpu0, cpu1)
+    res["server_cpu_seconds"] = round(sum(per.values()), 2)
+    res["server_cpu_ms_per_request"] = round(1000 * res["server_cpu_seconds"] / max(res["ok"], 1), 2)
+    res["server_cpu_by_process"] = per
+    res["measured_wall_seconds"] = round(wall, 2)
     res["load_average_after"] = _loadavg()
     if sampler:
         res["replicas_max"] = max(replicas) if replicas else None
@@ -778,7 +832,7 @@ def _fmt(v, fmt: str) -> str:
 
 def markdown(record: dict) -> str:
     lines = ["| server | requests | conc | n | errors | req/s | rows/s | p50 ms | p90 ms | p99 ms | mean ms | "
-             "server CPU s | replicas (max) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "server CPU ms/req | replicas (max) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name in SERVERS:
         srv = record["servers"].get(name)
         if not srv:
@@ -793,7 +847,7 @@ def markdown(record: dict) -> str:
                 f"| {name} | {s['kind']} | {s['concurrency']} | {s['requests']} | {s['errors']} | "
                 f"{s['req_per_s']:,.1f} | {s['rows_per_s']:,.0f} | {_fmt(s['p50_ms'], '.1f')} | "
                 f"{_fmt(s['p90_ms'], '.1f')} | {_fmt(s['p99_ms'], '.1f')} | {_fmt(s['mean_ms'], '.1f')} | "
-                f"{s['server_cpu_seconds']:.1f} | {_fmt(s.get('replicas_max'), 'd')} |")
+                f"{s['server_cpu_ms_per_request']:.1f} | {_fmt(s.get('replicas_max'), 'd')} |")
     if record.get("ratios"):
         lines += ["", "| serve ÷ fastapi | conc | req/s | p50 | p99 |", "|---|---:|---:|---:|---:|"]
         for r in record["ratios"]:
@@ -856,6 +910,7 @@ def main() -> int:
     p.add_argument("--skip-batch-job", action="store_true", help="do not compare with the batch job")
     p.add_argument("--batch-job-timeout", type=float, default=90, help="seconds before the batch job is skipped")
     p.add_argument("--ready-timeout", type=float, default=120, help="seconds for a server to answer /readyz")
+    p.add_argument("--idle-seconds", type=float, default=5, help="CPU of the idle server measured this long (0: no)")
     p.add_argument("--epochs", type=int, default=10, help="epochs of the benchmark bundle")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=str(ROOT / "artifacts" / "bench_serve"), help="cached bundle, check data")
@@ -930,6 +985,13 @@ def main() -> int:
             print("  score check: " + ", ".join(
                 f"{k} max |diff| {v['max_abs_diff']:.3g}" if "error" not in v else f"{k} failed"
                 for k, v in chk.items()) + (f"  !! {problems}" if problems else ""), flush=True)
+            if args.idle_seconds > 0:  # what the server burns with no request at all
+                c0 = server.cpu_seconds()
+                time.sleep(args.idle_seconds)
+                idle = _cpu_delta(c0, server.cpu_seconds())
+                srv_rec["idle_cpu_cores"] = round(sum(idle.values()) / args.idle_seconds, 3)
+                srv_rec["idle_cpu_by_process"] = idle
+                print(f"  idle: {srv_rec['idle_cpu_cores']:.2f} cores busy", flush=True)
             for kind, conc in scenarios:
                 print(f"  {kind} at concurrency {conc} ...", end=" ", flush=True)
                 s = run_scenario(server, args, kind, conc, env)
@@ -951,6 +1013,9 @@ def main() -> int:
             if srv_rec.get("error") and server.proc is not None and "stderr (last" not in srv_rec["error"]:
                 srv_rec["stderr_tail"] = server.stderr_tail(30)
             srv_rec["stop"] = server.stop(grace=60 if name == "serve" else 15)
+            tail = srv_rec["stop"].pop("stderr_tail_at_exit", None)
+            if srv_rec["stop"]["returncode"] not in (0, -signal.SIGTERM):  # uvicorn re-raises the SIGTERM it handled
+                srv_rec["stop"]["stderr_tail"] = tail
         srv_rec["load_average_after"] = _loadavg()
 
     if not args.skip_batch_job:

@@ -1,0 +1,159 @@
+"""End-to-end check of the deployable system, as an operator would run it.
+
+    .venv/bin/python .ci/e2e.py
+
+1. a local S3 endpoint seeded with the shipped sample data (infra/local_s3.py);
+2. ``ray start --head`` (token authentication, as Ray >= 2.60 sets up);
+3. ``ray job submit`` of the training job, then of the batch scoring job and
+   the evaluation job, all against the S3 endpoint;
+4. the Serve application (``unusual serve --address``) on that cluster, and a
+   real request whose scores must equal the batch job's for the same rows;
+5. the cluster is stopped (the ``ray start --block`` process this script
+   started is terminated, which stops every Ray process it launched) and the
+   S3 endpoint with it. Exits non-zero on the first failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+MODEL = "s3://unusual/e2e/models/ae"
+SCORES = "s3://unusual/e2e/scores/ae"
+DATA = "s3://unusual/sample/cardio"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def step(msg: str) -> None:
+    print(f"\n[e2e] {msg}", flush=True)
+
+
+def run(cmd: list[str], env: dict, timeout: float = 900) -> str:
+    print("$ " + " ".join(cmd), flush=True)
+    p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        print(p.stdout[-4000:], p.stderr[-4000:], sep="\n", file=sys.stderr)
+        raise SystemExit(f"[e2e] failed (exit {p.returncode}): {' '.join(cmd)}")
+    return p.stdout
+
+
+def wait_http(url: str, seconds: float) -> None:
+    import requests
+
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            if requests.get(url, timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    raise SystemExit(f"[e2e] {url} did not answer 200 within {seconds:.0f} s")
+
+
+def stop(p: subprocess.Popen | None) -> None:
+    if p is not None and p.poll() is None:
+        os.killpg(p.pid, signal.SIGTERM)
+        try:
+            p.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+
+
+def main() -> int:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token"}
+    s3_port, gcs_port, dash_port, serve_port = free_port(), free_port(), free_port(), free_port()
+    procs: list[subprocess.Popen] = []
+    try:
+        step("local S3 endpoint with the sample data")
+        s3 = subprocess.Popen(
+            [sys.executable, "infra/local_s3.py", "--port", str(s3_port), "--seed-sample-data"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True, start_new_session=True,
+        )
+        procs.append(s3)
+        for line in s3.stdout:
+            if line.startswith("export "):
+                k, v = line[len("export ") :].strip().split("=", 1)
+                env[k] = v
+            if line.startswith("# bucket"):
+                break
+        assert env.get("AWS_ENDPOINT_URL"), "the S3 endpoint printed no AWS_ENDPOINT_URL"
+
+        step("ray start --head")
+        head = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--port", str(gcs_port),
+             "--dashboard-port", str(dash_port), "--include-dashboard", "true", "--disable-usage-stats"],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        procs.append(head)
+        dashboard = f"http://127.0.0.1:{dash_port}"
+        wait_http(f"{dashboard}/api/version", 120)
+        submit = [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--"]
+
+        step("ray job submit: training (Ray Train, 2 workers)")
+        run([*submit, "python", "-m", "ray_jobs.train", "--model", "ae", "--data", DATA, "--exclude", "label",
+             "--epochs", "5", "--output", MODEL, "--overwrite"], env)
+        step("ray job submit: batch scoring (Ray Data)")
+        run([*submit, "python", "-m", "ray_jobs.score", "--checkpoint", MODEL, "--data", DATA, "--output", SCORES,
+             "--keep-columns", "label", "--overwrite"], env)
+        step("ray job submit: evaluation")
+        out = run([*submit, "python", "-m", "ray_jobs.evaluate", "--scores", SCORES, "--label-column", "label"], env)
+        print(out[-1500:])
+
+        step("the Serve application on the cluster")
+        serve = subprocess.Popen(
+            [str(BIN / "unusual"), "serve", "--checkpoint", f"ae={MODEL}", "--port", str(serve_port),
+             "--address", f"127.0.0.1:{gcs_port}"],
+            cwd=ROOT, env=env, start_new_session=True,
+        )
+        procs.append(serve)
+        url = f"http://127.0.0.1:{serve_port}"
+        wait_http(f"{url}/readyz", 180)
+        check_online_equals_batch(url, env)
+        print("\n[e2e] all steps passed", flush=True)
+        return 0
+    finally:
+        step("stopping Serve, the Ray cluster and the S3 endpoint")
+        for p in reversed(procs):
+            stop(p)
+
+
+def check_online_equals_batch(url: str, env: dict) -> None:
+    import numpy as np
+    import pyarrow.parquet as pq
+    import requests
+
+    os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
+    from ray_jobs import sample_data
+    from ray_jobs.local_io import filesystem
+
+    cardio = sample_data.load("cardio")
+    rows = cardio.slice(0, 20)
+    r = requests.post(f"{url}/v1/score", json={"rows": rows.drop_columns(["label"]).to_pylist()}, timeout=60)
+    if r.status_code != 200:
+        raise SystemExit(f"[e2e] /v1/score answered {r.status_code}: {r.text[:500]}")
+    online = np.array([x["anomaly_score"] for x in r.json()["rows"]])
+    pafs, path, fs = filesystem(SCORES)
+    files = sorted(p for p in fs.find(path) if "/_" not in p[len(path) :] and p.endswith(".parquet"))
+    batch = np.concatenate([pq.read_table(f, filesystem=pafs).column("anomaly_score").to_numpy() for f in files])
+    # The sample shards keep the file order, so the first 20 batch rows are cardio's first 20 rows.
+    if not np.allclose(online, batch[:20], rtol=1e-6, atol=1e-9):
+        raise SystemExit(f"[e2e] online scores differ from batch scores: {online[:3]} vs {batch[:3]}")
+    print(json.dumps({"online_rows": len(online), "model_version": r.json()["model_version"], "equal": True}))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
