@@ -50,13 +50,13 @@ def run(cmd: list[str], env: dict, timeout: float = 900) -> str:
     return p.stdout
 
 
-def wait_http(url: str, seconds: float) -> None:
+def wait_http(url: str, seconds: float, ok: tuple[int, ...] = (200,)) -> None:
     import requests
 
     deadline = time.time() + seconds
     while time.time() < deadline:
         try:
-            if requests.get(url, timeout=5).status_code == 200:
+            if requests.get(url, timeout=5).status_code in ok:
                 return
         except requests.RequestException:
             pass
@@ -100,7 +100,7 @@ def main() -> int:
         )
         procs.append(head)
         dashboard = f"http://127.0.0.1:{dash_port}"
-        wait_http(f"{dashboard}/api/version", 120)
+        wait_http(f"{dashboard}/api/version", 120, ok=(200, 401))  # 401: up, and asking for the token
         submit = [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--"]
 
         step("ray job submit: training (Ray Train, 2 workers)")

@@ -1,11 +1,12 @@
 """The ``unusual`` command line.
 
-    unusual train  distributed training on Ray (Ray Data + Ray Train) into a bundle
-    unusual score  batch scoring with Ray Data: Parquet in, scores + quarantine out
+    unusual train     distributed training on Ray (Ray Data + Ray Train) into a bundle
+    unusual score     batch scoring with Ray Data: Parquet in, scores + quarantine out
     unusual evaluate  metrics and a report from scored data with labels
-    unusual fit    train one detector in this process and write its bundle
-    unusual info   print a bundle's manifest summary
-    unusual demo   train AE, VAE and LSTM on shipped real data, score, report
+    unusual serve     the Ray Serve endpoint: online JSON and bulk Arrow / Parquet scoring
+    unusual fit       train one detector in this process and write its bundle
+    unusual info      print a bundle's manifest summary
+    unusual demo      the whole system on shipped real data: local S3 + Ray, train, score, serve
 
 Model parameters come from ``--config`` (a YAML mapping of Detector
 parameters) and ``--param key=value`` flags, flags winning. Credentials for
@@ -254,8 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="bundle URI")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("demo", help="train, score and evaluate AE, VAE and LSTM on shipped real data")
-    p.add_argument("--workdir", default="artifacts/demo", help="where bundles and scores are written")
+    p = sub.add_parser("demo", help="the whole system on shipped real data: local S3 + Ray, train, score, serve")
+    p.add_argument("--workdir", default="artifacts/demo", help="where the artefacts are copied at the end")
     p.add_argument("--quick", action="store_true", help="fewer epochs (a smoke run)")
     p.set_defaults(func=cmd_demo)
     return parser
