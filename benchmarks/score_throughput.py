@@ -223,7 +223,7 @@ def warm_worker(argv: list[str]) -> int:
 
     from ray_jobs.score import ScoreJob, run
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             run(ScoreJob(a.bundle, a.warmup_data, f"{tmp}/warmup", keep_columns=["id"]))

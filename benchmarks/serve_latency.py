@@ -5,7 +5,7 @@
 The same AE bundle (trained once on the shipped ``cardio`` data and cached under
 ``--workdir``) is served by, one after the other,
 
-- **serve**: ``serving.app`` on a local Ray started for it (``ray.init(num_cpus=os.cpu_count())``,
+- **serve**: ``serving.app`` on a local Ray started for it (``ray.init(address="local", num_cpus=os.cpu_count())``,
   ``serve.start`` + ``serve.run(build(ServeSettings(models={"ae": B}, ...)))``, the settings'
   defaults except ``--max-batch-size`` and ``--max-replicas``): HTTP proxy -> Gateway replica ->
   ModelServer replica(s) with dynamic batching (``Scorer.score_many``) and autoscaling;
@@ -133,9 +133,11 @@ def serve_worker(argv: list[str]) -> int:
 
     overrides = {k: v for k, v in (("max_batch_size", a.max_batch_size), ("max_replicas", a.max_replicas)) if v}
     settings = ServeSettings(models={MODEL: a.bundle}, **overrides)
+    # address="local": a Ray of its own even when another one runs on this machine (a bare ray.init()
+    # joins the latest cluster started here, and serve.shutdown() would then end someone else's apps).
     # log_to_driver=False: replica logs stay in Ray's log files (as in a deployed cluster) instead of being
     # forwarded to this process's stderr, which would cost CPU in this driver on a 2-core machine.
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     # After ray.init: its core worker installs a SIGTERM handler of its own that aborts the process
     # (exit -6) without shutting Serve down and leaves Ray's agents running.
     stop = threading.Event()
@@ -372,7 +374,7 @@ def batch_worker(argv: list[str]) -> int:
 
     from ray_jobs.score import ScoreJob, run
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
         summary = run(ScoreJob(a.bundle, a.data, a.output, keep_columns=["id"], overwrite=True))
     finally:

@@ -123,7 +123,7 @@ def main() -> int:
         data = Path(tmp) / "data"
         make_data(data, args.rows, args.features, args.shards)
         results = [plain_loop(data, params)]
-        ray.init(include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
         try:
             for workers in (1, 2):
                 results.append(ray_run(data, params, workers, Path(tmp) / f"model-{workers}"))

@@ -4,7 +4,7 @@
 
 Prints the environment to export, then serves until interrupted. Everything is
 in memory and gone when it stops. For a persistent local store, use MinIO
-(``infra/minio-compose.yaml``).
+(``infra/docker-compose.minio.yml``).
 """
 
 from __future__ import annotations

@@ -136,8 +136,9 @@ def _cmd_train(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    """Start the Serve application on a local (or ``--address``) Ray and block until Ctrl-C."""
-    import time
+    """Start the Serve application on a local (or ``--address``) Ray and block until Ctrl-C / SIGTERM."""
+    import signal
+    import threading
 
     from ray import serve
 
@@ -168,11 +169,16 @@ def cmd_serve(args) -> int:
     print(
         json.dumps({"url": f"http://{args.host}:{args.port}", "models": models, "docs": "/docs"}, indent=1), flush=True
     )
+    # Ctrl-C or SIGTERM (Kubernetes, systemd) stop Serve cleanly; Ray's own SIGTERM
+    # handler would abort the process and leave the application running.
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        while True:
-            time.sleep(3600)
+        while not stop.wait(3600):
+            pass
     except KeyboardInterrupt:
-        serve.shutdown()
+        pass
+    serve.shutdown()
     return 0
 
 

@@ -108,6 +108,7 @@ def run_demo(workdir: str, quick: bool = False) -> int:
     s3fs.S3FileSystem.clear_instance_cache()
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # the demo prints its own progress
     ray.init(
+        address="local",  # a Ray of its own, even if another runs on this machine
         num_cpus=max(2, os.cpu_count() or 2),
         include_dashboard=False,
         log_to_driver=False,

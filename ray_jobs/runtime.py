@@ -19,10 +19,16 @@ class ResourceError(UnusualError):
 
 
 def ensure_ray(address: str | None = None):
-    """The ``ray`` module, connected: to ``address`` (or ``RAY_ADDRESS``), or a
-    local Ray started for this process when neither is set."""
+    """The ``ray`` module, connected: to ``address`` (or ``RAY_ADDRESS``, as in a
+    submitted job), or a new local Ray for this process when neither is set,
+    never silently to some other cluster running on the machine (a bare
+    ``ray.init()`` would join the last one started there); ``--address auto``
+    asks for that explicitly."""
+    import os
+
     import ray
 
     if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS") or "local"
         ray.init(address=address, log_to_driver=True, include_dashboard=False)
     return ray

@@ -57,6 +57,7 @@ def ray_cluster(s3_endpoint):
     if ray.is_initialized():
         ray.shutdown()
     ray.init(
+        address="local",  # never join another Ray running on the machine
         num_cpus=2,
         include_dashboard=True,  # the job API (serving's /v1/jobs) lives in the dashboard
         log_to_driver=False,
