@@ -212,35 +212,42 @@ def cmd_demo(args) -> int:
     return run_demo(args.workdir, quick=args.quick)
 
 
+def _sub(sub, name: str, help: str) -> argparse.ArgumentParser:
+    # No abbreviated flags: ``--keep`` must not silently mean ``--keep-columns`` in a manifest.
+    return sub.add_parser(name, help=help, allow_abbrev=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="unusual", description="Deep-learning anomaly detection at cluster scale.")
+    parser = argparse.ArgumentParser(
+        prog="unusual", description="Deep-learning anomaly detection at cluster scale.", allow_abbrev=False
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log training progress per epoch")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("fit", help="train one detector in this process and write its checkpoint bundle")
+    p = _sub(sub, "fit", help="train one detector in this process and write its checkpoint bundle")
     p.add_argument("--data", required=True, help="Parquet file/folder/prefix or CSV file (local or s3://…)")
     p.add_argument("--output", required=True, help="bundle URI (local path or s3://…)")
     p.add_argument("--overwrite", action="store_true", help="replace a bundle already at --output")
     add_model_args(p)
     p.set_defaults(func=cmd_fit)
 
-    p = sub.add_parser("train", help="distributed training with Ray Data + Ray Train; writes a bundle")
+    p = _sub(sub, "train", help="distributed training with Ray Data + Ray Train; writes a bundle")
     add_train_args(p)
     p.set_defaults(func=_cmd_train)
 
     from ray_jobs.score import add_score_args, cmd_score
 
-    p = sub.add_parser("score", help="batch-score Parquet data with Ray Data; writes scores and a quarantine")
+    p = _sub(sub, "score", help="batch-score Parquet data with Ray Data; writes scores and a quarantine")
     add_score_args(p)
     p.set_defaults(func=cmd_score)
 
     from ray_jobs.evaluate import add_evaluate_args, cmd_evaluate
 
-    p = sub.add_parser("evaluate", help="ROC-AUC, PR-AUC, F1 and an HTML report from scored data with labels")
+    p = _sub(sub, "evaluate", help="ROC-AUC, PR-AUC, F1 and an HTML report from scored data with labels")
     add_evaluate_args(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("serve", help="start the Ray Serve endpoint (online JSON + bulk Arrow/Parquet scoring)")
+    p = _sub(sub, "serve", help="start the Ray Serve endpoint (online JSON + bulk Arrow/Parquet scoring)")
     p.add_argument(
         "--checkpoint", action="append", default=[], metavar="[NAME=]URI",
         help="a bundle to serve, named NAME (default: its kind); repeat for several models",
@@ -257,11 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, or start a local Ray)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("info", help="print a checkpoint bundle's manifest summary")
+    p = _sub(sub, "info", help="print a checkpoint bundle's manifest summary")
     p.add_argument("checkpoint", help="bundle URI")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("demo", help="the whole system on shipped real data: local S3 + Ray, train, score, serve")
+    p = _sub(sub, "demo", help="the whole system on shipped real data: local S3 + Ray, train, score, serve")
     p.add_argument("--workdir", default="artifacts/demo", help="where the artefacts are copied at the end")
     p.add_argument("--quick", action="store_true", help="fewer epochs (a smoke run)")
     p.set_defaults(func=cmd_demo)

@@ -175,6 +175,28 @@ def scored_rows(table: pa.Table) -> list[dict]:
     return table.select(cols).to_pylist()
 
 
+def _quote(s: str) -> str:
+    import shlex
+
+    return shlex.quote(s)
+
+
+def _answer(status: int, payload: dict, headers: dict | None = None) -> dict:
+    body = json.dumps(_finite(payload), separators=(",", ":")).encode()
+    return {"status": status, "body": body, "media_type": "application/json", "headers": headers or {}}
+
+
+def _finite(obj):
+    """JSON cannot carry NaN / inf: they become null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 # --------------------------------------------------------------------------- the model deployment
 
 
@@ -232,6 +254,35 @@ class ModelServer:
             "window": getattr(s.bundle.model_config, "window", None),
         }
 
+    async def handle(self, body: bytes, content_type: str) -> dict:
+        """A scoring request's raw body -> the HTTP answer (status, body, media type, headers).
+
+        Parsing and encoding happen here, in the model's autoscaled replicas, so
+        the gateway only routes bytes."""
+        t0 = time.perf_counter()
+        try:
+            table, fmt = body_to_table(body, content_type)
+            if table.num_rows > self.settings.max_rows:
+                raise RequestError(413, f"{table.num_rows:,} rows is over the limit of {self.settings.max_rows:,}")
+        except RequestError as e:
+            return _answer(e.status, {"error": e.message})
+        result = await self.score(table)
+        if "error" in result:
+            return _answer(result["error"][0], {"error": result["error"][1]})
+        out, version, threshold = result["table"], result["model_version"], result["threshold"]
+        headers = {"X-Model-Version": version, "X-Threshold": repr(float(threshold))}
+        if fmt == "json":
+            payload = {
+                "model": self.name,
+                "model_version": version,
+                "threshold": threshold,
+                "rows": scored_rows(out),
+                "seconds": round(time.perf_counter() - t0, 6),
+            }
+            return _answer(200, payload, headers)
+        media = ARROW_STREAM if fmt == "arrow" else PARQUET_TYPES[0]
+        return {"status": 200, "body": table_to_body(out, fmt), "media_type": media, "headers": headers}
+
     async def score(self, table: pa.Table) -> dict:
         """Score one request's rows; returns the output table and the version, or the error."""
         scorer = self.scorer
@@ -278,23 +329,6 @@ class ModelServer:
         for v in scores[: 256] if len(scores) > 256 else scores:  # a sample per request bounds the cost
             self.m_score.observe(float(v), tags=tags)
         return {"table": out, "model_version": scorer.version, "threshold": scorer.threshold}
-
-
-def _quote(s: str) -> str:
-    import shlex
-
-    return shlex.quote(s)
-
-
-def _finite(obj):
-    """JSON cannot carry NaN / inf: they become null."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 # --------------------------------------------------------------------------- the gateway
@@ -374,38 +408,21 @@ class Gateway:
         return b"".join(chunks)
 
     async def _score(self, name: str, request):
-        from fastapi.responses import JSONResponse, Response
+        from fastapi.responses import Response
 
         if not self._authorized(request):
             return self._error(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
         if name not in self.handles:
             return self._error(404, f"no model named {name!r}; models: {sorted(self.handles)}")
-        t0 = time.perf_counter()
         try:
             body = await self._body(request)
             if not body:
                 raise RequestError(422, 'empty body: send {"rows": [...]} or an Arrow / Parquet table')
-            table, fmt = body_to_table(body, request.headers.get("content-type", "application/json"))
-            if table.num_rows > self.settings.max_rows:
-                raise RequestError(413, f"{table.num_rows:,} rows is over the limit of {self.settings.max_rows:,}")
         except RequestError as e:
             return self._error(e.status, e.message)
-        result = await self.handles[name].score.remote(table)
-        if "error" in result:
-            return self._error(*result["error"])
-        out, version, threshold = result["table"], result["model_version"], result["threshold"]
-        headers = {"X-Model-Version": version, "X-Threshold": repr(float(threshold))}
-        if fmt == "json":
-            payload = {
-                "model": name,
-                "model_version": version,
-                "threshold": threshold,
-                "rows": scored_rows(out),
-                "seconds": round(time.perf_counter() - t0, 6),
-            }
-            return JSONResponse(_finite(payload), headers=headers)
-        media = ARROW_STREAM if fmt == "arrow" else PARQUET_TYPES[0]
-        return Response(table_to_body(out, fmt), media_type=media, headers=headers)
+        ctype = request.headers.get("content-type", "application/json")
+        r = await self.handles[name].handle.remote(body, ctype)
+        return Response(r["body"], status_code=r["status"], media_type=r["media_type"], headers=r.get("headers"))
 
     # ----------------------------------------------------------------- routes
     @app.get("/healthz", summary="liveness")
@@ -522,7 +539,19 @@ def model_deployment(name: str, checkpoint: str, s: ServeSettings):
 def build(settings: ServeSettings):
     """The application: one ModelServer deployment per model behind the Gateway."""
     handles = {name: model_deployment(name, uri, settings) for name, uri in settings.models.items()}
-    gateway = serve.deployment(Gateway, name="gateway", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
+    gateway = serve.deployment(
+        Gateway,
+        name="gateway",
+        ray_actor_options={"num_cpus": 0.1},
+        max_ongoing_requests=256,
+        autoscaling_config={
+            "min_replicas": 1,
+            "max_replicas": settings.max_replicas,
+            "target_ongoing_requests": 16,  # it only routes bytes: many requests per replica
+            "upscale_delay_s": settings.upscale_delay_s,
+            "downscale_delay_s": settings.downscale_delay_s,
+        },
+    )
     return gateway.bind(asdict(settings), **handles)
 
 
@@ -546,23 +575,24 @@ def build_app(args: dict):
     KubeRay's RayService (``import_path: serving.app:build_app`` with ``args``)."""
     args = dict(args)
     models = parse_models(args.pop("models", {}))
-    numeric = {f.name: f.type for f in ServeSettings.__dataclass_fields__.values()}
+    fields = {f.name: f for f in ServeSettings.__dataclass_fields__.values() if f.name != "models"}
     kwargs = {}
     for k, v in args.items():
-        if k not in numeric:
-            raise ValueError(f"unknown serve argument {k!r}; known: {sorted(numeric)}")
-        kwargs[k] = _coerce(v, numeric[k])
+        if k not in fields:
+            raise ValueError(f"unknown serve argument {k!r}; known: {sorted(fields)}")
+        kwargs[k] = _coerce(k, v, fields[k].default)
     return build(ServeSettings(models=models, **kwargs))
 
 
-def _coerce(v, t):
-    if not isinstance(v, str):
+def _coerce(name: str, v, default):
+    """``serve run … key=value`` passes strings: convert them to the setting's type."""
+    if not isinstance(v, str) or default is None or isinstance(default, str):
         return v
-    t = str(t)
-    if "bool" in t:
-        return v.lower() in ("1", "true", "yes")
-    if t.startswith("int"):
-        return int(v)
-    if t.startswith("float"):
-        return float(v)
-    return v
+    try:
+        if isinstance(default, bool):
+            if v.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(v)
+            return v.lower() in ("1", "true", "yes")
+        return type(default)(v)
+    except ValueError:
+        raise ValueError(f"serve argument {name}={v!r}: expected a {type(default).__name__}") from None
