@@ -198,22 +198,13 @@ def _serve_and_request(bundles: dict, data: dict, scored: dict) -> dict:
     from ray import serve
 
     from ray_jobs.local_io import filesystem
-    from serving.app import ServeSettings, build
+    from serving.app import ServeSettings, build, wait_ready
 
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build(ServeSettings(models=bundles, default_model="ae", num_cpus=0.2)), name="unusual", blocking=False)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            if requests.get(f"{url}/readyz", timeout=5).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
-    else:
-        raise RuntimeError("the Serve endpoint did not become ready in 180 s")
+    wait_ready(url, 180)
 
     def batch_scores(kind: str) -> pa.Table:
         pafs, path, _ = filesystem(scored[kind][0])

@@ -517,6 +517,21 @@ class Gateway:
 # --------------------------------------------------------------------------- building the application
 
 
+def wait_ready(url: str, timeout: float = 180.0) -> None:
+    """Block until ``url``/readyz answers 200 (every model loaded); TimeoutError after ``timeout`` s."""
+    import requests
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"the Serve application at {url} did not become ready in {timeout:.0f} s")
+
+
 def model_deployment(name: str, checkpoint: str, s: ServeSettings):
     return serve.deployment(
         ModelServer,

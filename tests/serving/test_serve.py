@@ -67,7 +67,7 @@ def bundles(cardio, series, tmp_path_factory):
 def server(ray_cluster, bundles):
     from ray import serve
 
-    from serving.app import ServeSettings, build
+    from serving.app import ServeSettings, build, wait_ready
 
     dets, uris = bundles
     port = _free_port()
@@ -85,16 +85,7 @@ def server(ray_cluster, bundles):
     )
     serve.run(build(settings), name="unusual", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if requests.get(f"{url}/readyz", timeout=5).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
-    else:
-        pytest.fail("the Serve application did not become ready in 120 s")
+    wait_ready(url, 120)
     try:
         yield url, settings
     finally:
