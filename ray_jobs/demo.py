@@ -149,7 +149,8 @@ def _steps(work: Path, quick: bool, t_start: float) -> int:
     uris = {name: _put(fs, f"data/{name}", t, 4) for name, t in data.items()}
     _say("2/7", f"wrote cardio and NAB ({', '.join(SERIES)}) as Parquet shards to s3://{BUCKET}/data/")
 
-    epochs = {"epochs": 5} if quick else {"epochs": 40}
+    # A demo budget: 15 epochs (5 with --quick) keep it to a few minutes on 2 cores.
+    epochs = {"epochs": 5} if quick else {"epochs": 15}
     specs = {
         "ae": (uris["cardio_train"], {}),
         "vae": (uris["cardio_train"], {}),
