@@ -400,20 +400,28 @@ def _read_units(
 
     pafs, _, _ = filesystem(data)
     for unit, path, rg0, rg1 in zip(batch["unit"], batch["path"], batch["rg0"], batch["rg1"]):
-        pf = pq.ParquetFile(path, filesystem=pafs)
-        row = 0
-        for rb in pf.iter_batches(batch_size=block_rows, row_groups=range(int(rg0), int(rg1)), columns=columns):
-            t = pa.Table.from_batches([rb])
-            n = t.num_rows
-            t = t.append_column(UNIT, pa.array(np.full(n, int(unit), np.int32)))
-            t = t.append_column(ROW, pa.array(np.arange(row, row + n, dtype=np.int64)))
-            row += n
+        for t in unit_blocks(pafs, path, int(unit), int(rg0), int(rg1), columns, block_rows):
             if buckets:
                 b = entity_buckets(t, entity, buckets)
                 t = t.append_column(BUCKET, pa.array(b))
                 if todo is not None:
                     t = t.filter(pa.array(np.isin(b, todo)))
             yield t
+
+
+def unit_blocks(pafs, path: str, unit: int, rg0: int, rg1: int, columns: list[str], block_rows: int, prefetch=False):
+    """A unit's rows as tables of at most ``block_rows``, tagged with (unit, row in unit);
+    with ``prefetch``, the next block is read in a thread (Arrow decodes without the GIL)."""
+    pf = pq.ParquetFile(path, filesystem=pafs)
+    blocks = pf.iter_batches(batch_size=block_rows, row_groups=range(rg0, rg1), columns=columns)
+    row = 0
+    for rb in _prefetch(blocks) if prefetch else blocks:
+        n = rb.num_rows
+        t = pa.Table.from_batches([rb])
+        t = t.append_column(UNIT, pa.array(np.full(n, unit, np.int32)))
+        t = t.append_column(ROW, pa.array(np.arange(row, row + n, dtype=np.int64)))
+        row += n
+        yield t
 
 
 def entity_buckets(table: pa.Table, entity: str | None, buckets: int) -> np.ndarray:
@@ -575,18 +583,11 @@ class ScoreActor:
         """Stream one unit's row groups from storage into one part: reading the
         next block (a thread; Arrow decodes without the GIL) overlaps scoring."""
         total = self.spec["units"][unit]["rows"]
-        pf = pq.ParquetFile(path, filesystem=self.data_fs)
-        blocks = pf.iter_batches(batch_size=self.block_rows, row_groups=range(rg0, rg1), columns=self.spec["columns"])
+        columns = self.spec["columns"]
         part = self.writer.part(unit, 0, total, total)
         try:
-            row = 0
-            for rb in _prefetch(blocks):
-                n = rb.num_rows
-                t = pa.Table.from_batches([rb])
-                t = t.append_column(UNIT, pa.array(np.full(n, unit, np.int32)))
-                t = t.append_column(ROW, pa.array(np.arange(row, row + n, dtype=np.int64)))
+            for t in unit_blocks(self.data_fs, path, unit, rg0, rg1, columns, self.block_rows, prefetch=True):
                 part.add(t, self.scorer.score_table(t))
-                row += n
             meta = part.commit()
         except BaseException:
             part.abort()
