@@ -59,12 +59,24 @@ class SquaredErrorModule(AnomalyModule):
         self.error_scale.copy_(mean_errors.clamp(min=floor))
 
 
-def mlp(sizes: list[int], last_activation: bool = False, dropout: float = 0.0) -> nn.Sequential:
-    """Linear layers with ReLU (and dropout, if any) between them, and after the last if asked."""
+NORMS = ("layer", None)
+
+
+def mlp(
+    sizes: list[int], last_activation: bool = False, dropout: float = 0.0, norm: str | None = None
+) -> nn.Sequential:
+    """Linear layers with ReLU between them (and after the last if asked); each
+    hidden layer is layer-normalised before its ReLU if ``norm="layer"``, and
+    followed by dropout if any. (Batch norm is not offered: it depends on the
+    batch, so a one-row tail batch or a per-GPU batch would change training.)"""
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}; got {norm!r}")
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2 or last_activation:
+            if norm == "layer":
+                layers.append(nn.LayerNorm(b))
             layers.append(nn.ReLU())
             if dropout:
                 layers.append(nn.Dropout(dropout))

@@ -90,7 +90,7 @@ class Bundle:
 
     @property
     def model_config(self):
-        return family(self.kind).config(**self.manifest["model_config"])
+        return family(self.kind).stored_config(self.manifest["model_config"])
 
 
 def build_manifest(kind: str, model_config: dict, schema: FeatureSchema, threshold: dict, training: dict) -> dict:
@@ -170,8 +170,7 @@ def read_bundle(uri: str) -> tuple[dict, bytes]:
     expected = manifest.get("content_hash")
     if expected != content_hash(manifest, weights):
         raise BundleError(
-            f"bundle at {uri} is corrupt or was modified: content hash mismatch "
-            f"(manifest says {str(expected)[:12]}…)"
+            f"bundle at {uri} is corrupt or was modified: content hash mismatch (manifest says {str(expected)[:12]}…)"
         )
     return manifest, weights
 
@@ -183,7 +182,7 @@ def load_bundle(uri: str, map_location="cpu") -> Bundle:
     try:
         fam = family(manifest["kind"])
         schema = FeatureSchema.from_dict(manifest["features"])
-        module = fam.module(fam.config(**manifest["model_config"]), int(manifest["width"]))
+        module = fam.module(fam.stored_config(manifest["model_config"]), int(manifest["width"]))
         state = torch.load(io.BytesIO(weights), map_location=map_location, weights_only=True)
         module.load_state_dict(state)
     except (KeyError, TypeError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:

@@ -8,7 +8,7 @@ The conformance tests run over every entry here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -17,13 +17,20 @@ class ModelFamily:
     module: type
     config: type
     sequence: bool
+    # Values of config fields added after bundles were first written, for
+    # manifests that lack them (what those bundles were trained with).
+    absent: dict = field(default_factory=dict)
+
+    def stored_config(self, stored: dict):
+        """The config of a stored manifest's ``model_config``."""
+        return self.config(**{**self.absent, **stored})
 
 
 REGISTRY: dict[str, ModelFamily] = {}
 
 
-def register(kind: str, module: type, config: type, sequence: bool = False) -> None:
-    REGISTRY[kind] = ModelFamily(kind, module, config, sequence)
+def register(kind: str, module: type, config: type, sequence: bool = False, absent: dict | None = None) -> None:
+    REGISTRY[kind] = ModelFamily(kind, module, config, sequence, dict(absent or {}))
 
 
 def family(kind: str) -> ModelFamily:

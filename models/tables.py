@@ -14,6 +14,7 @@ from models.errors import SchemaError
 # The scorer's attribution column: the top-k features of each row, largest share first.
 TOP_FEATURE_TYPE = pa.list_(pa.struct([("feature", pa.string()), ("contribution", pa.float64())]))
 
+
 def to_table(data) -> pa.Table:
     try:
         return _to_table(data)

@@ -144,7 +144,7 @@ def train_loop(config: dict) -> None:
     cfg = TrainConfig(**config["train"])
     torch.manual_seed(cfg.seed)
     fam = family(config["kind"])
-    module = fam.module(fam.config(**config["model_config"]), config["width"])
+    module = fam.module(fam.stored_config(config["model_config"]), config["width"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()

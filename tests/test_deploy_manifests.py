@@ -626,7 +626,7 @@ def test_grafana_dashboard_has_the_model_variable():
     assert "model" in variables, "infra/grafana-dashboard.json: a `model` template variable"
     for where, expr in dashboard_queries(dashboard):
         if "unusual_" in expr and where.startswith("panel"):
-            assert '$model' in expr, f"infra/grafana-dashboard.json: {where} ignores the model variable"
+            assert "$model" in expr, f"infra/grafana-dashboard.json: {where} ignores the model variable"
     exprs = " ".join(e for _, e in dashboard_queries(dashboard))
     assert "histogram_quantile(0.99" in exprs and "histogram_quantile(0.5" in exprs
     assert "model_version" in exprs, "infra/grafana-dashboard.json: break the score panels down by model_version"
@@ -693,8 +693,11 @@ def test_terraform_declares_what_it_uses():
     declared = set(re.findall(r"^variable \"(\w+)\"", text, re.M))
     used = set(re.findall(r"\bvar\.(\w+)", text))
     assert used <= declared, f"infra/terraform: undeclared variables {sorted(used - declared)}"
-    for needed in ("aws_s3_bucket_versioning", "aws_s3_bucket_server_side_encryption_configuration",
-                   "aws_s3_bucket_public_access_block"):
+    for needed in (
+        "aws_s3_bucket_versioning",
+        "aws_s3_bucket_server_side_encryption_configuration",
+        "aws_s3_bucket_public_access_block",
+    ):
         assert f'resource "{needed}"' in text, f"infra/terraform/main.tf: no {needed}"
     resources = set(re.findall(r"^(?:resource|data) \"(\w+)\" \"(\w+)\"", text, re.M))
     for kind, name in set(re.findall(r"\b((?:aws|data\.aws)_\w+)\.(\w+)\b", text)):
@@ -711,7 +714,9 @@ def test_terraform_is_formatted():
     """`terraform fmt -check` parses the files (offline; `validate` would need the provider)."""
     run = subprocess.run(
         ["terraform", "fmt", "-check", "-diff", "-recursive", str(INFRA / "terraform")],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert run.returncode == 0, f"infra/terraform: terraform fmt -check failed:\n{run.stdout}{run.stderr}"
 

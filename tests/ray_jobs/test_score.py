@@ -172,8 +172,10 @@ def test_lstm_scores_equal_in_memory_whatever_the_block_size(s3_bucket, ray_clus
         assert summary["rows_scored"] == table.num_rows
         t = _read(out)
         assert t.column_names[:2] == ["host", "timestamp"]  # entity and time are kept by default
-        got = {f"{h}|{ts}": s for h, ts, s in zip(*(t.column(c).to_pylist() for c in ("host", "timestamp",
-                                                                                      "anomaly_score")))}
+        got = {
+            f"{h}|{ts}": s
+            for h, ts, s in zip(*(t.column(c).to_pylist() for c in ("host", "timestamp", "anomaly_score")))
+        }
         assert got.keys() == want.keys()
         np.testing.assert_allclose([got[k] for k in key], [want[k] for k in key], rtol=1e-6, atol=1e-9)
 

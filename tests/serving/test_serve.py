@@ -199,7 +199,9 @@ def test_bad_requests_get_a_4xx_naming_the_field(server, cardio):
     nan_body = b'{"rows": [{"f00": NaN}]}'
     assert post(data=nan_body, headers={"Content-Type": "application/json"})[0] == 422
     assert post({"rows": [{**good[0], "f05": [1, 2]}]}) == (
-        422, "column 'f05' holds nested values; send numbers or strings")
+        422,
+        "column 'f05' holds nested values; send numbers or strings",
+    )
     code, msg = post(data=b"x" * 1_200_000, headers={"Content-Type": "application/json"})
     assert code == 413 and "over the limit of 1,000,000 bytes" in msg
     code, msg = post({"rows": good}, path="/v1/models/nope/score")
@@ -311,8 +313,9 @@ def test_batch_job_route_submits_a_scoring_job_and_reports_its_status(server, bu
     data = tmp_path / "data.parquet"
     pq.write_table(cardio.append_column("id", pa.array(np.arange(cardio.num_rows))), data)
     out = tmp_path / "scores"
-    r = requests.post(f"{url}/v1/jobs", json={"model": "vae", "data": str(data), "output": str(out),
-                                              "keep_columns": ["id"]})
+    r = requests.post(
+        f"{url}/v1/jobs", json={"model": "vae", "data": str(data), "output": str(out), "keep_columns": ["id"]}
+    )
     assert r.status_code == 200, r.text
     job = r.json()
     assert job["model_version"] == bundles[0]["vae"].version
