@@ -87,9 +87,11 @@ def in_memory(data_dir: Path, tmp: Path) -> list[dict]:
                 row["cuda_bundle_on_cpu_max_rel_diff"] = float(
                     np.max(np.abs(cpu_scores - scores) / np.maximum(np.abs(scores), 1e-6))
                 )
-        log(f"in-memory {kind:4} {name}: ROC-AUC cpu {row['cpu']['roc_auc']:.3f} gpu {row['cuda']['roc_auc']:.3f}; "
+        log(
+            f"in-memory {kind:4} {name}: ROC-AUC cpu {row['cpu']['roc_auc']:.3f} gpu {row['cuda']['roc_auc']:.3f}; "
             f"fit s cpu {row['cpu']['fit_seconds']:.1f} gpu {row['cuda']['fit_seconds']:.1f}; "
-            f"gpu bundle on cpu max rel diff {row['cuda_bundle_on_cpu_max_rel_diff']:.2e}")
+            f"gpu bundle on cpu max rel diff {row['cuda_bundle_on_cpu_max_rel_diff']:.2e}"
+        )
         out.append(row)
     return out
 
@@ -109,15 +111,17 @@ def ray_train(data: Path, tmp: Path, epochs: int, batch_size: int) -> list[dict]
         manifest = run(TrainJob(str(data), str(dest), "ae", params, num_workers=1, overwrite=True, **kw))
         t = manifest["training"]
         det = Detector.load(str(dest))  # a GPU-trained bundle must load on the CPU
-        out.append({
-            "runner": label,
-            "bundle": str(dest),
-            "samples_per_s": t["samples_per_s"],
-            "val_loss": min(t["val_loss"]),
-            "wall_seconds": time.perf_counter() - t0,
-            "resources_per_worker": t.get("resources_per_worker"),
-            "loads_on_cpu": det.version == manifest["model_version"],
-        })
+        out.append(
+            {
+                "runner": label,
+                "bundle": str(dest),
+                "samples_per_s": t["samples_per_s"],
+                "val_loss": min(t["val_loss"]),
+                "wall_seconds": time.perf_counter() - t0,
+                "resources_per_worker": t.get("resources_per_worker"),
+                "loads_on_cpu": det.version == manifest["model_version"],
+            }
+        )
         log(f"ray train {label}: {t['samples_per_s']:,.0f} samples/s, val loss {min(t['val_loss']):.4f}")
     return out
 
@@ -133,16 +137,18 @@ def ray_score(bundle: str, data: Path, tmp: Path, rows: int) -> list[dict]:
         wall = time.perf_counter() - t0
         t = pq.read_table(dest, columns=["row_id", "anomaly_score"]).sort_by("row_id")
         frames[label] = t
-        out.append({
-            "runner": label,
-            "rows_in": rows,
-            "rows_scored": summary["rows_scored"],
-            "rows_quarantined": summary["rows_quarantined"],
-            "rows_per_s": summary["rows_per_s"],
-            "job_seconds": summary["seconds"],
-            "wall_seconds": wall,
-            "unique_ids": len(set(t.column("row_id").to_numpy())),
-        })
+        out.append(
+            {
+                "runner": label,
+                "rows_in": rows,
+                "rows_scored": summary["rows_scored"],
+                "rows_quarantined": summary["rows_quarantined"],
+                "rows_per_s": summary["rows_per_s"],
+                "job_seconds": summary["seconds"],
+                "wall_seconds": wall,
+                "unique_ids": len(set(t.column("row_id").to_numpy())),
+            }
+        )
         log(f"ray score {label}: {summary['rows_per_s']:,.0f} rows/s, {summary['rows_scored']:,} scored")
     a, b = (f.column("anomaly_score").to_numpy() for f in frames.values())
     out.append({"max_rel_diff_gpu_vs_cpu": float(np.max(np.abs(a - b) / np.maximum(np.abs(a), 1e-6)))})
@@ -164,7 +170,6 @@ def main() -> int:
 
     import pyarrow as pa
     import ray
-
     from train_throughput import make_data
 
     record = {
