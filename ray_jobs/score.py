@@ -709,6 +709,9 @@ def read_mode(job: ScoreJob, kind: str) -> str:
     return "tasks" if job.use_gpu else "actors"
 
 
+GPU_ACTORS_PER_GPU = 4  # scoring actors sharing one GPU by default (measured: benchmarks/gpu_paths.py)
+
+
 def plan_actors(job: ScoreJob, mode: str) -> dict:
     """Scorer count and resources, checked against the cluster. With read
     tasks, the scorers leave them room (on 2 cores: 2 x 0.75 CPU, reads at
@@ -723,10 +726,14 @@ def plan_actors(job: ScoreJob, mode: str) -> dict:
     if job.use_gpu:
         if gpus < 1:
             raise ResourceError("--use-gpu needs a GPU; the cluster has 0")
-        n = job.concurrency or int(gpus)
-        if n > gpus:
-            raise ResourceError(f"--concurrency {n} GPU actors need {n} GPUs; the cluster has {gpus:g}")
-        return {"concurrency": n, "num_cpus": 1.0 if cpus >= n + 1 else 0.5, "num_gpus": 1, "threads": 1}
+        # Several actors share each GPU: one actor's host-side work (decoding the
+        # block, top-k features, writing Parquet) leaves a GPU mostly idle.
+        whole = int(gpus)
+        n = job.concurrency or whole * max(1, min(GPU_ACTORS_PER_GPU, int((cpus - 1) // max(whole, 1))))
+        per_gpu = 1.0 if n <= whole else math.floor(whole / n * 10_000) / 10_000
+        if per_gpu < 0.01:
+            raise ResourceError(f"--concurrency {n} GPU actors would get under 1 % of a GPU each ({gpus:g} GPUs)")
+        return {"concurrency": n, "num_cpus": 1.0 if cpus >= n + 1 else 0.5, "num_gpus": per_gpu, "threads": 1}
     read_reserve = 0.5 if mode == "tasks" else 0.0
     if cpus < 1:
         raise ResourceError(f"the cluster has {cpus:g} CPUs; scoring needs at least 1")
@@ -809,6 +816,7 @@ def _execute(job: ScoreJob, spec: dict, pending: list[int]) -> None:
     units = spec["units"]
     sequence = spec["kind"] == "lstm"
     bad = [u for u in pending if str(u) in spec["quarantine_units"]]
+    gpu = f" + {res['num_gpus']:g} GPU" if res["num_gpus"] else ""
     if sequence:
         todo = [u for u in pending if u < spec["buckets"]]
         read = [i for i, u in enumerate(units) if "quarantine" not in u] if todo else []
@@ -816,7 +824,7 @@ def _execute(job: ScoreJob, spec: dict, pending: list[int]) -> None:
         todo, read = None, [u for u in pending if str(u) not in spec["quarantine_units"]]
     progress(
         f"{len(pending)} unit(s) to do with {res['concurrency']} scoring "
-        f"{'task' if sequence else 'actor'}(s) x {res['num_cpus']} CPU{' + 1 GPU' if res['num_gpus'] else ''}"
+        f"{'task' if sequence else 'actor'}(s) x {res['num_cpus']} CPU{gpu}"
         f"{', reading in Ray Data tasks' if mode == 'tasks' else ', each reading its units'}"
         + (f"; {len(bad)} unit(s) of unscorable files go to the quarantine" if bad else "")
     )
@@ -935,8 +943,10 @@ def add_score_args(p: argparse.ArgumentParser) -> None:
         "--keep-columns", type=_csv, default=[], help="comma-separated input columns copied to the output (ids, labels)"
     )
     p.add_argument("--batch-size", type=int, help="rows per scoring call (default 131072; LSTM scores whole buckets)")
-    p.add_argument("--concurrency", type=int, help="scoring actors (default: one per CPU, or per GPU with --use-gpu)")
-    p.add_argument("--use-gpu", action="store_true", help="score on GPU actors (one GPU each)")
+    p.add_argument(
+        "--concurrency", type=int, help="scoring actors (default: one per CPU; with --use-gpu, four sharing each GPU)"
+    )
+    p.add_argument("--use-gpu", action="store_true", help="score on GPU actors (a share of a GPU each)")
     p.add_argument(
         "--unit-rows", type=int, help="rows per unit of work and output part (default: rows/64, within 1e5..1e6)"
     )

@@ -206,3 +206,43 @@ def test_cli_writes_local_output(ae, cardio_uri, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["rows_scored"] == pq.read_table(out).num_rows == 1831
     assert not [p for p in out.rglob(".tmp-*")]
+
+
+@pytest.mark.parametrize(
+    ("cluster", "concurrency", "expected"),
+    [
+        # Four actors share a GPU by default; fewer where CPUs are short.
+        ({"CPU": 16.0, "GPU": 1.0}, None, {"concurrency": 4, "num_gpus": 0.25, "num_cpus": 1.0}),
+        ({"CPU": 16.0, "GPU": 2.0}, None, {"concurrency": 8, "num_gpus": 0.25, "num_cpus": 1.0}),
+        ({"CPU": 3.0, "GPU": 1.0}, None, {"concurrency": 2, "num_gpus": 0.5, "num_cpus": 1.0}),
+        ({"CPU": 2.0, "GPU": 1.0}, None, {"concurrency": 1, "num_gpus": 1.0, "num_cpus": 1.0}),
+        # --concurrency: one actor per GPU, or a share of one.
+        ({"CPU": 16.0, "GPU": 2.0}, 2, {"concurrency": 2, "num_gpus": 1.0, "num_cpus": 1.0}),
+        ({"CPU": 16.0, "GPU": 1.0}, 3, {"concurrency": 3, "num_gpus": 0.3333, "num_cpus": 1.0}),
+    ],
+)
+def test_gpu_actor_plan(monkeypatch, cluster, concurrency, expected):
+    import ray
+
+    from ray_jobs.score import plan_actors
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: cluster)
+    monkeypatch.setattr(ray, "available_resources", lambda: cluster)
+    job = ScoreJob("m", "d", "o", use_gpu=True, concurrency=concurrency)
+    plan = plan_actors(job, "tasks")
+    assert {k: plan[k] for k in expected} == expected
+
+
+def test_gpu_plan_errors(monkeypatch):
+    import ray
+
+    from ray_jobs.runtime import ResourceError
+    from ray_jobs.score import plan_actors
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 4.0})
+    with pytest.raises(ResourceError, match=r"^--use-gpu needs a GPU; the cluster has 0$"):
+        plan_actors(ScoreJob("m", "d", "o", use_gpu=True), "tasks")
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 400.0, "GPU": 1.0})
+    with pytest.raises(ResourceError, match=r"under 1 % of a GPU"):
+        plan_actors(ScoreJob("m", "d", "o", use_gpu=True, concurrency=200), "tasks")
