@@ -14,6 +14,11 @@ Three parts, each GPU run beside the same CPU run, in one invocation:
 3. **Ray Data batch scoring** (``ray_jobs.score``): the GPU-trained AE scores the
    same Parquet with ``--use-gpu`` (read tasks feed one GPU actor) and on CPU actors;
    rows/s, rows in = rows out, and the largest score difference between the two.
+4. **Ray Serve** (``serving.app``): ae and vae GPU-trained bundles served with ``use_gpu``
+   and on CPU replicas: online scores against the CPU ``Detector``, single-row latency
+   (p50 / p99 of sequential requests) and a bulk JSON request's rows/s.
+
+``--parts memory,train,score,serve`` picks the parts (default: all).
 
 Needs ``torch`` with CUDA and ray; exits with status 2 where no GPU is visible.
 Writes a JSON record (default ``benchmarks/results/gpu_paths.json``).
@@ -162,6 +167,76 @@ def ray_score(bundle: str, data: Path, tmp: Path, rows: int, gpu_concurrency: li
     return out
 
 
+def serve_part(data_dir: Path, tmp: Path, requests_n: int = 200) -> list[dict]:
+    """The Serve application with ``use_gpu`` (each model replica on a GPU) and on CPU:
+    online scores of GPU-trained bundles against the CPU ``Detector``, single-row latency,
+    and a bulk request's rows/s."""
+    import requests
+    import scipy.io
+    from ray import serve
+
+    from serving.app import ServeSettings, build, wait_ready
+
+    m = scipy.io.loadmat(data_dir / "tabular" / "odds" / "cardio.mat")
+    Xtr, Xte, _ = semi_split(np.asarray(m["X"], float), np.asarray(m["y"]).ravel().astype(int))
+    bundles = {}
+    for kind in ("ae", "vae"):
+        bundles[kind] = str(tmp / f"serve-{kind}")
+        Detector(kind, seed=0, device="cuda").fit(Xtr).save(bundles[kind])
+    want = {k: Detector.load(u).score(Xte) for k, u in bundles.items()}  # on the CPU
+    rows = [{f"x{j}": float(v) for j, v in enumerate(r)} for r in Xte]
+    bulk = rows * max(1, 20_000 // len(rows))
+    out = []
+    port = 8765
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        for use_gpu in (True, False):
+            serve.run(
+                build(ServeSettings(models=bundles, default_model="ae", use_gpu=use_gpu, num_cpus=1)),
+                name="unusual",
+                blocking=False,
+            )
+            url = f"http://127.0.0.1:{port}"
+            wait_ready(url, 300)
+            row = {"use_gpu": use_gpu}
+            for kind in bundles:
+                r = requests.post(f"{url}/v1/models/{kind}/score", json={"rows": rows}, timeout=120)
+                r.raise_for_status()
+                got = np.array([x["anomaly_score"] for x in r.json()["rows"]])
+                row[f"{kind}_max_rel_diff_vs_cpu_detector"] = float(
+                    np.max(np.abs(got - want[kind]) / np.maximum(np.abs(want[kind]), 1e-6))
+                )
+            lat = []
+            with requests.Session() as sess:
+                for i in range(requests_n):
+                    t0 = time.perf_counter()
+                    sess.post(f"{url}/v1/models/ae/score", json={"rows": [rows[i % len(rows)]]}, timeout=60)
+                    lat.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                r = sess.post(f"{url}/v1/models/ae/score", json={"rows": bulk}, timeout=300)
+                r.raise_for_status()
+                bulk_s = time.perf_counter() - t0
+            row.update(
+                {
+                    "single_row_p50_ms": 1000 * float(np.percentile(lat, 50)),
+                    "single_row_p99_ms": 1000 * float(np.percentile(lat, 99)),
+                    "bulk_rows": len(bulk),
+                    "bulk_rows_per_s": len(bulk) / bulk_s,
+                }
+            )
+            log(
+                f"serve use_gpu={use_gpu}: single-row p50 {row['single_row_p50_ms']:.1f} ms, "
+                f"p99 {row['single_row_p99_ms']:.1f} ms; bulk {row['bulk_rows_per_s']:,.0f} rows/s; "
+                f"max rel diff vs CPU detector ae {row['ae_max_rel_diff_vs_cpu_detector']:.1e}, "
+                f"vae {row['vae_max_rel_diff_vs_cpu_detector']:.1e}"
+            )
+            out.append(row)
+            serve.delete("unusual")
+    finally:
+        serve.shutdown()
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
@@ -170,7 +245,7 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--gpu-concurrency", default="1,default", help="GPU scoring runs: actor counts or 'default'")
-    p.add_argument("--parts", default="memory,train,score", help="which parts to run (comma list)")
+    p.add_argument("--parts", default="memory,train,score,serve", help="which parts to run (comma list)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_paths.json"))
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -202,22 +277,26 @@ def main() -> int:
         if "memory" in parts:
             record["in_memory"] = in_memory(Path(args.data_dir), tmp)
         data = tmp / "data"
-        make_data(data, args.rows, args.features, shards=16)
-        for i, f in enumerate(sorted(data.glob("*.parquet"))):  # an id column, to match rows across runs
-            tab = pq.read_table(f)
-            ids = np.arange(tab.num_rows, dtype=np.int64) + i * tab.num_rows
-            pq.write_table(tab.append_column("row_id", pa.array(ids)), f, row_group_size=131072)
+        if parts & {"train", "score"}:
+            make_data(data, args.rows, args.features, shards=16)
+            for i, f in enumerate(sorted(data.glob("*.parquet"))):  # an id column, to match rows across runs
+                tab = pq.read_table(f)
+                ids = np.arange(tab.num_rows, dtype=np.int64) + i * tab.num_rows
+                pq.write_table(tab.append_column("row_id", pa.array(ids)), f, row_group_size=131072)
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
         try:
             if "train" in parts:
                 record["ray_train"] = ray_train(data, tmp, args.epochs, args.batch_size)
-                gpu_bundle = record["ray_train"][1]["bundle"]
-            else:  # a GPU-trained AE on one shard
-                gpu_bundle = str(tmp / "bundle-score")
-                first = pq.read_table(sorted(data.glob("*.parquet"))[0])
-                Detector("ae", seed=0, device="cuda", epochs=3, exclude=["row_id"]).fit(first).save(gpu_bundle)
             if "score" in parts:
+                if "train" in parts:
+                    gpu_bundle = record["ray_train"][1]["bundle"]
+                else:  # a GPU-trained AE on one shard
+                    gpu_bundle = str(tmp / "bundle-score")
+                    first = pq.read_table(sorted(data.glob("*.parquet"))[0])
+                    Detector("ae", seed=0, device="cuda", epochs=3, exclude=["row_id"]).fit(first).save(gpu_bundle)
                 record["ray_score"] = ray_score(gpu_bundle, data, tmp, args.rows, args.gpu_concurrency.split(","))
+            if "serve" in parts:
+                record["serve"] = serve_part(Path(args.data_dir), tmp)
         finally:
             ray.shutdown()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

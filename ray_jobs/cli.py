@@ -161,9 +161,11 @@ def cmd_serve(args) -> int:
         max_replicas=args.max_replicas,
         max_batch_size=args.max_batch_size,
         use_gpu=args.use_gpu,
+        gpus_per_replica=args.gpus_per_replica,
         auth_token=args.token,
     )
-    ensure_ray(args.address)
+    ray = ensure_ray(args.address)
+    settings.check_cluster(ray.cluster_resources())  # before Serve starts anything
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build(settings), name="unusual", route_prefix="/", blocking=False)
     print(
@@ -259,7 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-replicas", type=int, default=1, help="autoscaling floor per model (default 1)")
     p.add_argument("--max-replicas", type=int, default=2, help="autoscaling ceiling per model (default 2)")
     p.add_argument("--max-batch-size", type=int, default=64, help="requests batched into one model call (64)")
-    p.add_argument("--use-gpu", action="store_true", help="one GPU per model replica")
+    p.add_argument("--use-gpu", action="store_true", help="model replicas score on GPUs (a share of one each)")
+    p.add_argument(
+        "--gpus-per-replica", type=float, default=0.25,
+        help="share of a GPU per model replica with --use-gpu (default 0.25: four replicas per GPU)",
+    )
     p.add_argument("--token", help="require Authorization: Bearer TOKEN (default: $UNUSUAL_SERVE_TOKEN)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, or start a local Ray)")
     p.set_defaults(func=cmd_serve)

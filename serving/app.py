@@ -41,6 +41,8 @@ import pyarrow.parquet as pq
 from fastapi import Request
 from ray import serve
 
+from ray_jobs.runtime import ResourceError
+
 log = logging.getLogger("unusual.serve")
 
 API_VERSION = "v1"
@@ -61,6 +63,10 @@ class ServeSettings:
     max_rows: int = 1_000_000
     auth_token: str | None = None  # default: $UNUSUAL_SERVE_TOKEN; None = no authentication
     use_gpu: bool = False
+    # Share of a GPU per model replica with use_gpu: the models are small, so replicas share GPUs
+    # (2 models x 2 replicas fill one GPU). A whole GPU each left a second model's replica waiting
+    # for a GPU forever on a 1-GPU machine (seen on an H100 with benchmarks/gpu_paths.py).
+    gpus_per_replica: float = 0.25
     num_cpus: float = 0.25  # per model replica
     min_replicas: int = 1
     max_replicas: int = 2
@@ -84,8 +90,28 @@ class ServeSettings:
             raise ValueError(f"default_model {self.default_model!r} is not one of {sorted(self.models)}")
         if self.min_replicas < 0 or self.max_replicas < max(1, self.min_replicas):
             raise ValueError(f"replicas: need 0 <= min ({self.min_replicas}) <= max ({self.max_replicas}), max >= 1")
+        if not 0 < self.gpus_per_replica <= 1:
+            raise ValueError(f"gpus_per_replica must be in (0, 1]; got {self.gpus_per_replica}")
         if self.auth_token is None:
             self.auth_token = os.environ.get(TOKEN_ENV) or None
+
+    def replica_resources(self) -> dict:
+        return {"num_cpus": self.num_cpus, "num_gpus": self.gpus_per_replica if self.use_gpu else 0}
+
+    def check_cluster(self, resources: dict) -> None:
+        """Refuse at once what the cluster can never place (a replica would wait forever):
+        ``resources`` is ``ray.cluster_resources()``."""
+        n = len(self.models) * max(1, self.min_replicas)
+        need = self.replica_resources()
+        for key, label in (("num_gpus", "GPU"), ("num_cpus", "CPU")):
+            want, have = n * need[key], float(resources.get(label, 0))
+            if want > have + 1e-9:
+                flag = "--gpus-per-replica" if label == "GPU" else "num_cpus"
+                raise ResourceError(
+                    f"{len(self.models)} model(s) x {max(1, self.min_replicas)} replica(s) x {need[key]:g} {label} "
+                    f"need {want:g} {label}(s); the cluster has {have:g}. Use a smaller {flag}, "
+                    "fewer models or fewer --min-replicas"
+                )
 
 
 class RequestError(Exception):
@@ -536,7 +562,7 @@ def model_deployment(name: str, checkpoint: str, s: ServeSettings):
     return serve.deployment(
         ModelServer,
         name=f"model-{name}",
-        ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": 1 if s.use_gpu else 0},
+        ray_actor_options=s.replica_resources(),
         autoscaling_config={
             "min_replicas": s.min_replicas,
             "initial_replicas": max(1, s.min_replicas),
@@ -552,7 +578,12 @@ def model_deployment(name: str, checkpoint: str, s: ServeSettings):
 
 
 def build(settings: ServeSettings):
-    """The application: one ModelServer deployment per model behind the Gateway."""
+    """The application: one ModelServer deployment per model behind the Gateway.
+    Where Ray is connected, a cluster that could never place the replicas is an error now."""
+    import ray
+
+    if ray.is_initialized():
+        settings.check_cluster(ray.cluster_resources())
     handles = {name: model_deployment(name, uri, settings) for name, uri in settings.models.items()}
     gateway = serve.deployment(
         Gateway,

@@ -365,3 +365,34 @@ def test_serve_config_file_is_valid_and_builds_the_application():
         build_app({"models": "ae=/x", "replicas": 3})
     with pytest.raises(ValueError, match="models: expected name=URI; got '/x'"):
         build_app({"models": "/x"})
+
+
+def test_gpu_replicas_share_gpus_and_impossible_placements_are_refused(ray_cluster, bundles, capsys):
+    """Each replica takes a share of a GPU (0.25 by default), so two models fit one GPU;
+    a placement the cluster can never make is an error at once, not a replica pending forever
+    (a whole GPU per replica left the second model waiting on a 1-GPU machine)."""
+    from ray_jobs.cli import main
+    from ray_jobs.runtime import ResourceError
+    from serving.app import ServeSettings
+
+    _, uris = bundles
+    two = {"ae": uris["ae"], "vae": uris["vae"]}
+    s = ServeSettings(models=two, use_gpu=True)
+    assert s.replica_resources() == {"num_cpus": 0.25, "num_gpus": 0.25}
+    assert ServeSettings(models=two).replica_resources() == {"num_cpus": 0.25, "num_gpus": 0}
+    s.check_cluster({"CPU": 2.0, "GPU": 1.0})  # 2 x 0.25 GPU fit one GPU
+    whole = ServeSettings(models=two, use_gpu=True, gpus_per_replica=1.0)
+    with pytest.raises(ResourceError) as e:
+        whole.check_cluster({"CPU": 16.0, "GPU": 1.0})
+    assert str(e.value) == (
+        "2 model(s) x 1 replica(s) x 1 GPU need 2 GPU(s); the cluster has 1. "
+        "Use a smaller --gpus-per-replica, fewer models or fewer --min-replicas"
+    )
+    with pytest.raises(ValueError, match=r"^gpus_per_replica must be in \(0, 1\]; got 1.5$"):
+        ServeSettings(models=two, use_gpu=True, gpus_per_replica=1.5)
+    # The CLI refuses before starting Serve (the test cluster has no GPU).
+    assert main(["serve", "--checkpoint", f"ae={uris['ae']}", "--use-gpu"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "unusual serve: error: 1 model(s) x 1 replica(s) x 0.25 GPU need 0.25 GPU(s); the cluster has 0. "
+        "Use a smaller --gpus-per-replica, fewer models or fewer --min-replicas"
+    )
