@@ -579,11 +579,10 @@ def model_deployment(name: str, checkpoint: str, s: ServeSettings):
 
 def build(settings: ServeSettings):
     """The application: one ModelServer deployment per model behind the Gateway.
-    Where Ray is connected, a cluster that could never place the replicas is an error now."""
-    import ray
 
-    if ray.is_initialized():
-        settings.check_cluster(ray.cluster_resources())
+    It does not check the cluster's resources: a Serve config file or RayService may
+    deploy it on a cluster whose autoscaler adds the GPU nodes later. ``unusual serve``
+    checks them before it starts (:meth:`ServeSettings.check_cluster`)."""
     handles = {name: model_deployment(name, uri, settings) for name, uri in settings.models.items()}
     gateway = serve.deployment(
         Gateway,
