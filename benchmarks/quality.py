@@ -60,7 +60,7 @@ ALL_METHODS = OURS + PYOD
 SUITE_METHODS = {
     "tabular": ("ae", "vae", "pyod_ae", "pyod_vae", "iforest"),
     "smd": ("lstm", "ae", "iforest"),
-    "nslkdd": ("ae", "iforest"),
+    "nslkdd": ("ae", "vae", "iforest"),
 }
 METHOD_LABELS = {
     "ae": "ours ae",

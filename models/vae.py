@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from models.base import AnomalyModule, default_latent, mlp
+from models.base import NORMS, AnomalyModule, default_latent, mlp
 from models.registry import register
 
 _LOG2PI = math.log(2 * math.pi)
@@ -30,6 +30,10 @@ class VAEConfig:
     hidden: list[int] = field(default_factory=lambda: [64, 32])
     latent: int | None = None  # None: max(2, min(32, width // 4))
     dropout: float = 0.0
+    # Layer norm before each hidden ReLU, as in the AE. Measured (benchmarks/quality.py, 5 seeds):
+    # ODDS average ROC-AUC 0.907 -> 0.913, PR-AUC 0.827 -> 0.846 (satellite 0.818 -> 0.841,
+    # pendigits 0.983 -> 0.989, cardio 0.942 -> 0.946, others equal); NSL-KDD 0.982 either way.
+    norm: str | None = "layer"
     score: str = "elbo"  # "elbo" (negative ELBO) or "nll" (reconstruction NLL only)
     n_samples: int = 16  # L, latent samples per row when scoring
     beta: float = 1.0  # weight of the KL term in training
@@ -40,6 +44,8 @@ class VAEConfig:
             raise ValueError(f"score must be 'nll' or 'elbo'; got {self.score!r}")
         if self.n_samples < 1:
             raise ValueError(f"n_samples must be >= 1; got {self.n_samples}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}; got {self.norm!r}")
 
 
 class VAE(AnomalyModule):
@@ -47,10 +53,10 @@ class VAE(AnomalyModule):
         super().__init__()
         self.config = config
         self.latent = config.latent or default_latent(width)
-        self.encoder = mlp([width, *config.hidden], last_activation=True, dropout=config.dropout)
+        self.encoder = mlp([width, *config.hidden], last_activation=True, dropout=config.dropout, norm=config.norm)
         self.to_mu = nn.Linear(config.hidden[-1], self.latent)
         self.to_logvar = nn.Linear(config.hidden[-1], self.latent)
-        self.decoder = mlp([self.latent, *reversed(config.hidden), width], dropout=config.dropout)
+        self.decoder = mlp([self.latent, *reversed(config.hidden), width], dropout=config.dropout, norm=config.norm)
         self.dec_logvar = nn.Parameter(torch.zeros(width))
         self._eps: torch.Tensor | None = None
 
@@ -92,4 +98,5 @@ class VAE(AnomalyModule):
         return score, terms
 
 
-register("vae", VAE, VAEConfig)
+# Bundles written before ``norm`` existed had no normalisation layers.
+register("vae", VAE, VAEConfig, absent={"norm": None})

@@ -144,10 +144,11 @@ def test_load_gives_the_same_model(det, saved, test_x):
     assert np.array_equal(Detector.load(saved).score(test_x), det.score(test_x))
 
 
-def test_bundle_from_before_the_norm_field_loads(train, test_x, tmp_path):
-    """AE bundles written before ``norm`` existed have no such key and no
+@pytest.mark.parametrize("kind", ["ae", "vae"])
+def test_bundle_from_before_the_norm_field_loads(kind, train, test_x, tmp_path):
+    """AE and VAE bundles written before ``norm`` existed have no such key and no
     normalisation layers; they load as ``norm=None`` and score as before."""
-    old = Detector("ae", norm=None, **TINY).fit(train)
+    old = Detector(kind, norm=None, **TINY).fit(train)
     uri = str(tmp_path / "old")
     old.save(uri)
     m = _read_manifest(uri)
@@ -156,8 +157,8 @@ def test_bundle_from_before_the_norm_field_loads(train, test_x, tmp_path):
     b = load_bundle(uri)
     assert b.model_config.norm is None
     assert np.array_equal(Detector.load(uri).score(test_x), old.score(test_x))
-    # A new default AE has layer norms, so its weights would not fit that config.
-    assert any("norm" in type(m).__name__.lower() for m in Detector("ae", **TINY).fit(train).bundle_.module.modules())
+    # A new default model has layer norms, so its weights would not fit that config.
+    assert any("norm" in type(m).__name__.lower() for m in Detector(kind, **TINY).fit(train).bundle_.module.modules())
 
 
 # --------------------------------------------------------------------------- errors
