@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from models.base import NORMS, SquaredErrorModule, default_latent, mlp
+from models.base import SquaredErrorModule, check_norm, default_latent, mlp
 from models.registry import register
 
 
@@ -31,8 +31,7 @@ class AEConfig:
     normalize_errors: bool = False  # each column's error in units of its usual level (SquaredErrorModule)
 
     def __post_init__(self):
-        if self.norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}; got {self.norm!r}")
+        check_norm(self.norm)
 
 
 class AutoEncoder(SquaredErrorModule):

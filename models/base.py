@@ -62,6 +62,12 @@ class SquaredErrorModule(AnomalyModule):
 NORMS = ("layer", None)
 
 
+def check_norm(norm) -> None:
+    """The one check of a ``norm`` setting (model configs call it so a bad value fails at ``Detector(...)``)."""
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}; got {norm!r}")
+
+
 def mlp(
     sizes: list[int], last_activation: bool = False, dropout: float = 0.0, norm: str | None = None
 ) -> nn.Sequential:
@@ -69,8 +75,7 @@ def mlp(
     hidden layer is layer-normalised before its ReLU if ``norm="layer"``, and
     followed by dropout if any. (Batch norm is not offered: it depends on the
     batch, so a one-row tail batch or a per-GPU batch would change training.)"""
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}; got {norm!r}")
+    check_norm(norm)
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(a, b))

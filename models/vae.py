@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from models.base import NORMS, AnomalyModule, default_latent, mlp
+from models.base import AnomalyModule, check_norm, default_latent, mlp
 from models.registry import register
 
 _LOG2PI = math.log(2 * math.pi)
@@ -44,8 +44,7 @@ class VAEConfig:
             raise ValueError(f"score must be 'nll' or 'elbo'; got {self.score!r}")
         if self.n_samples < 1:
             raise ValueError(f"n_samples must be >= 1; got {self.n_samples}")
-        if self.norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}; got {self.norm!r}")
+        check_norm(self.norm)
 
 
 class VAE(AnomalyModule):

@@ -729,7 +729,7 @@ def plan_actors(job: ScoreJob, mode: str) -> dict:
         # Several actors share each GPU: one actor's host-side work (decoding the
         # block, top-k features, writing Parquet) leaves a GPU mostly idle.
         whole = int(gpus)
-        n = job.concurrency or whole * max(1, min(GPU_ACTORS_PER_GPU, int((cpus - 1) // max(whole, 1))))
+        n = job.concurrency or whole * max(1, min(GPU_ACTORS_PER_GPU, int((cpus - 1) // whole)))
         per_gpu = 1.0 if n <= whole else math.floor(whole / n * 10_000) / 10_000
         if per_gpu < 0.01:
             raise ResourceError(f"--concurrency {n} GPU actors would get under 1 % of a GPU each ({gpus:g} GPUs)")

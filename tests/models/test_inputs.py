@@ -332,6 +332,12 @@ def test_unknown_parameter_is_named():
         Detector("vae", window=8)
 
 
+@pytest.mark.parametrize("kind", ["ae", "vae"])
+def test_unknown_norm_fails_at_construction(kind):
+    with pytest.raises(ValueError, match=r"^norm must be one of \('layer', None\); got 'batch'$"):
+        Detector(kind, norm="batch")
+
+
 def test_unknown_kind():
     with pytest.raises(ValueError, match=r"unknown model kind 'gan'"):
         Detector("gan")
