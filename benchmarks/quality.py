@@ -28,9 +28,6 @@ import datetime as _dt
 import json
 import logging
 import math
-import os
-import platform
-import subprocess
 import sys
 import time
 import traceback
@@ -43,6 +40,8 @@ DEFAULT_DATA_DIR = REPO / ".." / "shared" / "data"
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "quality.json"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from harness import environment, loadavg  # noqa: E402
 
 from models.metrics import (  # noqa: E402  (after the sys.path set-up above)
     best_f1,
@@ -552,44 +551,6 @@ def markdown(result: dict) -> str:
 # =========================================================================== environment, CLI
 
 
-def environment() -> dict:
-    def git(*a):
-        try:
-            return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-        except Exception:  # noqa: BLE001
-            return None
-
-    versions = {"python": platform.python_version()}
-    for mod in ("models", "numpy", "torch", "pyod", "sklearn", "scipy", "pandas", "pyarrow", "polars"):
-        try:
-            versions["unusual" if mod == "models" else mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001
-            versions[mod] = None
-    import torch
-
-    status = git("status", "--porcelain")
-    return {
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty_files": status.splitlines() if status else [],
-        "versions": versions,
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cuda_available": torch.cuda.is_available(),
-        },
-    }
-
-
-def _loadavg():
-    """1/5/15-minute load averages: other processes on the machine skew the fit timings."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def _csv_ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x.strip()]
 
@@ -713,7 +674,11 @@ def main(argv: list[str] | None = None) -> int:
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "argv": sys.argv,
-        **environment(),
+        **environment(
+            ("models", "numpy", "torch", "pyod", "sklearn", "scipy", "pandas", "pyarrow", "polars"),
+            torch_threads=torch.get_num_threads(),
+            cuda_available=torch.cuda.is_available(),
+        ),
         "data_dir": str(data_dir),
         "protocol": {
             "train_fraction_of_normals": TRAIN_FRACTION,
@@ -727,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
             "pyod_vae": "pyod.models.vae.VAE(random_state=seed, verbose=0), other args default",
             "iforest": "pyod.models.iforest.IForest(random_state=seed), other args default",
         },
-        "load_average_start": _loadavg(),
+        "load_average_start": loadavg(),
         "suites": {},
     }
     t_all = time.perf_counter()
@@ -744,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
             "methods": suite_methods,
             "seeds": args.smd_seeds if suite == "smd" else args.seeds,
             "seconds": seconds,
-            "load_average_end": _loadavg(),
+            "load_average_end": loadavg(),
             "summary": summarize(runs, suite),
             "runs": runs,
         }

@@ -30,10 +30,8 @@ keeps its results); a markdown table is printed at the end.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -53,11 +51,12 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from harness import MIB, environment, loadavg, psutil_module  # noqa: E402
+
 FEATURES = 32
 ROW_GROUP = 131_072
 GENERATOR = "score-v1"  # bump when make_rows changes, so cached data is regenerated
 TRAIN_ROWS = 100_000
-MIB = 1024 * 1024
 # plain: the baseline loop; unusual: the `unusual score` command (starts its own Ray);
 # warm: the same job on a Ray that is already running (its own seconds exclude starting Ray).
 RUNNERS = ("plain", "unusual", "warm")
@@ -238,16 +237,6 @@ def warm_worker(argv: list[str]) -> int:
 # =========================================================================== process-tree memory sampling
 
 
-def _psutil():
-    try:
-        import psutil
-    except ImportError:  # Ray vendors psutil under ray/thirdparty_files and puts that on sys.path on import
-        import ray  # noqa: F401
-
-        psutil = importlib.import_module("psutil")
-    return psutil
-
-
 class TreeSampler(threading.Thread):
     """Samples the summed PSS (RSS where PSS is unreadable) of a process, its descendants and every
     process in its session; keeps the peaks, a per-process breakdown at the peak, CPU seconds and a
@@ -255,7 +244,7 @@ class TreeSampler(threading.Thread):
 
     def __init__(self, pid: int, interval: float):
         super().__init__(daemon=True)
-        self.psutil = _psutil()
+        self.psutil = psutil_module()
         self.pid, self.interval = pid, interval
         try:
             self.sid = os.getsid(pid)
@@ -493,43 +482,6 @@ def score_check(data_files: list[Path], rows: int, bundle: Path, outputs: dict[s
 # =========================================================================== environment, CLI
 
 
-def environment(plain_threads: int) -> dict:
-    def git(*a):
-        try:
-            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        except Exception:  # noqa: BLE001
-            return None
-
-    psutil = _psutil()
-    versions = {"python": platform.python_version()}
-    for mod in ("models", "numpy", "torch", "pyarrow", "ray", "psutil"):
-        try:
-            versions["unusual" if mod == "models" else mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001
-            versions[mod] = None
-    status = git("status", "--porcelain")
-    return {
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty_files": status.splitlines() if status else [],
-        "versions": versions,
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "memory_total_mib": round(psutil.virtual_memory().total / MIB),
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "plain_torch_threads": plain_threads,
-        },
-    }
-
-
-def _loadavg():
-    """1/5/15-minute load averages: other processes on the machine skew the timings."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def _csv_ints(s: str) -> list[int]:
     return [int(x.replace("_", "")) for x in s.split(",") if x.strip()]
 
@@ -560,7 +512,7 @@ def measure(runner: str, args, ucmd: list[str], env: dict, bundle: Path, data: P
         if args.concurrency:
             cmd += ["--concurrency", str(args.concurrency)]
     run = run_measured(cmd, env, args.sample_interval, args.timeout, f"{runner} ({rows:,} rows)")
-    run["load_average_after"] = _loadavg()
+    run["load_average_after"] = loadavg()
     summary = None
     if runner in JOBS and (out / "_unusual" / "summary.json").exists():
         summary = json.loads((out / "_unusual" / "summary.json").read_text())
@@ -697,8 +649,12 @@ def main() -> int:
         "benchmark": "score_throughput",
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": " ".join(sys.argv),
-        **environment(args.plain_threads),
-        "load_average_start": _loadavg(),
+        **environment(
+            ("models", "numpy", "torch", "pyarrow", "ray", "psutil"),
+            memory_total_mib=round(psutil_module().virtual_memory().total / MIB),
+            plain_torch_threads=args.plain_threads,
+        ),
+        "load_average_start": loadavg(),
         "settings": {
             "rows": sizes, "rows_per_file": args.rows_per_file, "features": FEATURES, "row_group_rows": ROW_GROUP,
             "repeat": args.repeat, "plain_batch_size": args.plain_batch_size, "plain_threads": args.plain_threads,
@@ -794,7 +750,7 @@ def main() -> int:
                 "driver_growth_mib": round(b[runner]["peak_driver_pss_mib"] - a[runner]["peak_driver_pss_mib"], 1),
             }
     record["memory_growth"] = growth
-    record["load_average_end"] = _loadavg()
+    record["load_average_end"] = loadavg()
     _write(record, args.out, complete=True)
     print()
     print(markdown(record))

@@ -31,10 +31,8 @@ Written to ``benchmarks/results/serve_latency.json``; a markdown table is printe
 # No `from __future__ import annotations`: FastAPI reads the routes' signatures (``request: Request``)
 # of the bare server at runtime, and that Request is imported inside fastapi_worker.
 import argparse
-import importlib
 import json
 import os
-import platform
 import queue
 import signal
 import socket
@@ -54,6 +52,8 @@ import pyarrow.ipc as ipc
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from harness import MIB, environment, loadavg, psutil_module  # noqa: E402
+
 MODEL = "ae"
 ROUTE = f"/v1/models/{MODEL}/score"
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
@@ -61,7 +61,6 @@ SERVERS = ("serve", "fastapi")
 KINDS = ("single", "bulk-json", "bulk-arrow")
 REPLICA_TITLE = f"ServeReplica:unusual:model-{MODEL}"
 GENERATOR = "serve-v1"  # bump when the bundle recipe changes, so the cached bundle is retrained
-MIB = 1024 * 1024
 BULK_TOLERANCE = 1e-6  # max |diff| of a bulk request's scores vs the in-process Scorer on the same 1,000 rows
 SINGLE_REL_TOLERANCE = 1e-5  # single rows go through other matrix shapes (batches of 1..64): float32 rounding
 
@@ -386,16 +385,6 @@ def batch_worker(argv: list[str]) -> int:
 # =========================================================================== process management (harness)
 
 
-def _psutil():
-    try:
-        import psutil
-    except ImportError:  # Ray vendors psutil under ray/thirdparty_files and puts that on sys.path on import
-        import ray  # noqa: F401
-
-        psutil = importlib.import_module("psutil")
-    return psutil
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -412,7 +401,7 @@ class Server:
     def __init__(self, name: str, cmd: list[str], port: int, env: dict):
         self.name, self.cmd, self.port, self.env = name, cmd, port, env
         self.url = f"http://127.0.0.1:{port}"
-        self.psutil = _psutil()
+        self.psutil = psutil_module()
         self.out = tempfile.TemporaryFile("w+")
         self.err = tempfile.TemporaryFile("w+")
         self.proc: subprocess.Popen | None = None
@@ -554,14 +543,6 @@ def _cpu_delta(before: dict, after: dict) -> dict[str, float]:
     return {k: round(v, 2) for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if round(v, 2)}
 
 
-def _loadavg():
-    """1/5/15-minute load averages: other processes on the machine skew the timings."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def run_scenario(server: Server, args, kind: str, conc: int, env: dict) -> dict:
     """One load subprocess against ``server``. The server's CPU time is read when the load generator has
     finished its warm-up (it waits for a line on stdin) and when it is done; its replicas are counted
@@ -639,7 +620,7 @@ def run_scenario(server: Server, args, kind: str, conc: int, env: dict) -> dict:
     res["server_cpu_ms_per_request"] = round(1000 * res["server_cpu_seconds"] / max(res["ok"], 1), 2)
     res["server_cpu_by_process"] = per
     res["measured_wall_seconds"] = round(wall, 2)
-    res["load_average_after"] = _loadavg()
+    res["load_average_after"] = loadavg()
     if sampler:
         res["replicas_max"] = max(replicas) if replicas else None
         res["replicas_end"] = replicas[-1] if replicas else None
@@ -756,7 +737,7 @@ def batch_job_check(args, bundle: Path, rows: pa.Table, ref: pa.Table, env: dict
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         try:  # Ray's processes of that session, should any outlive the driver
-            ps = _psutil()
+            ps = psutil_module()
             for p in ps.process_iter():
                 try:
                     if os.getsid(p.pid) == proc.pid:
@@ -778,34 +759,6 @@ def batch_job_check(args, bundle: Path, rows: pa.Table, ref: pa.Table, env: dict
 
 
 # =========================================================================== environment, report
-
-
-def environment(args) -> dict:
-    def git(*a):
-        try:
-            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        except Exception:  # noqa: BLE001
-            return None
-
-    psutil = _psutil()
-    versions = {"python": platform.python_version()}
-    for mod in ("models", "numpy", "torch", "pyarrow", "ray", "fastapi", "starlette", "uvicorn", "aiohttp", "psutil"):
-        try:
-            versions["unusual" if mod == "models" else mod] = importlib.import_module(mod).__version__
-        except Exception:  # noqa: BLE001
-            versions[mod] = None
-    status = git("status", "--porcelain")
-    return {
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty_files": status.splitlines() if status else [],
-        "versions": versions,
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "memory_total_mib": round(psutil.virtual_memory().total / MIB),
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-        },
-    }
 
 
 def _key(s: dict) -> str:
@@ -930,8 +883,11 @@ def main() -> int:
         "benchmark": "serve_latency",
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": " ".join(sys.argv),
-        **environment(args),
-        "load_average_start": _loadavg(),
+        **environment(
+            ("models", "numpy", "torch", "pyarrow", "ray", "fastapi", "starlette", "uvicorn", "aiohttp", "psutil"),
+            memory_total_mib=round(psutil_module().virtual_memory().total / MIB),
+        ),
+        "load_average_start": loadavg(),
         "settings": {
             "servers": servers, "route": ROUTE, "concurrency": args.concurrency, "requests": args.requests,
             "seconds": args.seconds, "warmup": args.warmup, "warmup_seconds": args.warmup_seconds,
@@ -1018,7 +974,7 @@ def main() -> int:
             tail = srv_rec["stop"].pop("stderr_tail_at_exit", None)
             if srv_rec["stop"]["returncode"] not in (0, -signal.SIGTERM):  # uvicorn re-raises the SIGTERM it handled
                 srv_rec["stop"]["stderr_tail"] = tail
-        srv_rec["load_average_after"] = _loadavg()
+        srv_rec["load_average_after"] = loadavg()
 
     if not args.skip_batch_job:
         print("batch job on the same rows ...", end=" ", flush=True)
@@ -1035,7 +991,7 @@ def main() -> int:
               flush=True)
 
     record["ratios"] = ratios(record)
-    record["load_average_end"] = _loadavg()
+    record["load_average_end"] = loadavg()
     _write(record, args.out, complete=True)
     print()
     print(markdown(record))
