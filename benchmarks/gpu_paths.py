@@ -5,7 +5,7 @@
 Three parts, each GPU run beside the same CPU run, in one invocation:
 
 1. **In-memory API** (``Detector(device="cuda")``): ae and vae on ODDS cardio, lstm on
-   SMD machine-1-2 (semi-supervised split as in ``quality.py``, seed 0); ROC-AUC on CPU
+   SMD machine-1-2 (train on 70 % of the normal rows, its own seed-0 shuffle); ROC-AUC on CPU
    and on GPU, fit seconds, and the GPU-trained bundle saved, loaded on the CPU and
    scoring within float tolerance of the GPU scores.
 2. **Ray Train** (``ray_jobs.train``): the same AE job on synthetic Parquet with
@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +42,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from harness import git  # noqa: E402
 
 from models import Detector  # noqa: E402
 from models.metrics import roc_auc  # noqa: E402
@@ -259,7 +260,7 @@ def main() -> int:
     record = {
         "benchmark": "gpu_paths",
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
+        "commit": git("rev-parse", "HEAD"),
         "command": " ".join(sys.argv),
         "machine": {
             "cpus": os.cpu_count(),
