@@ -104,13 +104,13 @@ def main() -> int:
         submit = [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--"]
 
         step("ray job submit: training (Ray Train, 2 workers)")
-        run([*submit, "python", "-m", "ray_jobs.train", "--model", "ae", "--data", DATA, "--exclude", "label",
+        run([*submit, "python", "-m", "unusual.ray_jobs.train", "--model", "ae", "--data", DATA, "--exclude", "label",
              "--epochs", "5", "--output", MODEL, "--overwrite"], env)
         step("ray job submit: batch scoring (Ray Data)")
-        run([*submit, "python", "-m", "ray_jobs.score", "--checkpoint", MODEL, "--data", DATA, "--output", SCORES,
+        run([*submit, "python", "-m", "unusual.ray_jobs.score", "--checkpoint", MODEL, "--data", DATA, "--output", SCORES,
              "--keep-columns", "label", "--overwrite"], env)
         step("ray job submit: evaluation")
-        out = run([*submit, "python", "-m", "ray_jobs.evaluate", "--scores", SCORES, "--label-column", "label"], env)
+        out = run([*submit, "python", "-m", "unusual.ray_jobs.evaluate", "--scores", SCORES, "--label-column", "label"], env)
         print(out[-1500:])
 
         step("the Serve application on the cluster")
@@ -137,8 +137,8 @@ def check_online_equals_batch(url: str, env: dict) -> None:
     import requests
 
     os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
-    from ray_jobs import sample_data
-    from ray_jobs.local_io import filesystem
+    from unusual.ray_jobs import sample_data
+    from unusual.ray_jobs.local_io import filesystem
 
     cardio = sample_data.load("cardio")
     rows = cardio.slice(0, 20)

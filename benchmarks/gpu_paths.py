@@ -8,13 +8,13 @@ Three parts, each GPU run beside the same CPU run, in one invocation:
    SMD machine-1-2 (train on 70 % of the normal rows, its own seed-0 shuffle); ROC-AUC on CPU
    and on GPU, fit seconds, and the GPU-trained bundle saved, loaded on the CPU and
    scoring within float tolerance of the GPU scores.
-2. **Ray Train** (``ray_jobs.train``): the same AE job on synthetic Parquet with
+2. **Ray Train** (``unusual.ray_jobs.train``): the same AE job on synthetic Parquet with
    ``use_gpu`` (fp32 and bf16) and on CPU workers; samples/s, validation loss, and
    the bundle loading on CPU.
-3. **Ray Data batch scoring** (``ray_jobs.score``): the GPU-trained AE scores the
+3. **Ray Data batch scoring** (``unusual.ray_jobs.score``): the GPU-trained AE scores the
    same Parquet with ``--use-gpu`` (read tasks feed one GPU actor) and on CPU actors;
    rows/s, rows in = rows out, and the largest score difference between the two.
-4. **Ray Serve** (``serving.app``): ae and vae GPU-trained bundles served with ``use_gpu``
+4. **Ray Serve** (``unusual.serving.app``): ae and vae GPU-trained bundles served with ``use_gpu``
    and on CPU replicas: online scores against the CPU ``Detector``, single-row latency
    (p50 / p99 of sequential requests) and a bulk JSON request's rows/s.
 
@@ -44,9 +44,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from harness import git  # noqa: E402
-
-from models import Detector  # noqa: E402
-from models.metrics import roc_auc  # noqa: E402
+from unusual.models import Detector  # noqa: E402
+from unusual.models.metrics import roc_auc  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -103,7 +102,7 @@ def in_memory(data_dir: Path, tmp: Path) -> list[dict]:
 
 
 def ray_train(data: Path, tmp: Path, epochs: int, batch_size: int) -> list[dict]:
-    from ray_jobs.train import TrainJob, run
+    from unusual.ray_jobs.train import TrainJob, run
 
     params = {"epochs": epochs, "batch_size": batch_size, "patience": epochs, "seed": 0, "exclude": ["row_id"]}
     out = []
@@ -133,7 +132,7 @@ def ray_train(data: Path, tmp: Path, epochs: int, batch_size: int) -> list[dict]
 
 
 def ray_score(bundle: str, data: Path, tmp: Path, rows: int, gpu_concurrency: list[str]) -> list[dict]:
-    from ray_jobs.score import ScoreJob, run
+    from unusual.ray_jobs.score import ScoreJob, run
 
     out, frames = [], {}
     runs = [("cpu actors", {"use_gpu": False})]
@@ -175,8 +174,7 @@ def serve_part(data_dir: Path, tmp: Path, requests_n: int = 200) -> list[dict]:
     import requests
     import scipy.io
     from ray import serve
-
-    from serving.app import ServeSettings, build, wait_ready
+    from unusual.serving.app import ServeSettings, build, wait_ready
 
     m = scipy.io.loadmat(data_dir / "tabular" / "odds" / "cardio.mat")
     Xtr, Xte, _ = semi_split(np.asarray(m["X"], float), np.asarray(m["y"]).ravel().astype(int))

@@ -42,8 +42,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from harness import environment, loadavg  # noqa: E402
-
-from models.metrics import (  # noqa: E402  (after the sys.path set-up above)
+from unusual.models.metrics import (  # noqa: E402  (after the sys.path set-up above)
     best_f1,
     best_f1_pa,
     label_segments,
@@ -187,7 +186,7 @@ def our_params(args, kind: str, seed: int) -> dict:
 
 
 def run_ours(kind: str, params: dict, X_train, X_test) -> dict:
-    from models import Detector
+    from unusual.models import Detector
 
     det = Detector(kind, **params)
     t0 = time.perf_counter()

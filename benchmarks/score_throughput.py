@@ -142,8 +142,7 @@ def ensure_bundle(workdir: Path, seed: int, epochs: int) -> tuple[Path, dict]:
         if {k: cached.get(k) for k in meta} == meta:
             return path, {**cached, "cached": True}
     import torch
-
-    from models import Detector
+    from unusual.models import Detector
 
     torch.set_num_threads(1)  # training is not measured; one thread behaves best on a shared 2-core machine
     table = make_rows(np.random.default_rng([seed, 10**9]), TRAIN_ROWS, 10**12, _distribution(seed))
@@ -172,8 +171,7 @@ def plain_worker(argv: list[str]) -> int:
     a = p.parse_args(argv)
 
     import torch
-
-    from models import Scorer
+    from unusual.models import Scorer
 
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
@@ -219,8 +217,7 @@ def warm_worker(argv: list[str]) -> int:
     a = p.parse_args(argv)
 
     import ray
-
-    from ray_jobs.score import ScoreJob, run
+    from unusual.ray_jobs.score import ScoreJob, run
 
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
@@ -456,8 +453,7 @@ def score_check(data_files: list[Path], rows: int, bundle: Path, outputs: dict[s
     """Compare the scores of ``n`` sampled ids across the outputs and an in-process Scorer."""
     import pyarrow.compute as pc
     import pyarrow.dataset as ds
-
-    from models import Scorer
+    from unusual.models import Scorer
 
     rng = np.random.default_rng(seed)
     ids = np.sort(rng.choice(rows, size=min(n, rows), replace=False)).astype(np.int64)
@@ -488,7 +484,7 @@ def _csv_ints(s: str) -> list[int]:
 
 def unusual_command() -> list[str]:
     exe = Path(sys.executable).with_name("unusual")
-    return [str(exe), "score"] if exe.exists() else [sys.executable, "-m", "ray_jobs.score"]
+    return [str(exe), "score"] if exe.exists() else [sys.executable, "-m", "unusual.ray_jobs.score"]
 
 
 def measure(runner: str, args, ucmd: list[str], env: dict, bundle: Path, data: Path, out: Path, rows: int) -> dict:

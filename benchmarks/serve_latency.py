@@ -5,12 +5,12 @@
 The same AE bundle (trained once on the shipped ``cardio`` data and cached under
 ``--workdir``) is served by, one after the other,
 
-- **serve**: ``serving.app`` on a local Ray started for it (``ray.init(address="local", num_cpus=os.cpu_count())``,
+- **serve**: ``unusual.serving.app`` on a local Ray started for it (``ray.init(address="local", num_cpus=os.cpu_count())``,
   ``serve.start`` + ``serve.run(build(ServeSettings(models={"ae": B}, ...)))``, the settings'
   defaults except ``--max-batch-size`` and ``--max-replicas``): HTTP proxy -> Gateway replica ->
   ModelServer replica(s) with dynamic batching (``Scorer.score_many``) and autoscaling;
 - **fastapi**: one uvicorn worker serving a bare FastAPI app with the same routes and the same
-  request parsing / response encoding (``serving.app``'s helpers), one ``Scorer.score_table`` call
+  request parsing / response encoding (``unusual.serving.app``'s helpers), one ``Scorer.score_table`` call
   per request, run in Starlette's threadpool (``--fastapi-inline``: in the event loop), torch on
   ``--fastapi-threads`` threads (default 1).
 
@@ -24,7 +24,7 @@ used during the scenario and (serve) the model replicas running.
 
 Before the load, 1,000 cardio rows are scored through each endpoint (bulk Arrow and JSON, and 200
 of them as concurrent single-row requests) and compared with an in-process ``Scorer`` on the same
-rows; the batch job (``ray_jobs.score``) scores the same rows once more (``--skip-batch-job``).
+rows; the batch job (``unusual.ray_jobs.score``) scores the same rows once more (``--skip-batch-job``).
 Written to ``benchmarks/results/serve_latency.json``; a markdown table is printed at the end.
 """
 
@@ -66,7 +66,7 @@ SINGLE_REL_TOLERANCE = 1e-5  # single rows go through other matrix shapes (batch
 
 
 def _cardio() -> pa.Table:
-    from ray_jobs import sample_data
+    from unusual.ray_jobs import sample_data
 
     return sample_data.load("cardio").drop_columns(["label"])
 
@@ -83,8 +83,7 @@ def ensure_bundle(workdir: Path, epochs: int, seed: int) -> tuple[Path, dict]:
         if {k: cached.get(k) for k in meta} == meta:
             return path, {**cached, "cached": True}
     import torch
-
-    from models import Detector
+    from unusual.models import Detector
 
     torch.set_num_threads(1)  # training is not measured; one thread behaves best on a shared 2-core machine
     table = _cardio()
@@ -127,8 +126,7 @@ def serve_worker(argv: list[str]) -> int:
 
     import ray
     from ray import serve
-
-    from serving.app import ServeSettings, build
+    from unusual.serving.app import ServeSettings, build
 
     overrides = {k: v for k, v in (("max_batch_size", a.max_batch_size), ("max_replicas", a.max_replicas)) if v}
     settings = ServeSettings(models={MODEL: a.bundle}, **overrides)
@@ -176,11 +174,10 @@ def fastapi_worker(argv: list[str]) -> int:
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response
     from starlette.concurrency import run_in_threadpool
-
-    from models import Scorer
+    from unusual.models import Scorer
 
     # The same parsing and encoding as the Serve gateway, so that only the serving machinery differs.
-    from serving.app import RequestError, _finite, body_to_table, scored_rows, table_to_body
+    from unusual.serving.app import RequestError, _finite, body_to_table, scored_rows, table_to_body
 
     torch.set_num_threads(a.threads)
     scorer = Scorer(a.bundle, top_k=3, stream=False)  # as ModelServer.reconfigure loads it
@@ -363,15 +360,14 @@ def load_worker(argv: list[str]) -> int:
 
 
 def batch_worker(argv: list[str]) -> int:
-    """``serve_latency.py _batch``: ``ray_jobs.score.run`` on a local Ray; prints its summary."""
+    """``serve_latency.py _batch``: ``unusual.ray_jobs.score.run`` on a local Ray; prints its summary."""
     p = argparse.ArgumentParser(prog="serve_latency.py _batch")
     for flag in ("--bundle", "--data", "--output"):
         p.add_argument(flag, required=True)
     a = p.parse_args(argv)
 
     import ray
-
-    from ray_jobs.score import ScoreJob, run
+    from unusual.ray_jobs.score import ScoreJob, run
 
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
@@ -714,7 +710,7 @@ def score_problems(chk: dict) -> list[str]:
 
 
 def batch_job_check(args, bundle: Path, rows: pa.Table, ref: pa.Table, env: dict) -> dict:
-    """``ray_jobs.score`` on a Parquet of the same rows (plus an ``id``), in a subprocess with its own Ray."""
+    """``unusual.ray_jobs.score`` on a Parquet of the same rows (plus an ``id``), in a subprocess with its own Ray."""
     import pyarrow.parquet as pq
 
     work = Path(args.workdir) / "batch_check"
@@ -820,7 +816,7 @@ def markdown(record: dict) -> str:
     b = record.get("batch_job_check")
     if b:
         if "max_abs_diff" in b:
-            lines.append(f"- batch job (ray_jobs.score) vs in-process Scorer: {b['rows']} rows, "
+            lines.append(f"- batch job (unusual.ray_jobs.score) vs in-process Scorer: {b['rows']} rows, "
                          f"max |diff| {b['max_abs_diff']:.3g}, is_anomaly equal {b['is_anomaly_equal']} "
                          f"({b['wall_seconds']} s)")
         else:
@@ -906,7 +902,7 @@ def main() -> int:
     bundle, bundle_meta = ensure_bundle(workdir, args.epochs, args.seed)
     record["bundle"] = {"path": str(bundle), **bundle_meta}
 
-    from models import Scorer
+    from unusual.models import Scorer
 
     check_rows = _cardio().slice(0, args.check_rows)
     ref = Scorer(str(bundle)).score_table(check_rows)

@@ -4,7 +4,7 @@
 
 All three runs train the same AE (same config, batch size, epochs, seed) on the
 same Parquet shards on the same cores; the plain loop reads the shards with
-pyarrow into memory and calls the same ``models.training.train_step``. Written
+pyarrow into memory and calls the same ``unusual.models.training.train_step``. Written
 to ``benchmarks/results/train_throughput.json``: samples/s of each (training
 epochs only, from the per-epoch timings), the ratio to the plain loop, the wall
 time of the whole job and the validation loss each reaches.
@@ -31,10 +31,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.detector import split_params  # noqa: E402
-from models.features import FeatureSchema  # noqa: E402
-from models.registry import family  # noqa: E402
-from models.training import EarlyStopping, Objective, eval_loss, make_optimizer, train_step  # noqa: E402
+from unusual.models.detector import split_params  # noqa: E402
+from unusual.models.features import FeatureSchema  # noqa: E402
+from unusual.models.registry import family  # noqa: E402
+from unusual.models.training import EarlyStopping, Objective, eval_loss, make_optimizer, train_step  # noqa: E402
 
 
 def make_data(path: Path, rows: int, features: int, shards: int, seed: int = 0) -> None:
@@ -51,7 +51,7 @@ def make_data(path: Path, rows: int, features: int, shards: int, seed: int = 0) 
 
 def plain_loop(data: Path, params: dict) -> dict:
     """The baseline: one process, pyarrow into memory, the same schema, split and train_step."""
-    from ray_jobs.data import row_uniforms
+    from unusual.ray_jobs.data import row_uniforms
 
     torch.set_num_threads(os.cpu_count() or 1)
     t0 = time.perf_counter()
@@ -89,7 +89,7 @@ def plain_loop(data: Path, params: dict) -> dict:
 
 
 def ray_run(data: Path, params: dict, workers: int, out: Path) -> dict:
-    from ray_jobs.train import TrainJob, run
+    from unusual.ray_jobs.train import TrainJob, run
 
     t0 = time.perf_counter()
     manifest = run(TrainJob(str(data), str(out), "ae", params, num_workers=workers, overwrite=True))

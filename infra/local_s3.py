@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     fs = s3fs.S3FileSystem()
     fs.mkdir(args.bucket)
     if args.seed_sample_data:
-        from ray_jobs import sample_data
+        from unusual.ray_jobs import sample_data
 
         for name in sample_data.SETS:
             table = sample_data.load(name)

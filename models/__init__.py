@@ -2,8 +2,8 @@
 
 Pure PyTorch + numpy + pyarrow + fsspec; never imports Ray.
 
-The public names are imported lazily, so that ``models.errors`` or
-``models.features`` can be used (e.g. in Ray Data read tasks) without loading
+The public names are imported lazily, so that ``unusual.models.errors`` or
+``unusual.models.features`` can be used (e.g. in Ray Data read tasks) without loading
 PyTorch.
 """
 
@@ -12,16 +12,16 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Bundle": "models.bundle",
-    "load_bundle": "models.bundle",
-    "save_bundle": "models.bundle",
-    "Detector": "models.detector",
-    "BundleError": "models.errors",
-    "BundleVersionError": "models.errors",
-    "NotFittedError": "models.errors",
-    "SchemaError": "models.errors",
-    "kinds": "models.registry",
-    "Scorer": "models.scorer",
+    "Bundle": "unusual.models.bundle",
+    "load_bundle": "unusual.models.bundle",
+    "save_bundle": "unusual.models.bundle",
+    "Detector": "unusual.models.detector",
+    "BundleError": "unusual.models.errors",
+    "BundleVersionError": "unusual.models.errors",
+    "NotFittedError": "unusual.models.errors",
+    "SchemaError": "unusual.models.errors",
+    "kinds": "unusual.models.registry",
+    "Scorer": "unusual.models.scorer",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -29,10 +29,10 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
         globals()[name] = value
         return value
-    raise AttributeError(f"module 'models' has no attribute {name!r}")
+    raise AttributeError(f"module 'unusual.models' has no attribute {name!r}")
 
 
 def __dir__():

@@ -7,8 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from models.base import SquaredErrorModule, check_norm, default_latent, mlp
-from models.registry import register
+from .base import SquaredErrorModule, check_norm, default_latent, mlp
 
 
 @dataclass
@@ -51,7 +50,3 @@ class AutoEncoder(SquaredErrorModule):
 
     def errors(self, x):
         return (self(x) - x) ** 2
-
-
-# Bundles written before ``norm`` existed had no normalisation layers.
-register("ae", AutoEncoder, AEConfig, absent={"norm": None})

@@ -14,8 +14,6 @@ class AnomalyModule(nn.Module):
     :attr:`context_length`; the row being scored is the last step).
     """
 
-    sequence = False
-
     def loss(self, x: torch.Tensor) -> torch.Tensor:
         """Scalar training loss of a batch (mean over rows)."""
         raise NotImplementedError
@@ -31,7 +29,7 @@ class SquaredErrorModule(AnomalyModule):
 
     With ``normalize_errors`` (the default) each column's error is divided by
     its mean error on held-out normal data (``error_scale``, set by
-    :func:`models.training.calibrate_error_scale` after training and stored
+    :func:`unusual.models.training.calibrate_error_scale` after training and stored
     with the weights). A column that is hard to predict even when all is well
     (a noisy metric) then counts as much as an easy one, and the score reads as
     "how many times the usual error"; without it, the noisiest columns drown

@@ -12,7 +12,7 @@ Layout at any local path or fsspec URI (``s3://bucket/ckpt/run1``)::
 The content hash is the SHA-256 of the weights bytes and of the manifest
 without its ``content_hash`` field (canonical JSON). Loading checks the format
 version and the hash; a bundle that is corrupt, truncated or of a newer format
-raises :class:`models.errors.BundleError` / :class:`BundleVersionError`.
+raises :class:`unusual.models.errors.BundleError` / :class:`BundleVersionError`.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 
-from models.errors import BundleError, BundleVersionError
-from models.features import FeatureSchema
-from models.registry import family
+from .errors import BundleError, BundleVersionError
+from .features import FeatureSchema
+from .registry import family
 
 if TYPE_CHECKING:
     import torch
@@ -44,7 +44,7 @@ WEIGHTS = "weights.pt"
 def library_versions() -> dict:
     import torch
 
-    from models import __version__
+    from . import __version__
 
     return {
         "unusual": __version__,

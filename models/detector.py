@@ -7,7 +7,7 @@
 
 Lifecycle: ``fit`` learns the feature schema, trains the module on a seeded
 split and fits the threshold on the held-out split's scores; scoring goes
-through :class:`models.scorer.Scorer`, the same code the batch job and the
+through :class:`unusual.models.scorer.Scorer`, the same code the batch job and the
 Serve deployment use.
 """
 
@@ -20,15 +20,15 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from models.bundle import Bundle, build_manifest, load_bundle, save_bundle, seal
-from models.errors import NotFittedError, SchemaError
-from models.features import FeatureConfig, FeatureSchema
-from models.registry import family
-from models.scorer import Scorer
-from models.tables import to_table
-from models.thresholds import ThresholdConfig, fit_threshold
-from models.training import History, TrainConfig, _batches, calibrate_error_scale, fit_module, split_indices
-from models.windows import training_windows
+from .bundle import Bundle, build_manifest, load_bundle, save_bundle, seal
+from .errors import NotFittedError, SchemaError
+from .features import FeatureConfig, FeatureSchema
+from .registry import family
+from .scorer import Scorer
+from .tables import to_table
+from .thresholds import ThresholdConfig, fit_threshold
+from .training import History, TrainConfig, _batches, calibrate_error_scale, fit_module, split_indices
+from .windows import training_windows
 
 log = logging.getLogger("unusual")
 

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from models.errors import SchemaError
+from .errors import SchemaError
 
 SCALINGS = ("standard", "robust", "none")
 NAN_POLICIES = ("raise", "impute")

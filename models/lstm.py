@@ -12,7 +12,7 @@ Two objectives:
 Every row gets exactly one score. The rule for rows with less history than the
 window (the start of a series, or a series shorter than the window) is edge
 padding: the missing earlier rows are copies of the series' first row (see
-:mod:`models.windows`). Training uses only full windows.
+:mod:`unusual.models.windows`). Training uses only full windows.
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from models.base import SquaredErrorModule
-from models.registry import register
+from .base import SquaredErrorModule
 
 
 @dataclass
@@ -48,8 +47,6 @@ class LSTMConfig:
 
 
 class LSTMDetector(SquaredErrorModule):
-    sequence = True
-
     def __init__(self, config: LSTMConfig, width: int):
         super().__init__()
         self.config = config
@@ -81,6 +78,3 @@ class LSTMDetector(SquaredErrorModule):
         pred, target = self._predict(x)
         err = (pred - target) ** 2
         return err[:, -1] if err.dim() == 3 else err
-
-
-register("lstm", LSTMDetector, LSTMConfig, sequence=True)

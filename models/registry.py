@@ -1,25 +1,48 @@
-"""The model registry: one line per model family.
+"""The model registry: the one truth about a model family, one line per family.
 
 A family is a ``torch.nn.Module`` subclass with a config dataclass. It is built
 as ``Module(config, width)`` (``width`` = columns of the encoded feature matrix)
-and implements the scoring contract of :class:`models.base.AnomalyModule`.
-The conformance tests run over every entry here.
+and implements the scoring contract of :class:`unusual.models.base.AnomalyModule`.
+Whether it scores sequences (windows per entity) or single rows is said here
+and nowhere else: the batch job, the endpoint and the CLI ask the registry.
+
+Entries name their classes as ``"module:Class"`` strings, imported on first
+use, so that reading the registry (which kinds exist, which are sequence
+families) never loads PyTorch: the CLI and the drivers of the Ray jobs stay
+light. A new family is one file plus one line below; the conformance tests run
+over every entry.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
+
+
+def _resolve(ref):
+    if not isinstance(ref, str):
+        return ref
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 @dataclass(frozen=True)
 class ModelFamily:
     kind: str
-    module: type
-    config: type
-    sequence: bool
+    module_ref: object  # the nn.Module class, or "package.module:Class"
+    config_ref: object  # the config dataclass, or "package.module:Class"
+    sequence: bool = False
     # Values of config fields added after bundles were first written, for
     # manifests that lack them (what those bundles were trained with).
     absent: dict = field(default_factory=dict)
+
+    @property
+    def module(self) -> type:
+        return _resolve(self.module_ref)
+
+    @property
+    def config(self) -> type:
+        return _resolve(self.config_ref)
 
     def stored_config(self, stored: dict):
         """The config of a stored manifest's ``model_config``."""
@@ -29,12 +52,12 @@ class ModelFamily:
 REGISTRY: dict[str, ModelFamily] = {}
 
 
-def register(kind: str, module: type, config: type, sequence: bool = False, absent: dict | None = None) -> None:
+def register(kind: str, module, config, sequence: bool = False, absent: dict | None = None) -> None:
+    """Add a family: ``module`` and ``config`` are classes or ``"module:Class"`` strings."""
     REGISTRY[kind] = ModelFamily(kind, module, config, sequence, dict(absent or {}))
 
 
 def family(kind: str) -> ModelFamily:
-    _load_builtin()
     try:
         return REGISTRY[kind]
     except KeyError:
@@ -42,10 +65,13 @@ def family(kind: str) -> ModelFamily:
 
 
 def kinds() -> list[str]:
-    _load_builtin()
     return sorted(REGISTRY)
 
 
-def _load_builtin() -> None:
-    # Importing a family's file registers it.
-    from models import ae, lstm, vae  # noqa: F401
+DEFAULT_KIND = "ae"
+
+# ---------------------------------------------------------------- the built-in families
+# AE and VAE bundles written before ``norm`` existed had no normalisation layers.
+register("ae", "unusual.models.ae:AutoEncoder", "unusual.models.ae:AEConfig", absent={"norm": None})
+register("vae", "unusual.models.vae:VAE", "unusual.models.vae:VAEConfig", absent={"norm": None})
+register("lstm", "unusual.models.lstm:LSTMDetector", "unusual.models.lstm:LSTMConfig", sequence=True)

@@ -28,10 +28,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from models.bundle import Bundle, load_bundle
-from models.tables import TOP_FEATURE_TYPE, to_table
-from models.training import resolve_device
-from models.windows import padded_windows, segments, sort_order
+from .bundle import Bundle, load_bundle
+from .registry import family
+from .tables import TOP_FEATURE_TYPE, to_table
+from .training import resolve_device
+from .windows import padded_windows, segments, sort_order
 
 
 class Scorer:
@@ -55,7 +56,7 @@ class Scorer:
         self.errors = errors
         self.stream = stream
         self.schema = self.bundle.schema
-        self.sequence = bool(getattr(self.bundle.module, "sequence", False))
+        self.sequence = family(self.bundle.kind).sequence
         cfg = self.bundle.model_config
         self.entity = getattr(cfg, "entity_column", None)
         self.time = getattr(cfg, "time_column", None)

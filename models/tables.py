@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from models.errors import SchemaError
+from .errors import SchemaError
 
 # The scorer's attribution column: the top-k features of each row, largest share first.
 TOP_FEATURE_TYPE = pa.list_(pa.struct([("feature", pa.string()), ("contribution", pa.float64())]))

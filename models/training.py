@@ -193,7 +193,7 @@ def fit_module(
     """Train ``module`` on ``data[train_idx]``; early-stop on ``data[val_idx]``.
 
     ``data`` is anything indexable by an integer array that returns a float32
-    numpy batch: the encoded matrix, or a :class:`models.windows.WindowSet`.
+    numpy batch: the encoded matrix, or a :class:`unusual.models.windows.WindowSet`.
     """
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)

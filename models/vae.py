@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from models.base import AnomalyModule, check_norm, default_latent, mlp
-from models.registry import register
+from .base import AnomalyModule, check_norm, default_latent, mlp
 
 _LOG2PI = math.log(2 * math.pi)
 
@@ -95,7 +94,3 @@ class VAE(AnomalyModule):
         if self.config.score == "elbo":
             score = score + self._kl(mu, logvar)
         return score, terms
-
-
-# Bundles written before ``norm`` existed had no normalisation layers.
-register("vae", VAE, VAEConfig, absent={"norm": None})

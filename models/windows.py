@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from models.errors import SchemaError
+from .errors import SchemaError
 
 
 def sort_order(table: pa.Table, entity: str | None, time: str | None) -> np.ndarray | None:

@@ -1,7 +1,7 @@
 """Ray Data adapters: Parquet on object storage in, encoded training data out.
 
 The feature schema is fit with a distributed aggregation (mergeable
-per-block :class:`models.features.FeatureStats`, reduced on the driver: the
+per-block :class:`unusual.models.features.FeatureStats`, reduced on the driver: the
 driver sees one small summary per block, never the rows). Encoding, the
 train / validation split and LSTM windowing run in Ray tasks with the same
 ``models`` functions the in-memory API uses.
@@ -18,9 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from models.features import FeatureConfig, FeatureSchema, FeatureStats, resolve_columns
-from models.windows import training_windows
-from ray_jobs.local_io import filesystem
+from ..models.features import FeatureConfig, FeatureSchema, FeatureStats, resolve_columns
+from ..models.windows import training_windows
+from .local_io import filesystem
 
 ENTITY_KEY = "__unusual_entity__"
 
@@ -204,7 +204,7 @@ def window_dataset(
     """Full training windows, built per entity (never across entities) in Ray tasks.
 
     Rows are grouped by entity with a distributed shuffle; each group is sorted
-    by time and windowed by :class:`models.windows.WindowSet`. Without an entity
+    by time and windowed by :class:`unusual.models.windows.WindowSet`. Without an entity
     column the whole series is one group, windowed in one task.
     """
     key = entity

@@ -29,8 +29,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from models.metrics import roc_auc  # noqa: F401  (re-exported: older imports use ray_jobs.demo.roc_auc)
-from ray_jobs import sample_data
+from ..models.metrics import roc_auc  # noqa: F401  (re-exported: older imports use unusual.ray_jobs.demo.roc_auc)
+from . import sample_data
 
 BUCKET = "unusual-demo"
 SERIES = ("nab_ec2_request_latency", "nab_machine_temperature")
@@ -136,12 +136,12 @@ def run_demo(workdir: str, quick: bool = False) -> int:
 def _steps(work: Path, quick: bool, t_start: float) -> int:
     import s3fs
 
-    from ray_jobs.evaluate import EvaluateJob
-    from ray_jobs.evaluate import run as evaluate
-    from ray_jobs.score import ScoreJob
-    from ray_jobs.score import run as score
-    from ray_jobs.train import TrainJob
-    from ray_jobs.train import run as train
+    from .evaluate import EvaluateJob
+    from .evaluate import run as evaluate
+    from .score import ScoreJob
+    from .score import run as score
+    from .train import TrainJob
+    from .train import run as train
 
     fs = s3fs.S3FileSystem()
     fs.mkdir(BUCKET)
@@ -198,8 +198,8 @@ def _serve_and_request(bundles: dict, data: dict, scored: dict) -> dict:
     import requests
     from ray import serve
 
-    from ray_jobs.local_io import filesystem
-    from serving.app import ServeSettings, build, wait_ready
+    from ..serving.app import ServeSettings, build, wait_ready
+    from .local_io import filesystem
 
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -1,7 +1,7 @@
 """Evaluation of batch-scoring output against labels, at scale.
 
     unusual evaluate --scores s3://bucket/scores/ --label-column label
-    python -m ray_jobs.evaluate --scores ... --label-column label     (the same code path)
+    python -m unusual.ray_jobs.evaluate --scores ... --label-column label     (the same code path)
 
 The scores are the Parquet files the batch scoring job writes (``anomaly_score``,
 ``is_anomaly``, ``top_features``, ``model_version`` and the kept columns, one
@@ -16,7 +16,7 @@ Nothing is collected on the driver but per-block summaries:
    edges are the sample's quantiles, so the bins follow heavy-tailed scores;
    when the sample holds every score the edges are the distinct scores and
    every metric is exact.
-2. Each block becomes a :class:`models.metrics.ScoreHistogram` over those
+2. Each block becomes a :class:`unusual.models.metrics.ScoreHistogram` over those
    edges (positives and negatives per bin, the confusion counts of
    ``is_anomaly``); the histograms are added up as they arrive and give
    ROC-AUC, PR-AUC (average precision), the best F1 over the bin edges and
@@ -24,7 +24,7 @@ Nothing is collected on the driver but per-block summaries:
 3. With a time column, step 2 runs per group instead: rows are grouped by
    entity (one group without an entity column) and sorted by time, and every
    contiguous run of positive labels (a segment) gets its maximum score
-   (:func:`models.metrics.adjusted_scores`); the histograms of these scores,
+   (:func:`unusual.models.metrics.adjusted_scores`); the histograms of these scores,
    with the model's flags point-adjusted, give the ``pa_*`` metrics. Rows
    without a label are left out before the runs are found.
 
@@ -48,12 +48,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from models.errors import SchemaError
-from models.features import _NumStats
-from models.metrics import ScoreHistogram, adjusted_scores, label_segments, point_adjust, quantile_edges
-from ray_jobs.data import DataError, list_parquet_files, storage_errors
-from ray_jobs.local_io import filesystem
-from ray_jobs.runtime import progress
+from ..models.errors import SchemaError
+from ..models.features import _NumStats
+from ..models.metrics import ScoreHistogram, adjusted_scores, label_segments, point_adjust, quantile_edges
+from ..runtime import progress
+from .data import DataError, list_parquet_files, storage_errors
+from .local_io import filesystem
 
 SCORE, FLAG, VERSION = "anomaly_score", "is_anomaly", "model_version"
 JOB_FILE = "_unusual/job.json"
@@ -336,7 +336,7 @@ def _metrics_of(h: ScoreHistogram, prefix: str = "") -> dict:
 def run(job: EvaluateJob) -> dict:
     """Evaluate the scores at ``job.scores``; writes ``metrics.json`` and ``report.html``
     to the output and returns the metrics."""
-    from ray_jobs.runtime import ensure_ray
+    from ..runtime import ensure_ray
 
     files, pafs = list_score_files(job.scores)
     columns = _check_schema(job.scores, files, pafs, job)
@@ -607,7 +607,7 @@ def cmd_evaluate(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ray_jobs.cli import main as cli_main
+    from ..cli import main as cli_main
 
     return cli_main(["evaluate", *(sys.argv[1:] if argv is None else argv)])
 

@@ -2,7 +2,7 @@
 
     unusual score --checkpoint s3://b/models/ae --data s3://b/events/ --output s3://b/scores/ae \\
         --keep-columns event_id,label
-    python -m ray_jobs.score ...                                  (the same code path)
+    python -m unusual.ray_jobs.score ...                                  (the same code path)
 
 How it works
 
@@ -61,8 +61,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from models.errors import SchemaError, UnusualError
-from ray_jobs.runtime import progress
+from ..models.errors import SchemaError, UnusualError
+from ..runtime import progress
 
 log = logging.getLogger("unusual")
 
@@ -115,7 +115,7 @@ class ScoreJob:
 
 
 def _footers(files: list[str], pafs) -> list[pq.FileMetaData]:
-    from ray_jobs.data import DataError
+    from .data import DataError
 
     def read(f):
         try:
@@ -147,14 +147,14 @@ class BundleInfo:
     kind: str
     version: str
     threshold: float
-    schema: object  # models.features.FeatureSchema
+    schema: object  # unusual.models.features.FeatureSchema
     entity_column: str | None
     time_column: str | None
 
     @classmethod
     def read(cls, uri: str) -> BundleInfo:
-        from models.bundle import read_bundle
-        from models.features import FeatureSchema
+        from ..models.bundle import read_bundle
+        from ..models.features import FeatureSchema
 
         m, _ = read_bundle(uri)
         cfg = m.get("model_config", {})
@@ -170,8 +170,8 @@ class BundleInfo:
 
 def plan(job: ScoreJob, bundle: BundleInfo) -> dict:
     """The job spec: files, units of work and columns. Small; lives on the driver."""
-    from models.tables import TOP_FEATURE_TYPE
-    from ray_jobs.data import list_parquet_files
+    from ..models.tables import TOP_FEATURE_TYPE
+    from .data import list_parquet_files
 
     files, pafs = list_parquet_files(job.data)
     metas = _footers(files, pafs)
@@ -271,7 +271,7 @@ class Output:
     """The output prefix: deterministic part names, atomic writes, listing."""
 
     def __init__(self, uri: str):
-        from ray_jobs.local_io import filesystem
+        from .local_io import filesystem
 
         self.uri = uri.rstrip("/")
         self.pafs, path, self.fs = filesystem(self.uri)
@@ -396,7 +396,7 @@ def _read_units(
 ):
     """Read task: yield the rows of each unit, tagged with (unit, row in unit)
     and, for sequences, the entity bucket (only rows of the ``todo`` buckets)."""
-    from ray_jobs.local_io import filesystem
+    from .local_io import filesystem
 
     pafs, _, _ = filesystem(data)
     for unit, path, rg0, rg1 in zip(batch["unit"], batch["path"], batch["rg0"], batch["rg1"]):
@@ -535,8 +535,8 @@ class ScoreActor:
     ):
         import torch
 
-        from models import Scorer
-        from ray_jobs.local_io import filesystem
+        from ..models import Scorer
+        from .local_io import filesystem
 
         torch.set_num_threads(max(1, threads))
         self.spec = spec
@@ -674,7 +674,7 @@ def _stats_batch(stats: list[dict]) -> dict:
 def _quarantine_units(batch: dict, spec: dict, output: str) -> dict:
     """Whole units of files that cannot be scored, copied to the quarantine
     with the reason; their output part is empty."""
-    from ray_jobs.local_io import filesystem
+    from .local_io import filesystem
 
     pafs, _, _ = filesystem(spec["data"])
     writer = _PartWriter(spec, output)
@@ -718,7 +718,7 @@ def plan_actors(job: ScoreJob, mode: str) -> dict:
     0.25 CPU each)."""
     import ray
 
-    from ray_jobs.runtime import ResourceError
+    from ..runtime import ResourceError
 
     total = ray.cluster_resources()
     cpus, gpus = float(total.get("CPU", 0)), float(total.get("GPU", 0))
@@ -751,8 +751,8 @@ def plan_actors(job: ScoreJob, mode: str) -> dict:
 
 def run(job: ScoreJob) -> dict:
     """Score ``job.data`` into ``job.output``; returns the summary."""
-    from ray_jobs.data import storage_errors
-    from ray_jobs.runtime import ensure_ray
+    from ..runtime import ensure_ray
+    from .data import storage_errors
 
     t0 = time.perf_counter()
     bundle = BundleInfo.read(job.checkpoint)
@@ -887,7 +887,7 @@ def _execute(job: ScoreJob, spec: dict, pending: list[int]) -> None:
 
 def summarize(out: Output, spec: dict, seconds: float, resumed: int = 0) -> dict:
     """Count every part from its footer and check rows in = scored + quarantined."""
-    from ray_jobs.data import DataError
+    from .data import DataError
 
     listing = out.listing()
     parts = _parts(listing)
@@ -934,7 +934,7 @@ def summarize(out: Output, spec: dict, seconds: float, resumed: int = 0) -> dict
 
 
 def add_score_args(p: argparse.ArgumentParser) -> None:
-    from ray_jobs.cli import _csv
+    from ..cli import _csv
 
     p.add_argument("--checkpoint", required=True, help="bundle URI written by unusual train / fit")
     p.add_argument("--data", required=True, help="Parquet file, folder or prefix of shards (local, s3://, gs://)")
@@ -974,7 +974,7 @@ def cmd_score(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ray_jobs.cli import main as cli_main
+    from ..cli import main as cli_main
 
     return cli_main(["score", *(sys.argv[1:] if argv is None else argv)])
 

@@ -1,14 +1,14 @@
 """Distributed training: Parquet on object storage -> Ray Data -> Ray Train -> bundle.
 
     unusual train --model ae --data s3://bucket/events/ --output s3://bucket/models/ae-1
-    python -m ray_jobs.train --model ae --data ... --output ...     (the same code path)
+    python -m unusual.ray_jobs.train --model ae --data ... --output ...     (the same code path)
 
 1. The Parquet shards are listed and checked (one schema) and read with Ray Data.
 2. The feature schema is fit from per-block statistics merged on the driver.
 3. Ray Data encodes rows (or builds LSTM windows per entity) and splits them
    into train / validation by a content hash, so every pass agrees.
 4. Ray Train runs :func:`train_loop` on N workers (DDP, gloo on CPU, NCCL on
-   GPU) with the same ``models.training.train_step`` as the in-memory API;
+   GPU) with the same ``unusual.models.training.train_step`` as the in-memory API;
    each epoch all-reduces the losses, checkpoints to the run's storage and
    early-stops on the validation loss. Failed workers restart from the last
    checkpoint (``--max-failures``).
@@ -32,13 +32,13 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from models.bundle import MANIFEST, build_manifest, save_bundle
-from models.detector import split_params
-from models.errors import BundleError, SchemaError
-from models.features import _NumStats
-from models.registry import family
-from models.thresholds import fit_threshold_tail, tail_fraction
-from models.training import (
+from ..models.bundle import MANIFEST, build_manifest, save_bundle
+from ..models.detector import split_params
+from ..models.errors import BundleError, SchemaError
+from ..models.features import _NumStats
+from ..models.registry import family
+from ..models.thresholds import fit_threshold_tail, tail_fraction
+from ..models.training import (
     EarlyStopping,
     Objective,
     TrainConfig,
@@ -47,7 +47,7 @@ from models.training import (
     make_optimizer,
     train_step,
 )
-from ray_jobs.runtime import ResourceError, ensure_ray, progress  # noqa: F401  (ResourceError: part of this API)
+from ..runtime import ResourceError, ensure_ray, progress  # noqa: F401  (ResourceError: part of this API)
 
 log = logging.getLogger("unusual")
 
@@ -261,7 +261,7 @@ def _error_block(batch: dict, kind: str, model_config: dict, width: int, state) 
 
 
 def calibrate_at_scale(module, data, kind: str, model_config: dict, width: int) -> None:
-    """``models.training.calibrate_error_scale`` over a Ray Dataset: per-block
+    """``unusual.models.training.calibrate_error_scale`` over a Ray Dataset: per-block
     column sums of the errors, added up on the driver."""
     import ray
 
@@ -287,7 +287,7 @@ def fit_threshold_at_scale(scores, cfg) -> dict:
     Pass 1 merges per-block counts and reservoir samples to find a score below
     which at most the needed top tail lies (with a safety margin); pass 2
     collects the exact scores above it. The result equals fitting on every
-    score (``models.thresholds.fit_threshold_tail``).
+    score (``unusual.models.thresholds.fit_threshold_tail``).
     """
     import pickle
     from functools import reduce
@@ -324,7 +324,7 @@ def fit_threshold_at_scale(scores, cfg) -> dict:
 def _output_exists(uri: str) -> bool:
     import fsspec
 
-    from ray_jobs.data import storage_errors
+    from .data import storage_errors
 
     with storage_errors(uri, "checking"):
         fs, path = fsspec.core.url_to_fs(uri)
@@ -341,7 +341,7 @@ def run(job: TrainJob) -> dict:
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from ray_jobs import data as rdata
+    from . import data as rdata
 
     t_start = time.perf_counter()
     resources = plan_resources(job.num_workers, job.use_gpu, job.cpus_per_worker)
@@ -468,7 +468,7 @@ def run(job: TrainJob) -> dict:
 
 
 def job_from_args(args) -> TrainJob:
-    from ray_jobs.cli import model_params
+    from ..cli import model_params
 
     kind, params = model_params(args)
     return TrainJob(
@@ -509,7 +509,7 @@ def cmd_train(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ray_jobs.cli import main as cli_main
+    from ..cli import main as cli_main
 
     return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 

@@ -13,9 +13,9 @@ ingress deployment (FastAPI) that routes by model name:
     GET  /v1/jobs/{id}                  its status
     GET  /docs, /openapi.json           the documented API
 
-Build it with :func:`build_app` (``serve run serving.app:build_app models=ae=s3://…``,
+Build it with :func:`build_app` (``serve run unusual.serving.app:build_app models=ae=s3://…``,
 ``serve deploy`` with ``serving/serve_config.yaml``, a KubeRay RayService's
-``import_path: serving.app:build_app``) or ``unusual serve``.
+``import_path: unusual.serving.app:build_app``) or ``unusual serve``.
 
 A new checkpoint for a model is a new ``user_config``: Serve calls
 ``ModelServer.reconfigure`` on the live replicas, which load the new bundle and
@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 from fastapi import Request
 from ray import serve
 
-from ray_jobs.runtime import ResourceError
+from ..runtime import ResourceError
 
 log = logging.getLogger("unusual.serve")
 
@@ -254,7 +254,7 @@ class ModelServer:
 
     def reconfigure(self, config: dict) -> None:
         """Load (or swap to) the bundle at ``config["checkpoint"]``."""
-        from models import Scorer
+        from ..models import Scorer
 
         uri = config["checkpoint"]
         device = "cuda" if self.settings.use_gpu else "cpu"
@@ -337,7 +337,7 @@ class ModelServer:
         return {"model": self.name, "model_version": scorer.version}
 
     def _rejected(self, scorer, e: Exception) -> dict:
-        from models.errors import UnusualError
+        from ..models.errors import UnusualError
 
         self.m_bad.inc(tags=self._tags(scorer))
         if isinstance(e, (UnusualError, ValueError, TypeError, KeyError, pa.ArrowException)):
@@ -507,7 +507,7 @@ class Gateway:
         if not isinstance(keep, list) or not all(isinstance(c, str) for c in keep):
             return self._error(422, "field 'keep_columns' must be a list of column names")
         info = await self.handles[name].info.remote()
-        cmd = [sys.executable, "-m", "ray_jobs.score", "--checkpoint", info["checkpoint"], "--data", doc["data"],
+        cmd = [sys.executable, "-m", "unusual.ray_jobs.score", "--checkpoint", info["checkpoint"], "--data", doc["data"],
                "--output", doc["output"]]
         if keep:
             cmd += ["--keep-columns", ",".join(keep)]
@@ -616,8 +616,8 @@ def parse_models(spec) -> dict[str, str]:
 
 
 def build_app(args: dict):
-    """Application builder for ``serve run serving.app:build_app models=…``, Serve config files and
-    KubeRay's RayService (``import_path: serving.app:build_app`` with ``args``)."""
+    """Application builder for ``serve run unusual.serving.app:build_app models=…``, Serve config files and
+    KubeRay's RayService (``import_path: unusual.serving.app:build_app`` with ``args``)."""
     args = dict(args)
     models = parse_models(args.pop("models", {}))
     fields = {f.name: f for f in ServeSettings.__dataclass_fields__.values() if f.name != "models"}

@@ -27,7 +27,7 @@ CLUSTER = REPO / "cluster"
 INFRA = REPO / "infra"
 KUBERAY = CLUSTER / "kuberay"
 
-JOB_MODULES = {"ray_jobs.train": "train", "ray_jobs.score": "score", "ray_jobs.evaluate": "evaluate"}
+JOB_MODULES = {"unusual.ray_jobs.train": "train", "unusual.ray_jobs.score": "score", "unusual.ray_jobs.evaluate": "evaluate"}
 KUBERAY_KINDS = {"RayCluster", "RayJob", "RayService"}
 GPU = "nvidia.com/gpu"
 # A command example starts with one of these (after optional VAR=value assignments).
@@ -64,11 +64,11 @@ def docs_of_kind(kind: str) -> list[tuple[Path, dict]]:
 
 
 def parse_cli(subcommand: str, flags: list[str], where: str, command: str):
-    """``ray_jobs.cli.build_parser().parse_args([subcommand, *flags])``; a failure names the file and flag."""
+    """``unusual.cli.build_parser().parse_args([subcommand, *flags])``; a failure names the file and flag."""
     import argparse
     import difflib
 
-    from ray_jobs.cli import build_parser
+    from unusual.cli import build_parser
 
     parser = build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -296,7 +296,7 @@ def test_the_readme_shows_job_submission_with_token_auth():
     commands = markdown_commands(CLUSTER / "README.md")
     submits = [c for c in commands if split_command(c)[:3] == ["ray", "job", "submit"]]
     modules = {split_command(c)[split_command(c).index("--") + 3] for c in submits}
-    assert modules >= {"ray_jobs.train", "ray_jobs.score", "ray_jobs.evaluate"}, modules
+    assert modules >= {"unusual.ray_jobs.train", "unusual.ray_jobs.score", "unusual.ray_jobs.evaluate"}, modules
     assert "RAY_AUTH_MODE=token" in text
     assert re.search(r"kubectl apply -f cluster/kuberay/\S+\.yaml", text)
 
@@ -311,7 +311,7 @@ def test_paths_named_in_readmes_exist(path):
 
 def test_bad_flag_is_reported_with_file_and_flag():
     """The failure message names the file and the flag, so a drifted manifest is easy to fix."""
-    score = "python -m ray_jobs.score --checkpoint s3://b/m --data s3://b/d --output s3://b/o"
+    score = "python -m unusual.ray_jobs.score --checkpoint s3://b/m --data s3://b/d --output s3://b/o"
     for extra, flag in [("--keep id", "--keep"), ("--keep-column id", "--keep-column"), ("--gpu", "--gpu")]:
         with pytest.raises(pytest.fail.Exception) as e:
             check_job_command(shlex.split(f"{score} {extra}"), "cluster/kuberay/example.yaml", "...")
@@ -321,9 +321,9 @@ def test_bad_flag_is_reported_with_file_and_flag():
     with pytest.raises(pytest.fail.Exception, match="example.yaml.*--top-k.*invalid int"):
         check_job_command(shlex.split(f"{score} --top-k three"), "cluster/kuberay/example.yaml", "...")
     with pytest.raises(pytest.fail.Exception, match="example.yaml.*required.*--output"):
-        check_job_command(shlex.split("python -m ray_jobs.train --data s3://b/d"), "cluster/kuberay/example.yaml", "")
-    with pytest.raises(pytest.fail.Exception, match="rayjob.yaml.*ray_jobs.fit"):
-        check_job_command(["python", "-m", "ray_jobs.fit", "--data", "x"], "rayjob.yaml", "python -m ray_jobs.fit")
+        check_job_command(shlex.split("python -m unusual.ray_jobs.train --data s3://b/d"), "cluster/kuberay/example.yaml", "")
+    with pytest.raises(pytest.fail.Exception, match="rayjob.yaml.*unusual.ray_jobs.fit"):
+        check_job_command(["python", "-m", "unusual.ray_jobs.fit", "--data", "x"], "rayjob.yaml", "python -m unusual.ray_jobs.fit")
 
 
 # --------------------------------------------------------------------------- KubeRay manifests
@@ -412,7 +412,7 @@ def started_resources(spec: dict) -> tuple[float, float]:
 
 def test_rayjob_clusters_have_what_their_entrypoints_check_for_at_start():
     """The jobs size themselves from the resources up when they start and fail at once when these are
-    too few (ray_jobs.train / ray_jobs.score); a RayJob's own cluster must provide them from the start."""
+    too few (unusual.ray_jobs.train / unusual.ray_jobs.score); a RayJob's own cluster must provide them from the start."""
     for path, doc in docs_of_kind("RayJob"):
         spec = doc["spec"]
         if "rayClusterSpec" not in spec:
@@ -464,18 +464,17 @@ def test_rayservice_serve_config_is_valid_for_serve():
 def test_rayservice_builds_the_application_from_its_args(monkeypatch):
     """build_app only binds the deployments (ServeSettings checks the args); nothing is loaded."""
     from ray.serve.deployment import Application
-
-    from serving.app import build_app, parse_models
+    from unusual.serving.app import build_app, parse_models
 
     monkeypatch.delenv("UNUSUAL_SERVE_TOKEN", raising=False)
     for path, config in serve_configs():
         for app in config["applications"]:
-            assert app["import_path"] == "serving.app:build_app", f"{rel(path)}: import_path {app['import_path']!r}"
+            assert app["import_path"] == "unusual.serving.app:build_app", f"{rel(path)}: import_path {app['import_path']!r}"
             args = copy.deepcopy(app.get("args") or {})
             try:
                 built = build_app(args)
             except (ValueError, TypeError) as e:
-                pytest.fail(f"{rel(path)}: serving.app:build_app rejects the args of application {app['name']}: {e}")
+                pytest.fail(f"{rel(path)}: unusual.serving.app:build_app rejects the args of application {app['name']}: {e}")
             assert isinstance(built, Application)
             for name, uri in parse_models(args["models"]).items():
                 assert uri.startswith("s3://"), f"{rel(path)}: model {name}: {uri} is not an object-storage URI"

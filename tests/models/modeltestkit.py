@@ -29,7 +29,7 @@ TRAIN = {"epochs": 4, "batch_size": 64, "seed": 0}
 
 
 def tiny_params(kind: str, **extra) -> dict:
-    from models.registry import family
+    from unusual.models.registry import family
 
     fam = family(kind)
     params = {**TINY.get(kind, {}), **TRAIN}

@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 import torch
 from modeltestkit import tabular
-
-from models import BundleError, BundleVersionError, Detector, load_bundle
-from models.ae import AEConfig
-from models.bundle import FORMAT_VERSION, MANIFEST, WEIGHTS, content_hash
+from unusual.models import BundleError, BundleVersionError, Detector, load_bundle
+from unusual.models.ae import AEConfig
+from unusual.models.bundle import FORMAT_VERSION, MANIFEST, WEIGHTS, content_hash
 
 TINY = {"hidden": [16], "epochs": 4, "batch_size": 64, "seed": 0}
 

@@ -1,6 +1,6 @@
 """The contract every registered model family honours.
 
-Parametrized over ``models.registry.kinds()``: a newly registered family is
+Parametrized over ``unusual.models.registry.kinds()``: a newly registered family is
 tested automatically. One tiny model per kind is trained once for the module.
 """
 
@@ -13,9 +13,8 @@ import pyarrow as pa
 import pytest
 import torch
 from modeltestkit import auc, plant_outliers, plant_spikes, series, tabular, tiny_params
-
-from models import Detector, Scorer, kinds
-from models.registry import family
+from unusual.models import Detector, Scorer, kinds
+from unusual.models.registry import family
 
 KINDS = kinds()
 

@@ -12,9 +12,8 @@ import polars as pl
 import pyarrow as pa
 import pytest
 from modeltestkit import tabular
-
-from models import Detector, NotFittedError, SchemaError, Scorer
-from models.features import FeatureConfig, FeatureSchema, FeatureStats
+from unusual.models import Detector, NotFittedError, SchemaError, Scorer
+from unusual.models.features import FeatureConfig, FeatureSchema, FeatureStats
 
 TINY = {"hidden": [16], "epochs": 4, "batch_size": 64, "seed": 0}
 CATEGORICAL = ["protocol_type", "service", "flag"]

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
-
-from models.metrics import (
+from unusual.models.metrics import (
     ScoreHistogram,
     adjusted_scores,
     average_precision,

@@ -23,8 +23,7 @@ import numpy as np
 import pytest
 from modeltestkit import auc
 from sklearn.datasets import load_breast_cancer, load_wine
-
-from models import Detector
+from unusual.models import Detector
 
 
 def _breast_cancer():

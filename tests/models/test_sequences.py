@@ -9,8 +9,7 @@ import polars as pl
 import pyarrow as pa
 import pytest
 from modeltestkit import plant_spikes, series, tiny_params
-
-from models import Detector, SchemaError, Scorer
+from unusual.models import Detector, SchemaError, Scorer
 
 WINDOW = 8
 OBJECTIVES = ("forecast", "reconstruct")

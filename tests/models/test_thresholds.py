@@ -7,9 +7,15 @@ import math
 import numpy as np
 import pytest
 from modeltestkit import tabular
-
-from models import Detector
-from models.thresholds import ThresholdConfig, fit_gpd, fit_threshold, fit_threshold_tail, pot_threshold, tail_fraction
+from unusual.models import Detector
+from unusual.models.thresholds import (
+    ThresholdConfig,
+    fit_gpd,
+    fit_threshold,
+    fit_threshold_tail,
+    pot_threshold,
+    tail_fraction,
+)
 
 
 def gpd_sample(rng, n: int, xi: float, sigma: float) -> np.ndarray:

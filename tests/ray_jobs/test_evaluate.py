@@ -1,7 +1,7 @@
 """Evaluation of batch-scoring output on a real S3 endpoint (moto server) with a real local Ray.
 
 The metrics computed at scale (per-block summaries and histograms merged on the
-driver) are checked against scikit-learn and the in-memory ``models.metrics``
+driver) are checked against scikit-learn and the in-memory ``unusual.models.metrics``
 functions on the same rows.
 """
 
@@ -17,11 +17,10 @@ import pytest
 import s3fs
 from s3kit import put_shards
 from sklearn.metrics import average_precision_score, roc_auc_score
-
-from models import SchemaError
-from models.metrics import adjusted_scores, best_f1, label_segments, point_adjust, prf
-from ray_jobs.data import DataError
-from ray_jobs.evaluate import EvaluateJob, main, run
+from unusual.models import SchemaError
+from unusual.models.metrics import adjusted_scores, best_f1, label_segments, point_adjust, prf
+from unusual.ray_jobs.data import DataError
+from unusual.ray_jobs.evaluate import EvaluateJob, main, run
 
 TOP = pa.list_(pa.struct([("feature", pa.string()), ("contribution", pa.float64())]))
 

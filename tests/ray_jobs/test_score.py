@@ -17,13 +17,12 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 from s3kit import put_shards
-
-from models import Detector, SchemaError
-from models.errors import UnusualError
-from models.metrics import roc_auc
-from ray_jobs import sample_data
-from ray_jobs.local_io import filesystem
-from ray_jobs.score import QUARANTINE_DIR, ScoreJob, main, run
+from unusual.models import Detector, SchemaError
+from unusual.models.errors import UnusualError
+from unusual.models.metrics import roc_auc
+from unusual.ray_jobs import sample_data
+from unusual.ray_jobs.local_io import filesystem
+from unusual.ray_jobs.score import QUARANTINE_DIR, ScoreJob, main, run
 
 
 def _read(uri: str) -> pa.Table:
@@ -223,8 +222,7 @@ def test_cli_writes_local_output(ae, cardio_uri, tmp_path, capsys):
 )
 def test_gpu_actor_plan(monkeypatch, cluster, concurrency, expected):
     import ray
-
-    from ray_jobs.score import plan_actors
+    from unusual.ray_jobs.score import plan_actors
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: cluster)
     monkeypatch.setattr(ray, "available_resources", lambda: cluster)
@@ -235,9 +233,9 @@ def test_gpu_actor_plan(monkeypatch, cluster, concurrency, expected):
 
 def test_gpu_plan_errors(monkeypatch):
     import ray
+    from unusual.ray_jobs.score import plan_actors
 
-    from ray_jobs.runtime import ResourceError
-    from ray_jobs.score import plan_actors
+    from unusual.runtime import ResourceError
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
     monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 4.0})

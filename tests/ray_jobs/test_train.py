@@ -14,12 +14,11 @@ import pytest
 import s3fs
 import torch
 from s3kit import put_shards
-
-from models import BundleError, Detector, SchemaError, Scorer
-from ray_jobs import sample_data
-from ray_jobs.data import DataError
-from ray_jobs.demo import roc_auc
-from ray_jobs.train import ResourceError, TrainJob, run
+from unusual.models import BundleError, Detector, SchemaError, Scorer
+from unusual.ray_jobs import sample_data
+from unusual.ray_jobs.data import DataError
+from unusual.ray_jobs.demo import roc_auc
+from unusual.ray_jobs.train import ResourceError, TrainJob, run
 
 FAST = {"epochs": 3, "hidden": [32, 16]}
 

@@ -19,9 +19,8 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import pytest
 import requests
-
-from models import Detector
-from ray_jobs import sample_data
+from unusual.models import Detector
+from unusual.ray_jobs import sample_data
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -66,8 +65,7 @@ def bundles(cardio, series, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(ray_cluster, bundles):
     from ray import serve
-
-    from serving.app import ServeSettings, build, wait_ready
+    from unusual.serving.app import ServeSettings, build, wait_ready
 
     dets, uris = bundles
     port = _free_port()
@@ -212,8 +210,7 @@ def test_bad_requests_get_a_4xx_naming_the_field(server, cardio):
 
 def test_bearer_token(ray_cluster, server, bundles, cardio):
     from ray import serve
-
-    from serving.app import ServeSettings, build
+    from unusual.serving.app import ServeSettings, build
 
     url, _ = server
     settings = ServeSettings(models={"ae": bundles[1]["ae"]}, auth_token="s3cret", num_cpus=0.1, max_replicas=1)
@@ -246,8 +243,7 @@ def _load(url: str, rows: list, stop: threading.Event, results: list, threads: i
 
 def test_model_swap_under_load_fails_no_request(server, bundles, cardio):
     from ray import serve
-
-    from serving.app import ServeSettings, build
+    from unusual.serving.app import ServeSettings, build
 
     url, settings = server
     dets, uris = bundles
@@ -351,14 +347,13 @@ def test_prometheus_metrics_count_rows_by_model_version(server, bundles, cardio)
 def test_serve_config_file_is_valid_and_builds_the_application():
     import yaml
     from ray.serve.schema import ServeDeploySchema
-
-    from serving.app import build_app
+    from unusual.serving.app import build_app
 
     with open("serving/serve_config.yaml") as f:
         cfg = yaml.safe_load(f)
     ServeDeploySchema.parse_obj(cfg)
     app_cfg = cfg["applications"][0]
-    assert app_cfg["import_path"] == "serving.app:build_app"
+    assert app_cfg["import_path"] == "unusual.serving.app:build_app"
     built = build_app(app_cfg["args"])  # binds the deployments; nothing is loaded until deployed
     assert type(built).__name__ == "Application"
     with pytest.raises(ValueError, match="unknown serve argument 'replicas'"):
@@ -371,9 +366,10 @@ def test_gpu_replicas_share_gpus_and_impossible_placements_are_refused(ray_clust
     """Each replica takes a share of a GPU (0.25 by default), so two models fit one GPU;
     a placement the cluster can never make is an error at once, not a replica pending forever
     (a whole GPU per replica left the second model waiting on a 1-GPU machine)."""
-    from ray_jobs.cli import main
-    from ray_jobs.runtime import ResourceError
-    from serving.app import ServeSettings
+    from unusual.serving.app import ServeSettings
+
+    from unusual.cli import main
+    from unusual.runtime import ResourceError
 
     _, uris = bundles
     two = {"ae": uris["ae"], "vae": uris["vae"]}

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from models.errors import UnusualError
+from .models.errors import UnusualError
 
 
 def progress(msg: str) -> None:

@@ -23,7 +23,7 @@ import sys
 
 import yaml
 
-from models.errors import UnusualError
+from .models.errors import UnusualError
 
 
 def _csv(value: str) -> list[str]:
@@ -103,8 +103,8 @@ def model_params(args: argparse.Namespace) -> tuple[str, dict]:
 
 
 def cmd_fit(args) -> int:
-    from models import Detector
-    from ray_jobs.local_io import read_table
+    from .models import Detector
+    from .ray_jobs.local_io import read_table
 
     kind, params = model_params(args)
     table = read_table(args.data)
@@ -130,7 +130,7 @@ def cmd_fit(args) -> int:
 
 def _cmd_train(args) -> int:
     # Imported when used: the training job pulls in PyTorch, the other commands need not.
-    from ray_jobs.train import cmd_train
+    from .ray_jobs.train import cmd_train
 
     return cmd_train(args)
 
@@ -142,14 +142,14 @@ def cmd_serve(args) -> int:
 
     from ray import serve
 
-    from ray_jobs.runtime import ensure_ray
-    from serving.app import ServeSettings, build, parse_models
+    from .runtime import ensure_ray
+    from .serving.app import ServeSettings, build, parse_models
 
     models = {}
     for spec in args.checkpoint:
         name, uri = spec.split("=", 1) if "=" in spec else (None, spec)
         if name is None:
-            from models.bundle import read_bundle
+            from .models.bundle import read_bundle
 
             name = read_bundle(uri)[0]["kind"]
         models[name] = uri
@@ -185,7 +185,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from models import load_bundle
+    from .models import load_bundle
 
     b = load_bundle(args.checkpoint)
     m = b.manifest
@@ -209,7 +209,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from ray_jobs.demo import run_demo
+    from .ray_jobs.demo import run_demo
 
     return run_demo(args.workdir, quick=args.quick)
 
@@ -237,13 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_args(p)
     p.set_defaults(func=_cmd_train)
 
-    from ray_jobs.score import add_score_args, cmd_score
+    from .ray_jobs.score import add_score_args, cmd_score
 
     p = _sub(sub, "score", help="batch-score Parquet data with Ray Data; writes scores and a quarantine")
     add_score_args(p)
     p.set_defaults(func=cmd_score)
 
-    from ray_jobs.evaluate import add_evaluate_args, cmd_evaluate
+    from .ray_jobs.evaluate import add_evaluate_args, cmd_evaluate
 
     p = _sub(sub, "evaluate", help="ROC-AUC, PR-AUC, F1 and an HTML report from scored data with labels")
     add_evaluate_args(p)

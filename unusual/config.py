@@ -1,0 +1,408 @@
+"""The typed configuration of every job: one pydantic model per job, the one source of truth.
+
+    FitJob       unusual fit        one detector in this process
+    TrainJob     unusual train      Ray Data + Ray Train       (python -m unusual.ray_jobs.train)
+    ScoreJob     unusual score      Ray Data batch scoring     (python -m unusual.ray_jobs.score)
+    EvaluateJob  unusual evaluate   metrics and a report       (python -m unusual.ray_jobs.evaluate)
+    ServeConfig  the Serve application's arguments (serve run / config files / RayService ``args``)
+    ServeJob     unusual serve      ServeConfig + where to listen
+
+Everything else derives from these classes: the CLI flags of each command (one flag per field,
+``--field-name``, its help the field's description, its choices the ``Literal``'s values), the
+``python -m`` entrypoints (the same flags), YAML files (``--config`` for Detector parameters) and
+Serve's typed application builder. Values are validated and converted by pydantic, never by
+hand: a flag's string becomes the field's type or a one-line error naming the flag.
+
+Nothing here imports Ray or PyTorch: the CLI builds every command's parser from this module alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .models.errors import UnusualError
+from .models.registry import DEFAULT_KIND, kinds
+
+# Columns every scored output has; --keep-columns must not clash with them.
+OUTPUT_COLUMNS = ("anomaly_score", "is_anomaly", "top_features", "model_version")
+TOKEN_ENV = "UNUSUAL_SERVE_TOKEN"
+
+
+class ConfigError(UnusualError, ValueError):
+    """A job's configuration is invalid; the message names the flag / field at fault."""
+
+
+# --------------------------------------------------------------------------- value types
+
+
+def _split_csv(value):
+    """``"a,b"`` -> ``["a", "b"]``; a list passes through (each string in it split too)."""
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, (list, tuple)):
+        return [p.strip() for v in value for p in (v.split(",") if isinstance(v, str) else [v]) if str(p).strip()]
+    return value
+
+
+def _key_values(value):
+    """``["latent=8", "hidden=[32,16]"]`` (repeated ``--param``) -> ``{"latent": 8, "hidden": [32, 16]}``;
+    the values are YAML scalars or lists, as in a ``--config`` file. A mapping passes through."""
+    if isinstance(value, dict) or value is None:
+        return value or {}
+    out = {}
+    for item in [value] if isinstance(value, str) else value:
+        if "=" not in item:
+            raise ValueError(f"expected key=value; got {item!r}")
+        key, raw = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(raw)
+    return out
+
+
+def _name_uris(value):
+    """Served models: ``{"ae": "s3://…"}``, ``"ae=s3://…,vae=/path"`` (as ``serve run`` passes it) or a
+    list of ``[NAME=]URI`` (repeated ``--checkpoint``); a bare URI is named by its bundle's kind."""
+    if isinstance(value, dict):
+        return {str(k): str(v) for k, v in value.items()}
+    out = {}
+    for part in _split_csv(value):
+        if "=" in part:
+            name, uri = part.split("=", 1)
+        else:
+            from .models.bundle import read_bundle
+
+            name, uri = read_bundle(part)[0]["kind"], part
+        out[name.strip()] = uri.strip()
+    return out
+
+
+CSV = Annotated[list[str], BeforeValidator(_split_csv)]
+KeyValues = Annotated[dict[str, Any], BeforeValidator(_key_values)]
+NameURIs = Annotated[dict[str, str], BeforeValidator(_name_uris)]
+
+
+def opt(default=..., help: str = "", *, flags: list[str] | None = None, cli: bool = True, **kw):
+    """A field with its CLI help; ``flags`` overrides ``--field-name``; ``cli=False`` keeps it off the CLI
+    (testing hooks); other keywords are pydantic constraints (``ge=1`` …)."""
+    extra = {"cli": cli}
+    if flags:
+        extra["flags"] = flags
+    return Field(default, description=help, json_schema_extra=extra, **kw)
+
+
+# --------------------------------------------------------------------------- the base class
+
+
+class JobConfig(BaseModel):
+    """Base of the job configs: strict about names, converting values, validating on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    @classmethod
+    def cli_fields(cls) -> dict[str, Any]:
+        return {n: f for n, f in cls.model_fields.items() if (f.json_schema_extra or {}).get("cli", True)}
+
+    @classmethod
+    def flags_of(cls, name: str) -> list[str]:
+        extra = cls.model_fields[name].json_schema_extra or {}
+        return list(extra.get("flags") or [f"--{name.replace('_', '-')}"])
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """One flag per field. Flags not given stay out of the namespace, so the class's defaults
+        (and its validators) decide, not argparse."""
+        for name, f in cls.cli_fields().items():
+            base, repeated = _base_type(f.annotation)
+            kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
+            help = f.description or ""
+            if f.is_required():
+                kw["required"] = True
+            elif f.default not in (None, [], {}, False) and f.default is not ...:
+                help += f" (default: {f.default})"
+            if base is bool:
+                kw["action"] = argparse.BooleanOptionalAction
+            elif repeated:
+                kw["action"] = "append"
+            if get_origin(base) is Literal:
+                kw["choices"] = list(get_args(base))
+            if name == "model":
+                kw["choices"] = kinds()
+            kw["help"] = help.replace("%", "%%")
+            parser.add_argument(*cls.flags_of(name), **kw)
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace):
+        values = {k: v for k, v in vars(ns).items() if k in cls.cli_fields()}
+        return cls.validated(values)
+
+    @classmethod
+    def validated(cls, values: dict):
+        """``cls(**values)``, with pydantic's errors turned into one line naming the flag."""
+        try:
+            return cls.model_validate(values)
+        except ValidationError as e:
+            raise ConfigError(describe(cls, e)) from None
+
+    @classmethod
+    def parse_args(cls, argv: list[str] | None = None, prog: str | None = None):
+        parser = argparse.ArgumentParser(prog=prog, description=cls.__doc__, allow_abbrev=False)
+        cls.add_arguments(parser)
+        return cls.from_namespace(parser.parse_args(argv))
+
+
+def _base_type(annotation) -> tuple[Any, bool]:
+    """(the type without ``None``, whether the flag repeats) of a field annotation."""
+    t = annotation
+    if get_origin(t) is Annotated:
+        t = get_args(t)[0]
+    if get_origin(t) in (Union, getattr(__import__("types"), "UnionType", Union)):
+        args = [a for a in get_args(t) if a is not type(None)]
+        t = args[0] if len(args) == 1 else t
+    if get_origin(t) is Annotated:
+        t = get_args(t)[0]
+    return t, get_origin(t) in (list, dict)
+
+
+def describe(cls: type[JobConfig], e: ValidationError) -> str:
+    """The first error of a validation, as ``--flag: message``."""
+    parts = []
+    for err in e.errors():
+        loc = err.get("loc") or ()
+        name = str(loc[0]) if loc else ""
+        where = cls.flags_of(name)[0] if name in cls.model_fields else (name or cls.__name__)
+        msg = err.get("msg", "invalid").removeprefix("Value error, ")
+        got = err.get("input")
+        if err.get("type") == "extra_forbidden":
+            parts.append(f"unknown argument {name!r}; known: {sorted(cls.model_fields)}")
+            continue
+        shown = f"; got {got!r}" if err.get("type") != "value_error" and not isinstance(got, dict) else ""
+        parts.append(f"{where}: {msg}{shown}" if loc else f"{msg}")
+    return "; ".join(parts)
+
+
+# --------------------------------------------------------------------------- detector parameters
+
+
+class ModelSpec(JobConfig):
+    """The detector a job builds: its family and parameters (fit, train)."""
+
+    model: str | None = opt(None, "model family (default: the --config file's, else ae)")
+    config: str | None = opt(None, "YAML file of Detector parameters; flags override it")
+    features: CSV | None = opt(None, "comma-separated feature columns (default: all others)")
+    exclude: CSV | None = opt(None, "comma-separated columns to leave out (ids, labels)")
+    categorical: CSV | None = opt(None, "comma-separated categorical columns (default: string columns)")
+    entity_column: str | None = opt(None, "sequence models: column naming the series each row belongs to")
+    time_column: str | None = opt(None, "sequence models: column ordering rows within a series")
+    window: int | None = opt(None, "sequence models: rows of history per window", ge=1)
+    epochs: int | None = opt(None, "maximum training epochs (early stopping may end sooner)", ge=1)
+    seed: int | None = opt(None, "random seed (default 0)")
+    params: KeyValues = opt(
+        {}, "any other Detector parameter, e.g. --param latent=8 --param threshold=pot", flags=["--param"]
+    )
+
+    @field_validator("model")
+    @classmethod
+    def _known_kind(cls, v):
+        if v is not None and v not in kinds():
+            raise ValueError(f"unknown model kind {v!r}; choose one of {kinds()}")
+        return v
+
+    @field_validator("config")
+    @classmethod
+    def _config_file(cls, v):
+        if v is not None:
+            _read_params(v)  # a missing or malformed file is an error at parse time
+        return v
+
+    def detector(self) -> tuple[str, dict]:
+        """(kind, Detector parameters): the ``--config`` file, then the flags, then ``--param``."""
+        params = _read_params(self.config) if self.config else {}
+        kind = self.model or params.pop("model", None) or params.pop("kind", None) or DEFAULT_KIND
+        params.pop("model", None)
+        params.pop("kind", None)
+        shortcuts = ("features", "exclude", "categorical", "entity_column", "time_column", "window", "epochs", "seed")
+        params.update({k: getattr(self, k) for k in shortcuts if getattr(self, k) is not None})
+        params.update(self.params)
+        return kind, params
+
+    @property
+    def kind(self) -> str:
+        return self.detector()[0]
+
+
+def _read_params(path: str) -> dict:
+    try:
+        with open(path) as f:
+            loaded = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: expected a mapping of parameters")
+    return loaded
+
+
+# --------------------------------------------------------------------------- the jobs
+
+
+class FitJob(ModelSpec):
+    """Train one detector in this process and write its checkpoint bundle."""
+
+    data: str = opt(help="Parquet file / folder / prefix, or a CSV file (local, s3://, gs://)")
+    output: str = opt(help="bundle URI (local path or s3://…)")
+    overwrite: bool = opt(False, "replace a bundle already at --output")
+
+
+class TrainJob(ModelSpec):
+    """Distributed training with Ray Data + Ray Train; writes a bundle."""
+
+    data: str = opt(help="Parquet file, folder or prefix of shards (local, s3://, gs://)")
+    output: str = opt(help="bundle URI (local path or s3://…)")
+    overwrite: bool = opt(False, "replace a bundle already at --output")
+    num_workers: int = opt(2, "Ray Train workers", ge=1)
+    use_gpu: bool = opt(False, "one GPU per worker (DDP over NCCL)")
+    cpus_per_worker: float | None = opt(None, "CPUs per worker (default: sized from the cluster)", gt=0)
+    precision: Literal["fp32", "bf16", "fp16"] = opt("fp32", "autocast on GPU")
+    storage: str | None = opt(None, "run storage for per-epoch checkpoints (default: <output>/_train)")
+    run_name: str | None = opt(None, "name of the run in its storage (default: <model>-<random>)")
+    max_failures: int = opt(2, "worker failures to recover from", ge=0)
+    address: str | None = opt(None, "Ray cluster address (default: RAY_ADDRESS, or start a local Ray)")
+    cache: bool | None = opt(
+        None, "keep the encoded data in the object store between epochs (default: when it fits in 25% of it)"
+    )
+    fail_at_epoch: int | None = opt(None, "testing: one worker process dies at this epoch, once", cli=False)
+
+
+class ScoreJob(JobConfig):
+    """Batch-score Parquet data with Ray Data; writes scores and a quarantine."""
+
+    checkpoint: str = opt(help="bundle URI written by unusual train / fit")
+    data: str = opt(help="Parquet file, folder or prefix of shards (local, s3://, gs://)")
+    output: str = opt(help="output prefix for the scored Parquet parts")
+    keep_columns: CSV = opt([], "comma-separated input columns copied to the output (ids, labels)")
+    batch_size: int | None = opt(None, "rows per scoring call (default 131072; sequences: whole buckets)", ge=1)
+    concurrency: int | None = opt(
+        None, "scoring actors (default: one per CPU; with --use-gpu, four sharing each GPU)", ge=1
+    )
+    use_gpu: bool = opt(False, "score on GPU actors (a share of a GPU each)")
+    unit_rows: int | None = opt(None, "rows per unit of work and output part (default: rows/64, within 1e5..1e6)", ge=1)
+    block_rows: int = opt(65_536, "rows per block read", ge=1)
+    bucket_rows: int = opt(500_000, "sequence models: target rows per entity bucket", ge=1)
+    top_k: int = opt(3, "contributing features reported per row", ge=0)
+    read: Literal["auto", "actors", "tasks"] = opt("auto", "who reads the Parquet: the scoring actors or Ray Data tasks")
+    overwrite: bool = opt(False, "delete whatever is at --output first")
+    address: str | None = opt(None, "Ray cluster address (default: RAY_ADDRESS, or start a local Ray)")
+    fail_after_parts: int | None = opt(None, "testing: a scoring actor raises after this many parts", cli=False)
+
+    @field_validator("keep_columns")
+    @classmethod
+    def _no_clash(cls, v):
+        clash = sorted(set(v) & {*OUTPUT_COLUMNS, "error"})
+        if clash:
+            raise ValueError(f"{clash} would clash with the output columns {list(OUTPUT_COLUMNS)}")
+        return v
+
+
+class EvaluateJob(JobConfig):
+    """ROC-AUC, PR-AUC, F1 and an HTML report from scored data with labels."""
+
+    scores: str = opt(help="batch-scoring output: Parquet folder or prefix (local, s3://, gs://)")
+    label_column: str = opt(help="column of true labels (positive = true / non-zero)")
+    output: str | None = opt(None, "where metrics.json and report.html go (default: <scores>/_evaluation)")
+    entity_column: str | None = opt(None, "series id column, for point-adjusted metrics (needs --time-column)")
+    time_column: str | None = opt(None, "order of rows within a series; given, point-adjusted metrics too")
+    bins: int = opt(16384, "score bins when the scores are too many to be exact", ge=2)
+    address: str | None = opt(None, "Ray cluster address (default: RAY_ADDRESS, or start a local Ray)")
+
+    @model_validator(mode="after")
+    def _entity_needs_time(self):
+        if self.entity_column and not self.time_column:
+            raise ValueError(
+                f"entity column {self.entity_column!r} needs a time column: point-adjusted metrics "
+                "order each entity's rows by time"
+            )
+        return self
+
+    @property
+    def output_uri(self) -> str:
+        return self.output or f"{self.scores.rstrip('/')}/_evaluation"
+
+
+class ServeConfig(JobConfig):
+    """The Serve application: what ``serve run``, Serve config files and a RayService pass as ``args``."""
+
+    models: NameURIs = opt(
+        help="a bundle to serve as [NAME=]URI (NAME defaults to its kind); repeat, or NAME=URI,NAME=URI",
+        flags=["--checkpoint", "--models"],
+    )
+    default_model: str | None = opt(None, "the model of POST /v1/score (default: the only one)")
+    top_k: int = opt(3, "contributing features reported per row", ge=0)
+    max_body_bytes: int = opt(64 * 1024 * 1024, "largest request body accepted", ge=1)
+    max_rows: int = opt(1_000_000, "most rows in one request", ge=1)
+    auth_token: str | None = opt(
+        None, f"require Authorization: Bearer TOKEN (default: ${TOKEN_ENV})", flags=["--token"]
+    )
+    use_gpu: bool = opt(False, "model replicas score on GPUs (a share of one each)")
+    # A whole GPU each left a second model's replica waiting forever on a 1-GPU machine
+    # (seen on an H100 with benchmarks/gpu_paths.py): the models are small, replicas share GPUs.
+    gpus_per_replica: float = opt(0.25, "share of a GPU per model replica with --use-gpu", gt=0, le=1)
+    num_cpus: float = opt(0.25, "CPUs per model replica", gt=0)
+    min_replicas: int = opt(1, "autoscaling floor per model", ge=0)
+    max_replicas: int = opt(2, "autoscaling ceiling per model", ge=1)
+    target_ongoing_requests: float = opt(2.0, "autoscaling target of ongoing requests per replica", gt=0)
+    upscale_delay_s: float = opt(3.0, "seconds of load before adding a replica", ge=0)
+    downscale_delay_s: float = opt(30.0, "seconds of idleness before removing a replica", ge=0)
+    max_batch_size: int = opt(64, "requests batched into one model call", ge=1)
+    batch_wait_timeout_s: float = opt(0.005, "longest wait for a batch to fill", ge=0)
+    ray_address: str | None = opt(
+        None, "dashboard address for POST /v1/jobs (default: $RAY_DASHBOARD_ADDRESS, else this cluster)"
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _names(cls, v):
+        if not v:
+            raise ValueError("at least one model is needed: models={name: checkpoint URI}")
+        for name in v:
+            if not name or not all(c.isalnum() or c in "-_." for c in name):
+                raise ValueError(f"model name {name!r}: use letters, digits, '-', '_' or '.'")
+        return v
+
+    @model_validator(mode="after")
+    def _defaults(self):
+        if self.default_model is None and len(self.models) == 1:
+            self.__dict__["default_model"] = next(iter(self.models))
+        if self.default_model is not None and self.default_model not in self.models:
+            raise ValueError(f"default_model {self.default_model!r} is not one of {sorted(self.models)}")
+        if self.max_replicas < max(1, self.min_replicas):
+            raise ValueError(f"replicas: need 0 <= min ({self.min_replicas}) <= max ({self.max_replicas}), max >= 1")
+        if self.auth_token is None:
+            self.__dict__["auth_token"] = os.environ.get(TOKEN_ENV) or None
+        return self
+
+
+class ServeJob(ServeConfig):
+    """Start the Ray Serve endpoint (online JSON + bulk Arrow / Parquet scoring)."""
+
+    host: str = opt("127.0.0.1", "bind address")
+    port: int = opt(8000, "HTTP port", ge=1, le=65535)
+    address: str | None = opt(None, "Ray cluster address (default: RAY_ADDRESS, or start a local Ray)")
+
+    def app_config(self) -> ServeConfig:
+        """The application's own arguments (what a Serve config file would pass)."""
+        return ServeConfig.model_validate(self.model_dump(include=set(ServeConfig.model_fields)))
+
+
+# The jobs of the CLI's commands, by command name (``unusual <command>``).
+JOBS: dict[str, type[JobConfig]] = {
+    "fit": FitJob,
+    "train": TrainJob,
+    "score": ScoreJob,
+    "evaluate": EvaluateJob,
+    "serve": ServeJob,
+}
