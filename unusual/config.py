@@ -20,168 +20,16 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import field_validator, model_validator
 
-from .models.errors import UnusualError
+from .configbase import CSV, TOKEN_ENV, ConfigError, JobConfig, KeyValues, NameURIs, guarded, opt  # noqa: F401
 from .models.registry import DEFAULT_KIND, kinds
 
 # Columns every scored output has; --keep-columns must not clash with them.
 OUTPUT_COLUMNS = ("anomaly_score", "is_anomaly", "top_features", "model_version")
-TOKEN_ENV = "UNUSUAL_SERVE_TOKEN"
-
-
-class ConfigError(UnusualError, ValueError):
-    """A job's configuration is invalid; the message names the flag / field at fault."""
-
-
-# --------------------------------------------------------------------------- value types
-
-
-def _split_csv(value):
-    """``"a,b"`` -> ``["a", "b"]``; a list passes through (each string in it split too)."""
-    if isinstance(value, str):
-        value = [value]
-    if isinstance(value, (list, tuple)):
-        return [p.strip() for v in value for p in (v.split(",") if isinstance(v, str) else [v]) if str(p).strip()]
-    return value
-
-
-def _key_values(value):
-    """``["latent=8", "hidden=[32,16]"]`` (repeated ``--param``) -> ``{"latent": 8, "hidden": [32, 16]}``;
-    the values are YAML scalars or lists, as in a ``--config`` file. A mapping passes through."""
-    if isinstance(value, dict) or value is None:
-        return value or {}
-    out = {}
-    for item in [value] if isinstance(value, str) else value:
-        if "=" not in item:
-            raise ValueError(f"expected key=value; got {item!r}")
-        key, raw = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(raw)
-    return out
-
-
-def _name_uris(value):
-    """Served models: ``{"ae": "s3://…"}``, ``"ae=s3://…,vae=/path"`` (as ``serve run`` passes it) or a
-    list of ``[NAME=]URI`` (repeated ``--checkpoint``); a bare URI is named by its bundle's kind."""
-    if isinstance(value, dict):
-        return {str(k): str(v) for k, v in value.items()}
-    out = {}
-    for part in _split_csv(value):
-        if "=" in part:
-            name, uri = part.split("=", 1)
-        else:
-            from .models.bundle import read_bundle
-
-            name, uri = read_bundle(part)[0]["kind"], part
-        out[name.strip()] = uri.strip()
-    return out
-
-
-CSV = Annotated[list[str], BeforeValidator(_split_csv)]
-KeyValues = Annotated[dict[str, Any], BeforeValidator(_key_values)]
-NameURIs = Annotated[dict[str, str], BeforeValidator(_name_uris)]
-
-
-def opt(default=..., help: str = "", *, flags: list[str] | None = None, cli: bool = True, **kw):
-    """A field with its CLI help; ``flags`` overrides ``--field-name``; ``cli=False`` keeps it off the CLI
-    (testing hooks); other keywords are pydantic constraints (``ge=1`` …)."""
-    extra = {"cli": cli}
-    if flags:
-        extra["flags"] = flags
-    return Field(default, description=help, json_schema_extra=extra, **kw)
-
-
-# --------------------------------------------------------------------------- the base class
-
-
-class JobConfig(BaseModel):
-    """Base of the job configs: strict about names, converting values, validating on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
-
-    @classmethod
-    def cli_fields(cls) -> dict[str, Any]:
-        return {n: f for n, f in cls.model_fields.items() if (f.json_schema_extra or {}).get("cli", True)}
-
-    @classmethod
-    def flags_of(cls, name: str) -> list[str]:
-        extra = cls.model_fields[name].json_schema_extra or {}
-        return list(extra.get("flags") or [f"--{name.replace('_', '-')}"])
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """One flag per field. Flags not given stay out of the namespace, so the class's defaults
-        (and its validators) decide, not argparse."""
-        for name, f in cls.cli_fields().items():
-            base, repeated = _base_type(f.annotation)
-            kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
-            help = f.description or ""
-            if f.is_required():
-                kw["required"] = True
-            elif f.default not in (None, [], {}, False) and f.default is not ...:
-                help += f" (default: {f.default})"
-            if base is bool:
-                kw["action"] = argparse.BooleanOptionalAction
-            elif repeated:
-                kw["action"] = "append"
-            if get_origin(base) is Literal:
-                kw["choices"] = list(get_args(base))
-            if name == "model":
-                kw["choices"] = kinds()
-            kw["help"] = help.replace("%", "%%")
-            parser.add_argument(*cls.flags_of(name), **kw)
-
-    @classmethod
-    def from_namespace(cls, ns: argparse.Namespace):
-        values = {k: v for k, v in vars(ns).items() if k in cls.cli_fields()}
-        return cls.validated(values)
-
-    @classmethod
-    def validated(cls, values: dict):
-        """``cls(**values)``, with pydantic's errors turned into one line naming the flag."""
-        try:
-            return cls.model_validate(values)
-        except ValidationError as e:
-            raise ConfigError(describe(cls, e)) from None
-
-    @classmethod
-    def parse_args(cls, argv: list[str] | None = None, prog: str | None = None):
-        parser = argparse.ArgumentParser(prog=prog, description=cls.__doc__, allow_abbrev=False)
-        cls.add_arguments(parser)
-        return cls.from_namespace(parser.parse_args(argv))
-
-
-def _base_type(annotation) -> tuple[Any, bool]:
-    """(the type without ``None``, whether the flag repeats) of a field annotation."""
-    t = annotation
-    if get_origin(t) is Annotated:
-        t = get_args(t)[0]
-    if get_origin(t) in (Union, getattr(__import__("types"), "UnionType", Union)):
-        args = [a for a in get_args(t) if a is not type(None)]
-        t = args[0] if len(args) == 1 else t
-    if get_origin(t) is Annotated:
-        t = get_args(t)[0]
-    return t, get_origin(t) in (list, dict)
-
-
-def describe(cls: type[JobConfig], e: ValidationError) -> str:
-    """The first error of a validation, as ``--flag: message``."""
-    parts = []
-    for err in e.errors():
-        loc = err.get("loc") or ()
-        name = str(loc[0]) if loc else ""
-        where = cls.flags_of(name)[0] if name in cls.model_fields else (name or cls.__name__)
-        msg = err.get("msg", "invalid").removeprefix("Value error, ")
-        got = err.get("input")
-        if err.get("type") == "extra_forbidden":
-            parts.append(f"unknown argument {name!r}; known: {sorted(cls.model_fields)}")
-            continue
-        shown = f"; got {got!r}" if err.get("type") != "value_error" and not isinstance(got, dict) else ""
-        parts.append(f"{where}: {msg}{shown}" if loc else f"{msg}")
-    return "; ".join(parts)
 
 
 # --------------------------------------------------------------------------- detector parameters
@@ -190,18 +38,21 @@ def describe(cls: type[JobConfig], e: ValidationError) -> str:
 class ModelSpec(JobConfig):
     """The detector a job builds: its family and parameters (fit, train)."""
 
-    model: str | None = opt(None, "model family (default: the --config file's, else ae)")
+    model: str | None = opt(None, "model family (default: the --config file's, else ae)", choices=kinds)
     config: str | None = opt(None, "YAML file of Detector parameters; flags override it")
-    features: CSV | None = opt(None, "comma-separated feature columns (default: all others)")
-    exclude: CSV | None = opt(None, "comma-separated columns to leave out (ids, labels)")
-    categorical: CSV | None = opt(None, "comma-separated categorical columns (default: string columns)")
+    features: CSV | None = opt(None, "comma-separated feature columns (default: all others)", metavar="A,B")
+    exclude: CSV | None = opt(None, "comma-separated columns to leave out (ids, labels)", metavar="A,B")
+    categorical: CSV | None = opt(None, "comma-separated categorical columns (default: string columns)", metavar="A,B")
     entity_column: str | None = opt(None, "sequence models: column naming the series each row belongs to")
     time_column: str | None = opt(None, "sequence models: column ordering rows within a series")
     window: int | None = opt(None, "sequence models: rows of history per window", ge=1)
     epochs: int | None = opt(None, "maximum training epochs (early stopping may end sooner)", ge=1)
     seed: int | None = opt(None, "random seed (default 0)")
     params: KeyValues = opt(
-        {}, "any other Detector parameter, e.g. --param latent=8 --param threshold=pot", flags=["--param"]
+        {},
+        "any other Detector parameter, e.g. --param latent=8 --param threshold=pot",
+        flags=["--param"],
+        metavar="KEY=VALUE",
     )
 
     @field_validator("model")
@@ -284,7 +135,7 @@ class ScoreJob(JobConfig):
     checkpoint: str = opt(help="bundle URI written by unusual train / fit")
     data: str = opt(help="Parquet file, folder or prefix of shards (local, s3://, gs://)")
     output: str = opt(help="output prefix for the scored Parquet parts")
-    keep_columns: CSV = opt([], "comma-separated input columns copied to the output (ids, labels)")
+    keep_columns: CSV = opt([], "comma-separated input columns copied to the output (ids, labels)", metavar="A,B")
     batch_size: int | None = opt(None, "rows per scoring call (default 131072; sequences: whole buckets)", ge=1)
     concurrency: int | None = opt(
         None, "scoring actors (default: one per CPU; with --use-gpu, four sharing each GPU)", ge=1
@@ -294,7 +145,9 @@ class ScoreJob(JobConfig):
     block_rows: int = opt(65_536, "rows per block read", ge=1)
     bucket_rows: int = opt(500_000, "sequence models: target rows per entity bucket", ge=1)
     top_k: int = opt(3, "contributing features reported per row", ge=0)
-    read: Literal["auto", "actors", "tasks"] = opt("auto", "who reads the Parquet: the scoring actors or Ray Data tasks")
+    read: Literal["auto", "actors", "tasks"] = opt(
+        "auto", "who reads the Parquet: the scoring actors or Ray Data tasks"
+    )
     overwrite: bool = opt(False, "delete whatever is at --output first")
     address: str | None = opt(None, "Ray cluster address (default: RAY_ADDRESS, or start a local Ray)")
     fail_after_parts: int | None = opt(None, "testing: a scoring actor raises after this many parts", cli=False)
@@ -339,6 +192,7 @@ class ServeConfig(JobConfig):
     models: NameURIs = opt(
         help="a bundle to serve as [NAME=]URI (NAME defaults to its kind); repeat, or NAME=URI,NAME=URI",
         flags=["--checkpoint", "--models"],
+        metavar="[NAME=]URI",
     )
     default_model: str | None = opt(None, "the model of POST /v1/score (default: the only one)")
     top_k: int = opt(3, "contributing features reported per row", ge=0)
@@ -406,3 +260,22 @@ JOBS: dict[str, type[JobConfig]] = {
     "evaluate": EvaluateJob,
     "serve": ServeJob,
 }
+
+
+# --------------------------------------------------------------------------- running a job from its flags
+
+
+def main_for(command: str, run_command, argv: list[str] | None = None) -> int:
+    """``python -m unusual.ray_jobs.<job>``: the same flags as ``unusual <command>``, parsed into the job's
+    config and handed to ``run_command(job) -> exit status`` (a job module's ``command``)."""
+    import logging
+
+    cls = JOBS[command]
+    parser = argparse.ArgumentParser(
+        prog=f"python -m unusual.ray_jobs.{command}", description=cls.__doc__, allow_abbrev=False
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress in detail")
+    cls.add_arguments(parser)
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING, format="%(message)s")
+    return guarded(command, lambda: run_command(cls.from_namespace(ns)))

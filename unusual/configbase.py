@@ -1,0 +1,198 @@
+"""The machinery of typed configuration: pydantic models whose fields are also CLI flags.
+
+:class:`JobConfig` is the base of every job's config (:mod:`unusual.config`). Its fields become
+flags (``--field-name``, help from the description, choices from a ``Literal``, ``--x/--no-x``
+for booleans, repeated flags for lists and mappings); the strings argparse collects are validated
+and converted by pydantic, never by hand; a validation error becomes one line naming the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import types
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from .models.errors import UnusualError
+
+TOKEN_ENV = "UNUSUAL_SERVE_TOKEN"  # the serving token, when no flag gives one
+
+class ConfigError(UnusualError, ValueError):
+    """A job's configuration is invalid; the message names the flag / field at fault."""
+
+
+# --------------------------------------------------------------------------- value types
+
+
+def _split_csv(value):
+    """``"a,b"`` -> ``["a", "b"]``; a list passes through (each string in it split too)."""
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, (list, tuple)):
+        return [p.strip() for v in value for p in (v.split(",") if isinstance(v, str) else [v]) if str(p).strip()]
+    return value
+
+
+def _key_values(value):
+    """``["latent=8", "hidden=[32,16]"]`` (repeated ``--param``) -> ``{"latent": 8, "hidden": [32, 16]}``;
+    the values are YAML scalars or lists, as in a ``--config`` file. A mapping passes through."""
+    if isinstance(value, dict) or value is None:
+        return value or {}
+    out = {}
+    for item in [value] if isinstance(value, str) else value:
+        if "=" not in item:
+            raise ValueError(f"expected key=value; got {item!r}")
+        key, raw = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(raw)
+    return out
+
+
+def _name_uris(value):
+    """Served models: ``{"ae": "s3://…"}``, ``"ae=s3://…,vae=/path"`` (as ``serve run`` passes it) or a
+    list of ``[NAME=]URI`` (repeated ``--checkpoint``); a bare URI is named by its bundle's kind."""
+    if isinstance(value, dict):
+        return {str(k): str(v) for k, v in value.items()}
+    out = {}
+    for part in _split_csv(value):
+        if "=" in part:
+            name, uri = part.split("=", 1)
+        else:
+            from .models.bundle import read_bundle
+
+            name, uri = read_bundle(part)[0]["kind"], part
+        out[name.strip()] = uri.strip()
+    return out
+
+
+CSV = Annotated[list[str], BeforeValidator(_split_csv)]
+KeyValues = Annotated[dict[str, Any], BeforeValidator(_key_values)]
+NameURIs = Annotated[dict[str, str], BeforeValidator(_name_uris)]
+
+
+def opt(
+    default=..., help: str = "", *, flags: list[str] | None = None, cli: bool = True, choices=None, metavar=None, **kw
+):
+    """A field with its CLI help; ``flags`` overrides ``--field-name`` (a name without dashes is positional);
+    ``choices`` (a list, or a function giving one) for the flag's help; ``cli=False`` keeps it off the CLI
+    (testing hooks); other keywords are pydantic constraints (``ge=1`` …)."""
+    extra = {"cli": cli}
+    if flags:
+        extra["flags"] = flags
+    if choices is not None:
+        extra["choices"] = choices
+    if metavar:
+        extra["metavar"] = metavar
+    return Field(default, description=help, json_schema_extra=extra, **kw)
+
+
+# --------------------------------------------------------------------------- the base class
+
+
+class JobConfig(BaseModel):
+    """Base of the job configs: strict about names, converting values, validating on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    @classmethod
+    def cli_fields(cls) -> dict[str, Any]:
+        return {n: f for n, f in cls.model_fields.items() if (f.json_schema_extra or {}).get("cli", True)}
+
+    @classmethod
+    def flags_of(cls, name: str) -> list[str]:
+        extra = cls.model_fields[name].json_schema_extra or {}
+        return list(extra.get("flags") or [f"--{name.replace('_', '-')}"])
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """One flag per field. Flags not given stay out of the namespace, so the class's defaults
+        (and its validators) decide, not argparse."""
+        for name, f in cls.cli_fields().items():
+            base, repeated = _base_type(f.annotation)
+            kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
+            help = f.description or ""
+            if f.is_required():
+                kw["required"] = True
+            elif f.default not in (None, [], {}, False) and f.default is not ...:
+                help += f" (default: {f.default})"
+            if base is bool:
+                kw["action"] = argparse.BooleanOptionalAction
+            elif repeated:
+                kw["action"] = "append"
+            if get_origin(base) is Literal:
+                kw["choices"] = list(get_args(base))
+            choices = (f.json_schema_extra or {}).get("choices")
+            if choices is not None:
+                kw["choices"] = choices() if callable(choices) else list(choices)
+            kw["help"] = help.replace("%", "%%")
+            metavar = (f.json_schema_extra or {}).get("metavar") or _METAVARS.get(base)
+            if metavar and "choices" not in kw and base is not bool:
+                kw["metavar"] = metavar
+            flags = cls.flags_of(name)
+            if not flags[0].startswith("-"):  # a positional argument
+                kw = {"help": kw["help"]}
+            parser.add_argument(*flags, **kw)
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace):
+        values = {k: v for k, v in vars(ns).items() if k in cls.cli_fields()}
+        return cls.validated(values)
+
+    @classmethod
+    def validated(cls, values: dict):
+        """``cls(**values)``, with pydantic's errors turned into one line naming the flag."""
+        try:
+            return cls.model_validate(values)
+        except ValidationError as e:
+            raise ConfigError(describe(cls, e)) from None
+
+    @classmethod
+    def parse_args(cls, argv: list[str] | None = None, prog: str | None = None):
+        parser = argparse.ArgumentParser(prog=prog, description=cls.__doc__, allow_abbrev=False)
+        cls.add_arguments(parser)
+        return cls.from_namespace(parser.parse_args(argv))
+
+
+_METAVARS = {int: "N", float: "X"}
+
+
+def _base_type(annotation) -> tuple[Any, bool]:
+    """(the type without ``None``, whether the flag repeats) of a field annotation."""
+    t = annotation
+    if get_origin(t) is Annotated:
+        t = get_args(t)[0]
+    if get_origin(t) in (Union, types.UnionType):
+        args = [a for a in get_args(t) if a is not type(None)]
+        t = args[0] if len(args) == 1 else t
+    if get_origin(t) is Annotated:
+        t = get_args(t)[0]
+    return t, get_origin(t) in (list, dict)
+
+
+def describe(cls: type[JobConfig], e: ValidationError) -> str:
+    """The first error of a validation, as ``--flag: message``."""
+    parts = []
+    for err in e.errors():
+        loc = err.get("loc") or ()
+        name = str(loc[0]) if loc else ""
+        where = cls.flags_of(name)[0] if name in cls.model_fields else (name or cls.__name__)
+        msg = err.get("msg", "invalid").removeprefix("Value error, ")
+        got = err.get("input")
+        if err.get("type") == "extra_forbidden":
+            parts.append(f"unknown argument {name!r}; known: {sorted(cls.model_fields)}")
+            continue
+        shown = f"; got {got!r}" if err.get("type") != "value_error" and not isinstance(got, dict) else ""
+        parts.append(f"{where}: {msg}{shown}" if loc else f"{msg}")
+    return "; ".join(parts)
+
+
+def guarded(command: str, fn) -> int:
+    """Run ``fn()``; an error of the user's making is one line on stderr and exit status 2, not a traceback."""
+    import sys
+
+    try:
+        return fn()
+    except (UnusualError, FileNotFoundError, ValueError, TypeError) as e:
+        print(f"unusual {command}: error: {e}", file=sys.stderr)
+        return 2
