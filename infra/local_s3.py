@@ -10,7 +10,6 @@ in memory and gone when it stops. For a persistent local store, use MinIO
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import threading
@@ -28,48 +27,34 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
 
-    import logging
-
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
-    server = ThreadedMotoServer(ip_address=args.host, port=args.port, verbose=False)
-    server.start()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://{args.host}:{args.port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    os.environ.update(env)
     import pyarrow.parquet as pq
     import s3fs
+    from unusual.ray_jobs.local_s3 import local_s3
 
-    fs = s3fs.S3FileSystem()
-    fs.mkdir(args.bucket)
-    if args.seed_sample_data:
-        from unusual.ray_jobs import sample_data
+    with local_s3(args.host, args.port, bucket=args.bucket) as env:
+        fs = s3fs.S3FileSystem()
+        if args.seed_sample_data:
+            from unusual.ray_jobs import sample_data
 
-        for name in sample_data.SETS:
-            table = sample_data.load(name)
-            step = -(-table.num_rows // 4)
-            for i in range(4):
-                with fs.open(f"{args.bucket}/sample/{name}/part-{i:03d}.parquet", "wb") as f:
-                    pq.write_table(table.slice(i * step, step), f)
-    for k, v in env.items():
-        print(f"export {k}={v}")
-    print(
-        f"# bucket: s3://{args.bucket}"
-        + (f"  sample data: s3://{args.bucket}/sample/" if args.seed_sample_data else "")
-    )
-    sys.stdout.flush()
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        stop.wait()
-    except KeyboardInterrupt:
-        pass
-    server.stop()
+            for name in sample_data.SETS:
+                table = sample_data.load(name)
+                step = -(-table.num_rows // 4)
+                for i in range(4):
+                    with fs.open(f"{args.bucket}/sample/{name}/part-{i:03d}.parquet", "wb") as f:
+                        pq.write_table(table.slice(i * step, step), f)
+        for k, v in env.items():
+            print(f"export {k}={v}")
+        print(
+            f"# bucket: s3://{args.bucket}"
+            + (f"  sample data: s3://{args.bucket}/sample/" if args.seed_sample_data else "")
+        )
+        sys.stdout.flush()
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            stop.wait()
+        except KeyboardInterrupt:
+            pass
     return 0
 
 

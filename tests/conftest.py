@@ -13,32 +13,10 @@ AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A moto S3 server on a free local port; the standard AWS variables point at it."""
-    import s3fs
-    from moto.server import ThreadedMotoServer
+    from unusual.ray_jobs.local_s3 import local_s3
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    saved = {k: os.environ.get(k) for k in (*AWS_ENV, "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3")}
-    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
-        os.environ.pop(var, None)
-    os.environ.update(
-        AWS_ACCESS_KEY_ID="testing",
-        AWS_SECRET_ACCESS_KEY="testing",
-        AWS_DEFAULT_REGION="us-east-1",
-        AWS_ENDPOINT_URL=f"http://{host}:{port}",
-    )
-    s3fs.S3FileSystem.clear_instance_cache()
-    try:
-        yield os.environ["AWS_ENDPOINT_URL"]
-    finally:
-        s3fs.S3FileSystem.clear_instance_cache()
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with local_s3() as env:
+        yield env["AWS_ENDPOINT_URL"]
 
 
 @pytest.fixture(scope="session")

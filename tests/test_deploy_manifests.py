@@ -27,7 +27,7 @@ CLUSTER = REPO / "cluster"
 INFRA = REPO / "infra"
 KUBERAY = CLUSTER / "kuberay"
 
-JOB_MODULES = {"unusual.ray_jobs.train": "train", "unusual.ray_jobs.score": "score", "unusual.ray_jobs.evaluate": "evaluate"}
+JOB_MODULES = {f"unusual.ray_jobs.{job}": job for job in ("fit", "train", "score", "evaluate")}
 KUBERAY_KINDS = {"RayCluster", "RayJob", "RayService"}
 GPU = "nvidia.com/gpu"
 # A command example starts with one of these (after optional VAR=value assignments).
@@ -84,19 +84,26 @@ def parse_cli(subcommand: str, flags: list[str], where: str, command: str):
                     f"{where}: `unusual {subcommand}` has no flag {flag}{hint}; its flags: "
                     f"{', '.join(sorted(k for k in known if k.startswith('--')))}\n  command: {command}"
                 )
+    from unusual.cli import CONFIGS
+    from unusual.config import ConfigError
+
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         try:
-            return parser.parse_args([subcommand, *flags])
+            ns = parser.parse_args([subcommand, *flags])
         except SystemExit:
             lines = err.getvalue().strip().splitlines()
             reason = lines[-1] if lines else "argparse exited"
-    pytest.fail(f"{where}: `unusual {subcommand}` rejects its flags: {reason}\n  command: {command}")
+            pytest.fail(f"{where}: `unusual {subcommand}` rejects its flags: {reason}\n  command: {command}")
+    try:  # the job's typed config, as the command would build it
+        return CONFIGS[subcommand].from_namespace(ns)
+    except ConfigError as e:
+        pytest.fail(f"{where}: `unusual {subcommand}` rejects its flags: {e}\n  command: {command}")
 
 
 def check_job_command(argv: list[str], where: str, command: str, *, allow_unusual: bool = True):
     """``python -m ray_jobs.<train|score|evaluate> FLAGS`` (or ``unusual SUB FLAGS``) parsed by the real
-    parser. Returns (subcommand, argparse namespace)."""
+    parser. Returns (subcommand, the job's validated config)."""
     if len(argv) >= 3 and argv[0] in ("python", "python3") and argv[1] == "-m":
         module = argv[2]
         if module not in JOB_MODULES:
@@ -318,12 +325,16 @@ def test_bad_flag_is_reported_with_file_and_flag():
         message = str(e.value)
         assert "cluster/kuberay/example.yaml" in message and f"no flag {flag} " in message, message
         assert "did you mean --" in message, message
-    with pytest.raises(pytest.fail.Exception, match="example.yaml.*--top-k.*invalid int"):
+    with pytest.raises(pytest.fail.Exception, match="example.yaml.*--top-k: Input should be a valid integer"):
         check_job_command(shlex.split(f"{score} --top-k three"), "cluster/kuberay/example.yaml", "...")
     with pytest.raises(pytest.fail.Exception, match="example.yaml.*required.*--output"):
-        check_job_command(shlex.split("python -m unusual.ray_jobs.train --data s3://b/d"), "cluster/kuberay/example.yaml", "")
-    with pytest.raises(pytest.fail.Exception, match="rayjob.yaml.*unusual.ray_jobs.fit"):
-        check_job_command(["python", "-m", "unusual.ray_jobs.fit", "--data", "x"], "rayjob.yaml", "python -m unusual.ray_jobs.fit")
+        check_job_command(
+            shlex.split("python -m unusual.ray_jobs.train --data s3://b/d"), "cluster/kuberay/example.yaml", ""
+        )
+    with pytest.raises(pytest.fail.Exception, match="rayjob.yaml.*unusual.ray_jobs.local_io"):
+        check_job_command(
+            ["python", "-m", "unusual.ray_jobs.local_io", "--data", "x"], "rayjob.yaml", "python -m ...local_io"
+        )
 
 
 # --------------------------------------------------------------------------- KubeRay manifests
@@ -412,7 +423,8 @@ def started_resources(spec: dict) -> tuple[float, float]:
 
 def test_rayjob_clusters_have_what_their_entrypoints_check_for_at_start():
     """The jobs size themselves from the resources up when they start and fail at once when these are
-    too few (unusual.ray_jobs.train / unusual.ray_jobs.score); a RayJob's own cluster must provide them from the start."""
+    too few (unusual.ray_jobs.train / unusual.ray_jobs.score); a RayJob's own cluster must provide them from the
+    start."""
     for path, doc in docs_of_kind("RayJob"):
         spec = doc["spec"]
         if "rayClusterSpec" not in spec:
