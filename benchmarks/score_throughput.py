@@ -222,9 +222,9 @@ def warm_worker(argv: list[str]) -> int:
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            run(ScoreJob(a.bundle, a.warmup_data, f"{tmp}/warmup", keep_columns=["id"]))
+            run(ScoreJob(checkpoint=a.bundle, data=a.warmup_data, output=f"{tmp}/warmup", keep_columns=["id"]))
         opts = {"batch_size": a.batch_size, "concurrency": a.concurrency}
-        summary = run(ScoreJob(a.bundle, a.data, a.output, keep_columns=["id"], **opts))
+        summary = run(ScoreJob(checkpoint=a.bundle, data=a.data, output=a.output, keep_columns=["id"], **opts))
     finally:
         ray.shutdown()
     print(json.dumps(summary))

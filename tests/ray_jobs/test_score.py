@@ -9,6 +9,7 @@ and a crash half-way followed by a rerun.
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +24,8 @@ from unusual.models.metrics import roc_auc
 from unusual.ray_jobs import sample_data
 from unusual.ray_jobs.local_io import filesystem
 from unusual.ray_jobs.score import QUARANTINE_DIR, ScoreJob, main, run
+
+from unusual.config import ConfigError
 
 
 def _read(uri: str) -> pa.Table:
@@ -55,7 +58,11 @@ def ae(cardio, s3_bucket, s3_endpoint):
 @pytest.fixture(scope="module")
 def ae_scored(ae, cardio_uri, s3_bucket):
     out = f"s3://{s3_bucket}/score/out/ae"
-    summary = run(ScoreJob(ae[0], cardio_uri, out, keep_columns=["id", "label"], unit_rows=400, batch_size=256))
+    summary = run(
+        ScoreJob(
+            checkpoint=ae[0], data=cardio_uri, output=out, keep_columns=["id", "label"], unit_rows=400, batch_size=256
+        )
+    )
     return out, summary
 
 
@@ -90,7 +97,11 @@ def test_summary_and_spec_are_written(ae_scored):
 
 def test_rerun_of_a_complete_job_does_nothing(ae, ae_scored, cardio_uri):
     out, first = ae_scored
-    again = run(ScoreJob(ae[0], cardio_uri, out, keep_columns=["id", "label"], unit_rows=400, batch_size=256))
+    again = run(
+        ScoreJob(
+            checkpoint=ae[0], data=cardio_uri, output=out, keep_columns=["id", "label"], unit_rows=400, batch_size=256
+        )
+    )
     assert again["units_resumed"] == again["units"] and again["rows_scored"] == first["rows_scored"]
 
 
@@ -100,7 +111,9 @@ def test_vae_scores_equal_in_memory(cardio, cardio_uri, s3_bucket):
     det.save(ckpt, overwrite=True)
     out = f"s3://{s3_bucket}/score/out/vae"
     # read="tasks": Ray Data read tasks feed the actors, as on GPUs; batches cut units into several parts.
-    summary = run(ScoreJob(ckpt, cardio_uri, out, keep_columns=["id"], batch_size=500, read="tasks"))
+    summary = run(
+        ScoreJob(checkpoint=ckpt, data=cardio_uri, output=out, keep_columns=["id"], batch_size=500, read="tasks")
+    )
     assert summary["parts"] > summary["units"]
     assert summary["rows_scored"] == cardio.num_rows
     t = _read(out).sort_by("id")
@@ -111,12 +124,12 @@ def test_crash_half_way_then_rerun_gives_complete_output_without_duplicates(ae, 
     out = f"s3://{s3_bucket}/score/out/crash"
     job = dict(keep_columns=["id"], unit_rows=400, batch_size=100, concurrency=1)
     with pytest.raises(Exception, match="fault injection"):
-        run(ScoreJob(ae[0], cardio_uri, out, fail_after_parts=3, **job))
+        run(ScoreJob(checkpoint=ae[0], data=cardio_uri, output=out, fail_after_parts=3, **job))
     fs = s3fs.S3FileSystem()
     fs.invalidate_cache()
     written = [p for p in fs.find(out.removeprefix("s3://")) if p.rsplit("/", 1)[-1].startswith("part-")]
     assert 0 < len(written) < 19  # stopped half-way: some parts, not all
-    summary = run(ScoreJob(ae[0], cardio_uri, out, **job))
+    summary = run(ScoreJob(checkpoint=ae[0], data=cardio_uri, output=out, **job))
     assert summary["rows_in"] == summary["rows_scored"] == cardio.num_rows
     ids = _read(out).column("id").to_numpy()
     assert len(ids) == cardio.num_rows and len(np.unique(ids)) == cardio.num_rows
@@ -132,7 +145,7 @@ def test_bad_rows_and_bad_files_go_to_the_quarantine_with_the_reason(ae, cardio,
     with s3fs.S3FileSystem().open(f"{s3_bucket}/score/dirty/part-009.parquet", "wb") as f:
         pq.write_table(bad, f)
     out = f"s3://{s3_bucket}/score/out/dirty"
-    summary = run(ScoreJob(ae[0], uri, out, keep_columns=["id"]))
+    summary = run(ScoreJob(checkpoint=ae[0], data=uri, output=out, keep_columns=["id"]))
     n = cardio.num_rows + 50
     assert summary["rows_in"] == n
     assert summary["rows_quarantined"] == 52 and summary["rows_scored"] == n - 52
@@ -167,7 +180,7 @@ def test_lstm_scores_equal_in_memory_whatever_the_block_size(s3_bucket, ray_clus
     want = dict(zip(key, expected))
     for i, sizes in enumerate([{}, {"block_rows": 64, "unit_rows": 300, "bucket_rows": 500}]):
         out = f"s3://{s3_bucket}/score/out/lstm{i}"
-        summary = run(ScoreJob(ckpt, uri, out, **sizes))
+        summary = run(ScoreJob(checkpoint=ckpt, data=uri, output=out, **sizes))
         assert summary["rows_scored"] == table.num_rows
         t = _read(out)
         assert t.column_names[:2] == ["host", "timestamp"]  # entity and time are kept by default
@@ -182,21 +195,29 @@ def test_lstm_scores_equal_in_memory_whatever_the_block_size(s3_bucket, ray_clus
 def test_refuses_foreign_or_different_output(ae, ae_scored, cardio_uri, s3_bucket):
     out, _ = ae_scored
     with pytest.raises(UnusualError, match="holds the output of a different scoring job"):
-        run(ScoreJob(ae[0], cardio_uri, out, keep_columns=["id"]))
+        run(ScoreJob(checkpoint=ae[0], data=cardio_uri, output=out, keep_columns=["id"]))
     fs = s3fs.S3FileSystem()
     fs.pipe_file(f"{s3_bucket}/score/foreign/notes.txt", b"mine")
     with pytest.raises(UnusualError, match="already holds files that unusual score did not write"):
-        run(ScoreJob(ae[0], cardio_uri, f"s3://{s3_bucket}/score/foreign"))
+        run(ScoreJob(checkpoint=ae[0], data=cardio_uri, output=f"s3://{s3_bucket}/score/foreign"))
 
 
 def test_bad_requests_name_the_column(ae, cardio, cardio_uri, s3_bucket):
     with pytest.raises(SchemaError, match=r"--keep-columns 'customer' is not a column of .*part-000.parquet"):
-        run(ScoreJob(ae[0], cardio_uri, f"s3://{s3_bucket}/score/out/x", keep_columns=["customer"]))
+        run(
+            ScoreJob(
+                checkpoint=ae[0], data=cardio_uri, output=f"s3://{s3_bucket}/score/out/x", keep_columns=["customer"]
+            )
+        )
     uri = put_shards(s3_bucket, "score/nof00", cardio.drop_columns(["f00"]), 1, row_group=200)
     with pytest.raises(SchemaError, match=r"no file can be scored by this model: .*missing column\(s\) \['f00'\]"):
-        run(ScoreJob(ae[0], uri, f"s3://{s3_bucket}/score/out/y"))
-    with pytest.raises(ValueError, match="would clash with the output columns"):
-        ScoreJob(ae[0], cardio_uri, "x", keep_columns=["anomaly_score"])
+        run(ScoreJob(checkpoint=ae[0], data=uri, output=f"s3://{s3_bucket}/score/out/y"))
+    clash = (
+        "--keep-columns: ['anomaly_score'] would clash with the output columns "
+        "['anomaly_score', 'is_anomaly', 'top_features', 'model_version']"
+    )
+    with pytest.raises(ConfigError, match=f"^{re.escape(clash)}$"):
+        ScoreJob.validated(dict(checkpoint=ae[0], data=cardio_uri, output="x", keep_columns=["anomaly_score"]))
 
 
 def test_cli_writes_local_output(ae, cardio_uri, tmp_path, capsys):
@@ -222,25 +243,25 @@ def test_cli_writes_local_output(ae, cardio_uri, tmp_path, capsys):
 )
 def test_gpu_actor_plan(monkeypatch, cluster, concurrency, expected):
     import ray
-    from unusual.ray_jobs.score import plan_actors
+    from unusual.ray_jobs.score_plan import plan_actors
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: cluster)
     monkeypatch.setattr(ray, "available_resources", lambda: cluster)
-    job = ScoreJob("m", "d", "o", use_gpu=True, concurrency=concurrency)
+    job = ScoreJob(checkpoint="m", data="d", output="o", use_gpu=True, concurrency=concurrency)
     plan = plan_actors(job, "tasks")
     assert {k: plan[k] for k in expected} == expected
 
 
 def test_gpu_plan_errors(monkeypatch):
     import ray
-    from unusual.ray_jobs.score import plan_actors
+    from unusual.ray_jobs.score_plan import plan_actors
 
     from unusual.runtime import ResourceError
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
     monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 4.0})
     with pytest.raises(ResourceError, match=r"^--use-gpu needs a GPU; the cluster has 0$"):
-        plan_actors(ScoreJob("m", "d", "o", use_gpu=True), "tasks")
+        plan_actors(ScoreJob(checkpoint="m", data="d", output="o", use_gpu=True), "tasks")
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 400.0, "GPU": 1.0})
     with pytest.raises(ResourceError, match=r"under 1 % of a GPU"):
-        plan_actors(ScoreJob("m", "d", "o", use_gpu=True, concurrency=200), "tasks")
+        plan_actors(ScoreJob(checkpoint="m", data="d", output="o", use_gpu=True, concurrency=200), "tasks")
