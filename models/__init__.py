@@ -19,8 +19,10 @@ _EXPORTS = {
     "BundleError": "unusual.models.errors",
     "BundleVersionError": "unusual.models.errors",
     "NotFittedError": "unusual.models.errors",
+    "UnusualError": "unusual.models.errors",
     "SchemaError": "unusual.models.errors",
     "kinds": "unusual.models.registry",
+    "register": "unusual.models.registry",
     "Scorer": "unusual.models.scorer",
 }
 

@@ -17,34 +17,19 @@ Public names are imported lazily so that ``import unusual`` stays light
 (Ray Data tasks unpickle functions of this package without loading PyTorch).
 """
 
-import importlib
+from . import models as _models  # light: its names are imported on first use
 
-__version__ = "0.1.0"
-
-_EXPORTS = {
-    "Bundle": "unusual.models.bundle",
-    "load_bundle": "unusual.models.bundle",
-    "save_bundle": "unusual.models.bundle",
-    "Detector": "unusual.models.detector",
-    "Scorer": "unusual.models.scorer",
-    "kinds": "unusual.models.registry",
-    "UnusualError": "unusual.models.errors",
-    "BundleError": "unusual.models.errors",
-    "BundleVersionError": "unusual.models.errors",
-    "NotFittedError": "unusual.models.errors",
-    "SchemaError": "unusual.models.errors",
-}
-
-__all__ = sorted(_EXPORTS)
+__version__ = _models.__version__
+__all__ = _models.__all__
 
 
 def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in __all__:
+        value = getattr(_models, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'unusual' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted([*globals(), *_EXPORTS])
+    return sorted([*globals(), *__all__])
