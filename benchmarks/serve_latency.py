@@ -5,12 +5,13 @@
 The same AE bundle (trained once on the shipped ``cardio`` data and cached under
 ``--workdir``) is served by, one after the other,
 
-- **serve**: ``unusual.serving.app`` on a local Ray started for it (``ray.init(address="local", num_cpus=os.cpu_count())``,
-  ``serve.start`` + ``serve.run(build(ServeSettings(models={"ae": B}, ...)))``, the settings'
-  defaults except ``--max-batch-size`` and ``--max-replicas``): HTTP proxy -> Gateway replica ->
+- **serve**: ``unusual.serving.app`` on a local Ray started for it
+  (``ray.init(address="local", num_cpus=os.cpu_count())``, then
+  ``unusual.serving.app.start(ServeConfig(models={"ae": B}, ...))``, the config's defaults except
+  ``--max-batch-size`` and ``--max-replicas``): HTTP proxy -> Gateway replica ->
   ModelServer replica(s) with dynamic batching (``Scorer.score_many``) and autoscaling;
 - **fastapi**: one uvicorn worker serving a bare FastAPI app with the same routes and the same
-  request parsing / response encoding (``unusual.serving.app``'s helpers), one ``Scorer.score_table`` call
+  request parsing / response encoding (``unusual.serving.codec``), one ``Scorer.score_table`` call
   per request, run in Starlette's threadpool (``--fastapi-inline``: in the event loop), torch on
   ``--fastapi-threads`` threads (default 1).
 
@@ -122,14 +123,14 @@ def serve_worker(argv: list[str]) -> int:
     p.add_argument("--ready-timeout", type=float, default=120)
     a = p.parse_args(argv)
 
-    from dataclasses import asdict
-
     import ray
     from ray import serve
-    from unusual.serving.app import ServeSettings, build
+    from unusual.serving.app import start
+
+    from unusual.config import ServeConfig
 
     overrides = {k: v for k, v in (("max_batch_size", a.max_batch_size), ("max_replicas", a.max_replicas)) if v}
-    settings = ServeSettings(models={MODEL: a.bundle}, **overrides)
+    settings = ServeConfig(models={MODEL: a.bundle}, **overrides)
     # address="local": a Ray of its own even when another one runs on this machine (a bare ray.init()
     # joins the latest cluster started here, and serve.shutdown() would then end someone else's apps).
     # log_to_driver=False: replica logs stay in Ray's log files (as in a deployed cluster) instead of being
@@ -141,12 +142,12 @@ def serve_worker(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": a.port})
-        serve.run(build(settings), name="unusual", route_prefix="/", blocking=False)
-        if not _wait_http(f"http://127.0.0.1:{a.port}/readyz", a.ready_timeout):
+        try:
+            start(settings, port=a.port, ready_timeout=a.ready_timeout)
+        except TimeoutError:
             print(f"/readyz did not answer 200 within {a.ready_timeout:.0f} s", file=sys.stderr, flush=True)
             return 1
-        info = {"settings": asdict(settings), "ray": ray.__version__, "num_cpus": os.cpu_count(),
+        info = {"settings": settings.model_dump(), "ray": ray.__version__, "num_cpus": os.cpu_count(),
                 "log_to_driver": False}
         print("READY " + json.dumps(info, default=str), flush=True)
         while not stop.wait(1.0):
@@ -177,7 +178,8 @@ def fastapi_worker(argv: list[str]) -> int:
     from unusual.models import Scorer
 
     # The same parsing and encoding as the Serve gateway, so that only the serving machinery differs.
-    from unusual.serving.app import RequestError, _finite, body_to_table, scored_rows, table_to_body
+    from unusual.serving.codec import RequestError, body_to_table, scored_rows, table_to_body
+    from unusual.serving.handling import finite as _finite
 
     torch.set_num_threads(a.threads)
     scorer = Scorer(a.bundle, top_k=3, stream=False)  # as ModelServer.reconfigure loads it
@@ -371,7 +373,7 @@ def batch_worker(argv: list[str]) -> int:
 
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
-        summary = run(ScoreJob(a.bundle, a.data, a.output, keep_columns=["id"], overwrite=True))
+        summary = run(ScoreJob(checkpoint=a.bundle, data=a.data, output=a.output, keep_columns=["id"], overwrite=True))
     finally:
         ray.shutdown()
     print(json.dumps(summary, default=str))
@@ -853,8 +855,8 @@ def main() -> int:
     p.add_argument("--bulk-requests", type=int, default=100, help="bulk requests per format and concurrency")
     p.add_argument("--bulk-seconds", type=float, default=20)
     p.add_argument("--bulk-warmup", type=int, default=5)
-    p.add_argument("--max-batch-size", type=int, help="ServeSettings.max_batch_size (default: the app's, 64)")
-    p.add_argument("--max-replicas", type=int, help="ServeSettings.max_replicas (default: the app's, 2)")
+    p.add_argument("--max-batch-size", type=int, help="ServeConfig.max_batch_size (default: the app's, 64)")
+    p.add_argument("--max-replicas", type=int, help="ServeConfig.max_replicas (default: the app's, 2)")
     p.add_argument("--fastapi-threads", type=int, default=1, help="torch threads of the FastAPI server")
     p.add_argument("--fastapi-inline", action="store_true", help="score in the event loop, not the threadpool")
     p.add_argument("--check-rows", type=int, default=1000, help="rows of the score-equality check")

@@ -474,21 +474,24 @@ def test_rayservice_serve_config_is_valid_for_serve():
 
 
 def test_rayservice_builds_the_application_from_its_args(monkeypatch):
-    """build_app only binds the deployments (ServeSettings checks the args); nothing is loaded."""
+    """build_app only binds the deployments (ServeConfig checks the args); nothing is loaded."""
     from ray.serve.deployment import Application
-    from unusual.serving.app import build_app, parse_models
+    from unusual.serving.app import build_app
+
+    from unusual.config import ServeConfig
 
     monkeypatch.delenv("UNUSUAL_SERVE_TOKEN", raising=False)
     for path, config in serve_configs():
         for app in config["applications"]:
-            assert app["import_path"] == "unusual.serving.app:build_app", f"{rel(path)}: import_path {app['import_path']!r}"
+            where = f"{rel(path)}: application {app['name']}"
+            assert app["import_path"] == "unusual.serving.app:build_app", f"{where}: import_path {app['import_path']!r}"
             args = copy.deepcopy(app.get("args") or {})
             try:
                 built = build_app(args)
             except (ValueError, TypeError) as e:
-                pytest.fail(f"{rel(path)}: unusual.serving.app:build_app rejects the args of application {app['name']}: {e}")
+                pytest.fail(f"{where}: unusual.serving.app:build_app rejects its args: {e}")
             assert isinstance(built, Application)
-            for name, uri in parse_models(args["models"]).items():
+            for name, uri in ServeConfig.model_validate(args).models.items():
                 assert uri.startswith("s3://"), f"{rel(path)}: model {name}: {uri} is not an object-storage URI"
 
 
@@ -552,12 +555,12 @@ def test_runtime_env_example_is_a_valid_runtime_env():
 
 
 def serving_metrics() -> dict[str, str]:
-    """name -> Counter / Histogram / Gauge, as serving/app.py defines them."""
-    source = (REPO / "serving" / "app.py").read_text()
+    """name -> Counter / Histogram / Gauge, as serving/*.py define them."""
+    source = "\n".join(p.read_text() for p in sorted((REPO / "serving").glob("*.py")))
     found = dict(
         (name, kind) for kind, name in re.findall(r"metrics\.(Counter|Histogram|Gauge)\(\s*\"([A-Za-z0-9_]+)\"", source)
     )
-    assert found, "serving/app.py defines no metrics.Counter/Histogram/Gauge: has the code moved?"
+    assert found, "serving/*.py define no metrics.Counter/Histogram/Gauge: has the code moved?"
     return found
 
 
@@ -609,7 +612,7 @@ def test_grafana_dashboard_queries_only_metrics_serving_defines():
                 f"infra/grafana-dashboard.json: {where} queries {token}; Ray exports it as ray_{token}"
             )
             assert token in allowed, (
-                f"infra/grafana-dashboard.json: {where} queries {token}, which serving/app.py does not export; "
+                f"infra/grafana-dashboard.json: {where} queries {token}, which serving/ does not export; "
                 f"known: {sorted(allowed)}"
             )
             used.add(allowed[token])

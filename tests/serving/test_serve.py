@@ -65,12 +65,13 @@ def bundles(cardio, series, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(ray_cluster, bundles):
     from ray import serve
-    from unusual.serving.app import ServeSettings, build, wait_ready
+    from unusual.serving.app import start
+
+    from unusual.config import ServeConfig
 
     dets, uris = bundles
     port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    settings = ServeSettings(
+    settings = ServeConfig(
         models={"ae": uris["ae"], "vae": uris["vae"], "lstm": uris["lstm"]},
         default_model="ae",
         max_body_bytes=1_000_000,
@@ -81,9 +82,8 @@ def server(ray_cluster, bundles):
         downscale_delay_s=3,
         batch_wait_timeout_s=0.01,
     )
-    serve.run(build(settings), name="unusual", route_prefix="/", blocking=False)
-    url = f"http://127.0.0.1:{port}"
-    wait_ready(url, 120)
+    url = start(settings, port=port, ready_timeout=120)
+    assert url == f"http://127.0.0.1:{port}"
     try:
         yield url, settings
     finally:
@@ -210,14 +210,14 @@ def test_bad_requests_get_a_4xx_naming_the_field(server, cardio):
 
 def test_bearer_token(ray_cluster, server, bundles, cardio):
     from ray import serve
-    from unusual.serving.app import ServeSettings, build
+    from unusual.serving.app import start
+
+    from unusual.config import ServeConfig
 
     url, _ = server
-    settings = ServeSettings(models={"ae": bundles[1]["ae"]}, auth_token="s3cret", num_cpus=0.1, max_replicas=1)
-    serve.run(build(settings), name="secured", route_prefix="/secured", blocking=False)
-    deadline = time.time() + 60
-    while requests.get(f"{url}/secured/readyz").status_code != 200 and time.time() < deadline:
-        time.sleep(0.5)
+    settings = ServeConfig(models={"ae": bundles[1]["ae"]}, auth_token="s3cret", num_cpus=0.1, max_replicas=1)
+    port = int(url.rsplit(":", 1)[1])
+    assert start(settings, port=port, name="secured", route_prefix="/secured", ready_timeout=60) == f"{url}/secured"
     rows = {"rows": _rows(cardio.slice(0, 2))}
     r = requests.post(f"{url}/secured/v1/score", json=rows)
     assert r.status_code == 401 and "bearer token" in r.json()["error"]
@@ -242,16 +242,17 @@ def _load(url: str, rows: list, stop: threading.Event, results: list, threads: i
 
 
 def test_model_swap_under_load_fails_no_request(server, bundles, cardio):
-    from ray import serve
-    from unusual.serving.app import ServeSettings, build
+    from unusual.serving.app import start
+
+    from unusual.config import ServeConfig
 
     url, settings = server
     dets, uris = bundles
     stop, results = threading.Event(), []
     pool = _load(url, _rows(cardio.slice(0, 5)), stop, results)
     time.sleep(2)
-    swapped = ServeSettings(**{**settings.__dict__, "models": {**settings.models, "ae": uris["ae2"]}})
-    serve.run(build(swapped), name="unusual", route_prefix="/", blocking=False)
+    swapped = ServeConfig.model_validate({**settings.model_dump(), "models": {**settings.models, "ae": uris["ae2"]}})
+    start(swapped, port=int(url.rsplit(":", 1)[1]))
     deadline = time.time() + 60
     while time.time() < deadline:
         if results and results[-1][1] == dets["ae2"].version:
@@ -325,7 +326,7 @@ def test_batch_job_route_submits_a_scoring_job_and_reports_its_status(server, bu
     assert pq.read_table(out).num_rows == cardio.num_rows
     assert requests.get(f"{url}/v1/jobs/raysubmit_nope").status_code == 404
     r = requests.post(f"{url}/v1/jobs", json={"model": "vae", "output": str(out)})
-    assert r.status_code == 422 and r.json()["error"] == "field 'data' is required: a Parquet URI"
+    assert r.status_code == 422 and r.json()["error"] == "field 'data': Field required"
 
 
 def test_prometheus_metrics_count_rows_by_model_version(server, bundles, cardio):
@@ -346,8 +347,12 @@ def test_prometheus_metrics_count_rows_by_model_version(server, bundles, cardio)
 
 def test_serve_config_file_is_valid_and_builds_the_application():
     import yaml
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
     from ray.serve.schema import ServeDeploySchema
+    from unusual.models.errors import BundleError
     from unusual.serving.app import build_app
+
+    from unusual.config import ServeConfig
 
     with open("serving/serve_config.yaml") as f:
         cfg = yaml.safe_load(f)
@@ -356,36 +361,45 @@ def test_serve_config_file_is_valid_and_builds_the_application():
     assert app_cfg["import_path"] == "unusual.serving.app:build_app"
     built = build_app(app_cfg["args"])  # binds the deployments; nothing is loaded until deployed
     assert type(built).__name__ == "Application"
-    with pytest.raises(ValueError, match="unknown serve argument 'replicas'"):
+    with pytest.raises(ValueError) as e:
         build_app({"models": "ae=/x", "replicas": 3})
-    with pytest.raises(ValueError, match="models: expected name=URI; got '/x'"):
+    assert str(e.value) == f"unknown argument 'replicas'; known: {sorted(ServeConfig.model_fields)}"
+    with pytest.raises(BundleError) as e:  # a bare URI is named by its bundle's kind: there is none
         build_app({"models": "/x"})
+    assert str(e.value) == "no bundle at /x: manifest.json not found"
+    # As `serve run … key=value` calls it: Serve validates the strings with ServeConfig (the annotation).
+    built = call_user_app_builder_with_args_if_necessary(build_app, {"models": "ae=/x", "max_batch_size": "8"})
+    assert type(built).__name__ == "Application"
+    with pytest.raises(ValueError, match=r"(?s)replicas\n.*Extra inputs are not permitted"):
+        call_user_app_builder_with_args_if_necessary(build_app, {"models": "ae=/x", "replicas": "3"})
 
 
 def test_gpu_replicas_share_gpus_and_impossible_placements_are_refused(ray_cluster, bundles, capsys):
     """Each replica takes a share of a GPU (0.25 by default), so two models fit one GPU;
     a placement the cluster can never make is an error at once, not a replica pending forever
     (a whole GPU per replica left the second model waiting on a 1-GPU machine)."""
-    from unusual.serving.app import ServeSettings
+    from unusual.serving.app import check_cluster, replica_resources
 
     from unusual.cli import main
+    from unusual.config import ServeConfig
     from unusual.runtime import ResourceError
 
     _, uris = bundles
     two = {"ae": uris["ae"], "vae": uris["vae"]}
-    s = ServeSettings(models=two, use_gpu=True)
-    assert s.replica_resources() == {"num_cpus": 0.25, "num_gpus": 0.25}
-    assert ServeSettings(models=two).replica_resources() == {"num_cpus": 0.25, "num_gpus": 0}
-    s.check_cluster({"CPU": 2.0, "GPU": 1.0})  # 2 x 0.25 GPU fit one GPU
-    whole = ServeSettings(models=two, use_gpu=True, gpus_per_replica=1.0)
+    s = ServeConfig(models=two, use_gpu=True)
+    assert replica_resources(s) == {"num_cpus": 0.25, "num_gpus": 0.25}
+    assert replica_resources(ServeConfig(models=two)) == {"num_cpus": 0.25, "num_gpus": 0}
+    check_cluster(s, {"CPU": 2.0, "GPU": 1.0})  # 2 x 0.25 GPU fit one GPU
+    whole = ServeConfig(models=two, use_gpu=True, gpus_per_replica=1.0)
     with pytest.raises(ResourceError) as e:
-        whole.check_cluster({"CPU": 16.0, "GPU": 1.0})
+        check_cluster(whole, {"CPU": 16.0, "GPU": 1.0})
     assert str(e.value) == (
         "2 model(s) x 1 replica(s) x 1 GPU need 2 GPU(s); the cluster has 1. "
         "Use a smaller --gpus-per-replica, fewer models or fewer --min-replicas"
     )
-    with pytest.raises(ValueError, match=r"^gpus_per_replica must be in \(0, 1\]; got 1.5$"):
-        ServeSettings(models=two, use_gpu=True, gpus_per_replica=1.5)
+    with pytest.raises(ValueError) as e:
+        ServeConfig.validated({"models": two, "use_gpu": True, "gpus_per_replica": 1.5})
+    assert str(e.value) == "--gpus-per-replica: Input should be less than or equal to 1; got 1.5"
     # The CLI refuses before starting Serve (the test cluster has no GPU).
     assert main(["serve", "--checkpoint", f"ae={uris['ae']}", "--use-gpu"]) == 2
     assert capsys.readouterr().err.strip() == (

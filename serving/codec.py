@@ -1,0 +1,108 @@
+"""Request and response bodies: JSON rows, Arrow IPC streams and Parquet files to Arrow tables and back.
+
+Pure pyarrow + json: no Serve, no FastAPI, no PyTorch. A body that cannot become a table is a
+:class:`RequestError` carrying the HTTP status and a message naming the field at fault.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+
+ARROW_STREAM = "application/vnd.apache.arrow.stream"
+PARQUET_TYPES = ("application/vnd.apache.parquet", "application/x-parquet")
+SCORED_COLUMNS = ["anomaly_score", "is_anomaly", "top_features"]
+
+
+class RequestError(Exception):
+    """A client error: HTTP ``status`` with a message naming the field at fault."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def rows_to_table(body: bytes) -> pa.Table:
+    """``{"rows": [{"column": value, ...}, ...]}`` -> an Arrow table, or a RequestError."""
+
+    def no_constants(name):  # NaN / Infinity are not JSON
+        raise RequestError(422, f"{name} is not a valid JSON number; send null for a missing value")
+
+    try:
+        doc = json.loads(body, parse_constant=no_constants)
+    except RequestError:
+        raise
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RequestError(400, f"malformed JSON: {e}") from None
+    if not isinstance(doc, dict) or "rows" not in doc:
+        raise RequestError(422, 'the body must be a JSON object with a "rows" field: {"rows": [{...}, ...]}')
+    rows = doc["rows"]
+    if not isinstance(rows, list):
+        raise RequestError(422, f'"rows" must be a list of objects; got {type(rows).__name__}')
+    if not rows:
+        raise RequestError(422, '"rows" is empty: send at least one row')
+    columns: dict[str, list] = {}
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            raise RequestError(422, f"rows[{i}] must be an object of column: value; got {type(r).__name__}")
+        for k in r:
+            columns.setdefault(k, [])
+    for i, r in enumerate(rows):
+        missing = [k for k in columns if k not in r]
+        if missing:
+            raise RequestError(422, f"rows[{i}] lacks column(s) {missing} that other rows have")
+        for k, v in r.items():
+            columns[k].append(v)
+    arrays = {}
+    for k, values in columns.items():
+        try:
+            arrays[k] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            types = sorted({type(v).__name__ for v in values if v is not None})
+            raise RequestError(422, f"column {k!r} mixes value types {types}; send one type per column") from None
+        if pa.types.is_nested(arrays[k].type):
+            raise RequestError(422, f"column {k!r} holds nested values; send numbers or strings")
+    return pa.table(arrays)
+
+
+def body_to_table(body: bytes, content_type: str) -> tuple[pa.Table, str]:
+    """The request body as a table and the response format (json, arrow or parquet)."""
+    ctype = (content_type or "application/json").split(";")[0].strip().lower()
+    if ctype in ("application/json", ""):
+        return rows_to_table(body), "json"
+    try:
+        if ctype == ARROW_STREAM:
+            return ipc.open_stream(pa.BufferReader(body)).read_all(), "arrow"
+        if ctype in PARQUET_TYPES:
+            return pq.read_table(pa.BufferReader(body)), "parquet"
+    except (pa.ArrowInvalid, OSError) as e:
+        raise RequestError(400, f"the body is not valid {ctype}: {e}") from None
+    raise RequestError(
+        415, f"unsupported Content-Type {ctype!r}; use application/json, {ARROW_STREAM} or {PARQUET_TYPES[0]}"
+    )
+
+
+def table_to_body(table: pa.Table, fmt: str) -> bytes:
+    """A scored table in the request's bulk format: an Arrow IPC stream (``arrow``) or Parquet."""
+    sink = io.BytesIO()
+    if fmt == "arrow":
+        with ipc.new_stream(sink, table.schema) as w:
+            w.write_table(table)
+    else:
+        pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+def media_type(fmt: str) -> str:
+    """The Content-Type of a bulk answer in ``fmt`` (arrow or parquet)."""
+    return ARROW_STREAM if fmt == "arrow" else PARQUET_TYPES[0]
+
+
+def scored_rows(table: pa.Table) -> list[dict]:
+    """The per-row results of a JSON answer, in input order."""
+    return table.select(SCORED_COLUMNS).to_pylist()

@@ -1,0 +1,228 @@
+"""The Serve deployments: one ``ModelServer`` per model behind one ``Gateway`` (FastAPI routes).
+
+    GET  /healthz                       liveness
+    GET  /readyz                        every model loaded (503 until then)
+    GET  /v1/models                     models, versions, thresholds, features
+    POST /v1/score                      the default model (the only one, or default_model)
+    POST /v1/models/{name}/score        JSON rows, or a bulk Arrow IPC / Parquet body
+    POST /v1/jobs                       submit a batch scoring job (Ray job submission)
+    GET  /v1/jobs/{id}                  its status
+    GET  /docs, /openapi.json           the documented API
+
+Both take the application's :class:`~unusual.config.ServeConfig` as a plain dict (``model_dump()``)
+and validate it again in the replica. What a request means is decided in :mod:`.handling`; this
+module only binds it to Serve (batching, handles, user_config) and FastAPI (routes, responses).
+
+A new checkpoint for a model is a new ``user_config``: Serve calls ``ModelServer.reconfigure`` on the
+live replicas, which load the new bundle and swap it in one assignment; requests in flight finish on
+the bundle they started with, and every response names the model version that scored it.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the route signatures
+# (``request: Request``) at runtime through Serve's ingress wrapper.
+import logging
+import os
+import shlex
+
+import pyarrow as pa
+from fastapi import FastAPI, Request
+from ray import serve
+
+from ..config import ServeConfig
+from . import handling
+from .codec import ARROW_STREAM, PARQUET_TYPES, RequestError
+
+API_VERSION = "v1"
+log = logging.getLogger("unusual.serve")
+
+
+class ModelServer:
+    """One model: loads its bundle (``reconfigure``), scores batches of requests."""
+
+    def __init__(self, name: str, config: dict):
+        from ray.serve import metrics
+
+        self.name = name
+        self.config = ServeConfig.model_validate(config)
+        self.scorer = None
+        self.checkpoint = None
+        self.metrics = handling.ModelMetrics(metrics, name)
+        self._batched.set_max_batch_size(self.config.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Load (or swap to) the bundle at ``user_config["checkpoint"]``."""
+        from ..models import Scorer
+
+        uri = user_config["checkpoint"]
+        device = "cuda" if self.config.use_gpu else "cpu"
+        top_k = int(user_config.get("top_k", self.config.top_k))
+        scorer = Scorer(uri, device=device, top_k=top_k, stream=False)
+        old = self.scorer.version if self.scorer else None
+        self.scorer, self.checkpoint = scorer, uri  # one assignment: requests in flight keep the old one
+        log.info("model %s: %s -> %s (%s)", self.name, old, scorer.version, uri)
+
+    def info(self) -> dict:
+        return handling.model_info(self.name, self.scorer, self.checkpoint)
+
+    async def handle(self, body: bytes, content_type: str) -> dict:
+        """A scoring request's raw body -> the HTTP answer (status, body, media type, headers).
+
+        Parsing and encoding happen here, in the model's autoscaled replicas, so the gateway
+        only routes bytes."""
+        return await handling.score_request(
+            body, content_type, name=self.name, max_rows=self.config.max_rows, score=self.score
+        )
+
+    async def score(self, table: pa.Table) -> dict:
+        """Score one request's rows; returns the output table and the version, or the error."""
+        return await handling.score_table(self.name, self.scorer, table, self._batched, self.metrics)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)  # resized from the config in __init__
+    async def _batched(self, tables: list[pa.Table]) -> list:
+        scorer = self.scorer
+        self.metrics.batch(scorer, tables)
+        return scorer.score_many(tables)
+
+
+# --------------------------------------------------------------------------- the gateway
+
+app = FastAPI(
+    title="unusual",
+    version=API_VERSION,
+    description="Anomaly scoring with AE, VAE and LSTM detectors. JSON rows online, Arrow IPC or "
+    "Parquet bodies in bulk, batch jobs on the cluster. Every response names the model version.",
+)
+
+_JSON_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["rows"],
+                    "properties": {"rows": {"type": "array", "items": {"type": "object"}}},
+                },
+                "example": {"rows": [{"f00": 0.1, "f01": -1.2}]},
+            },
+            ARROW_STREAM: {"schema": {"type": "string", "format": "binary"}},
+            PARQUET_TYPES[0]: {"schema": {"type": "string", "format": "binary"}},
+        },
+    },
+    "responses": {
+        "200": {
+            "description": "one result per input row, in input order (JSON), or the scored table in the "
+            "request's format (Arrow IPC / Parquet; version and threshold in the X-Model-Version and "
+            "X-Threshold headers)",
+        },
+        "4xx": {"description": '{"error": message naming the field at fault}'},
+    },
+}
+
+
+def _error(e: RequestError):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error": e.message}, status_code=e.status)
+
+
+@serve.ingress(app)
+class Gateway:
+    def __init__(self, config: dict, **handles):
+        self.config = ServeConfig.model_validate(config)
+        self.handles = handles  # model name -> DeploymentHandle of its ModelServer
+        self.jobs = None
+
+    def _authorize(self, request) -> None:
+        handling.check_auth(self.config.auth_token, request.headers.get("authorization"))
+
+    async def _body(self, request, required: bool = False) -> bytes:
+        length = request.headers.get("content-length")
+        return await handling.read_body(request.stream(), length, self.config.max_body_bytes, required=required)
+
+    async def _score(self, name: str, request):
+        from fastapi.responses import Response
+
+        try:
+            self._authorize(request)
+            handling.check_model(name, self.handles)
+            body = await self._body(request, required=True)
+        except RequestError as e:
+            return _error(e)
+        ctype = request.headers.get("content-type", "application/json")
+        r = await self.handles[name].handle.remote(body, ctype)
+        return Response(r["body"], status_code=r["status"], media_type=r["media_type"], headers=r.get("headers"))
+
+    async def _infos(self) -> list[dict]:
+        return [await h.info.remote() for h in self.handles.values()]
+
+    @app.get("/healthz", summary="liveness")
+    def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="readiness: every model loaded")
+    async def readyz(self):
+        infos = await self._infos()
+        waiting = [i["name"] for i in infos if not i.get("ready")]
+        if waiting:
+            return _error(RequestError(503, f"models still loading: {waiting}"))
+        return {"status": "ready", "models": [i["name"] for i in infos]}
+
+    @app.get(f"/{API_VERSION}/models", summary="the served models and their versions")
+    async def models(self, request: Request):
+        try:
+            self._authorize(request)
+        except RequestError as e:
+            return _error(e)
+        return {"default": self.config.default_model, "models": handling.finite(await self._infos())}
+
+    @app.post(f"/{API_VERSION}/score", summary="score rows with the default model", openapi_extra=_JSON_BODY)
+    async def score_default(self, request: Request):
+        try:
+            name = handling.default_model(self.config.default_model, self.handles, API_VERSION)
+        except RequestError as e:
+            return _error(e)
+        return await self._score(name, request)
+
+    @app.post(f"/{API_VERSION}/models/{{name}}/score", summary="score rows with one model", openapi_extra=_JSON_BODY)
+    async def score_model(self, name: str, request: Request):
+        return await self._score(name, request)
+
+    @app.post(f"/{API_VERSION}/jobs", summary="submit a batch scoring job for a data URI")
+    async def submit_job(self, request: Request):
+        try:
+            self._authorize(request)
+            name, fields = handling.job_request(await self._body(request), self.handles, self.config.default_model)
+            info = await self.handles[name].info.remote()
+            cmd = handling.score_command(handling.score_job(info, fields))
+        except RequestError as e:
+            return _error(e)
+        try:
+            job_id = self._job_client().submit_job(entrypoint=shlex.join(cmd))
+        except Exception as e:  # noqa: BLE001 - the cluster's job API is unreachable
+            return _error(RequestError(503, f"cannot submit jobs to this cluster: {type(e).__name__}: {e}"))
+        return {"job_id": job_id, "model": name, "model_version": info["model_version"], "entrypoint": cmd}
+
+    @app.get(f"/{API_VERSION}/jobs/{{job_id}}", summary="the status of a submitted scoring job")
+    async def job_status(self, job_id: str, request: Request):
+        try:
+            self._authorize(request)
+        except RequestError as e:
+            return _error(e)
+        try:
+            info = self._job_client().get_job_info(job_id)
+        except RuntimeError as e:
+            return _error(RequestError(404, f"no job {job_id!r}: {e}"))
+        except Exception as e:  # noqa: BLE001
+            return _error(RequestError(503, f"cannot reach this cluster's job API: {type(e).__name__}: {e}"))
+        return {"job_id": job_id, "status": str(info.status), "message": info.message}
+
+    def _job_client(self):
+        from ray.job_submission import JobSubmissionClient
+
+        if self.jobs is None:
+            # "auto": the dashboard of the cluster this replica runs in, found through the GCS
+            address = self.config.ray_address or os.environ.get("RAY_DASHBOARD_ADDRESS") or "auto"
+            self.jobs = JobSubmissionClient(address)
+        return self.jobs

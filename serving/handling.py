@@ -1,0 +1,282 @@
+"""Request handling without a framework: plain functions the deployments call, testable without Serve.
+
+- the gateway's checks: the bearer token, the model a route names, the body's size;
+- a model replica's path from a request body to its answer: parse (:mod:`.codec`), score through the
+  :class:`~unusual.models.Scorer` (one call, or Serve's batching for row-wise families), encode;
+- answers: ``{"status", "body", "media_type", "headers"}`` dicts, JSON without NaN / inf;
+- the Prometheus metrics of a model (defined on the ``ray.serve.metrics`` module handed in);
+- ``POST /v1/jobs``: the request's fields validated as a :class:`~unusual.config.ScoreJob` and the
+  ``python -m unusual.ray_jobs.score`` command built from it (serving never imports the jobs).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import AsyncIterable, Awaitable, Callable, Collection
+
+import numpy as np
+import pyarrow as pa
+
+from ..config import ConfigError, ScoreJob
+from ..models.errors import UnusualError
+from .codec import RequestError, body_to_table, media_type, scored_rows, table_to_body
+
+log = logging.getLogger("unusual.serve")
+
+UNAUTHORIZED = "missing or wrong bearer token (Authorization: Bearer <token>)"
+SCORE_BUCKETS = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 25, 50, 100, 250, 1000, 1e4]
+BATCH_BUCKETS = [1, 2, 4, 8, 16, 64, 256, 1024, 8192]
+SCORE_SAMPLE = 256  # scores observed per request: a sample bounds the metrics' cost
+
+# --------------------------------------------------------------------------- answers
+
+
+def finite(obj):
+    """JSON cannot carry NaN / inf: they become null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def answer(status: int, payload: dict, headers: dict | None = None) -> dict:
+    """An HTTP answer with a JSON body."""
+    body = json.dumps(finite(payload), separators=(",", ":")).encode()
+    return {"status": status, "body": body, "media_type": "application/json", "headers": headers or {}}
+
+
+def error_answer(status: int, message: str) -> dict:
+    return answer(status, {"error": message})
+
+
+# --------------------------------------------------------------------------- the gateway's checks
+
+
+def check_auth(token: str | None, authorization: str | None) -> None:
+    """401 unless no token is configured or ``authorization`` is ``Bearer <token>``."""
+    if token and (authorization or "") != f"Bearer {token}":
+        raise RequestError(401, UNAUTHORIZED)
+
+
+def check_model(name: str, names: Collection[str]) -> None:
+    if name not in names:
+        raise RequestError(404, f"no model named {name!r}; models: {sorted(names)}")
+
+
+def default_model(name: str | None, names: Collection[str], api: str) -> str:
+    """The model of ``POST /{api}/score``; 400 when several are served and none is the default."""
+    if name is None:
+        raise RequestError(400, f"several models are served ({sorted(names)}); use /{api}/models/{{name}}/score")
+    return name
+
+
+async def read_body(
+    chunks: AsyncIterable[bytes], content_length: str | None, limit: int, *, required: bool = False
+) -> bytes:
+    """The request body, refused (413) as soon as it is known to be over ``limit`` bytes: by its
+    Content-Length, else while it streams in. ``required``: an empty body is a 422."""
+    if content_length is not None and content_length.isdigit() and int(content_length) > limit:
+        raise RequestError(413, f"the body ({int(content_length):,} bytes) is over the limit of {limit:,} bytes")
+    parts, size = [], 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"the body is over the limit of {limit:,} bytes")
+        parts.append(chunk)
+    body = b"".join(parts)
+    if required and not body:
+        raise RequestError(422, 'empty body: send {"rows": [...]} or an Arrow / Parquet table')
+    return body
+
+
+# --------------------------------------------------------------------------- a model replica
+
+
+class ModelMetrics:
+    """A model's Prometheus metrics, tagged with the model and the version that scored.
+
+    ``metrics`` is ``ray.serve.metrics`` (or anything with its Counter / Histogram)."""
+
+    def __init__(self, metrics, name: str):
+        self.name = name
+        keys = ("model", "model_version")
+        self.rows = metrics.Counter("unusual_rows_scored", "rows scored", tag_keys=keys)
+        self.anomalies = metrics.Counter("unusual_anomalies", "rows flagged anomalous", tag_keys=keys)
+        self.rejected = metrics.Counter("unusual_rejected_requests", "requests rejected for bad input", tag_keys=keys)
+        self.scores = metrics.Histogram(
+            "unusual_anomaly_score", "anomaly scores (for quantiles)", boundaries=SCORE_BUCKETS, tag_keys=keys
+        )
+        self.batch_rows = metrics.Histogram(
+            "unusual_batch_rows", "rows per model call", boundaries=BATCH_BUCKETS, tag_keys=keys
+        )
+
+    def tags(self, scorer) -> dict:
+        return {"model": self.name, "model_version": scorer.version}
+
+    def batch(self, scorer, tables: list[pa.Table]) -> None:
+        self.batch_rows.observe(sum(t.num_rows for t in tables), tags=self.tags(scorer))
+
+    def scored(self, scorer, out: pa.Table) -> None:
+        tags = self.tags(scorer)
+        scores = out.column("anomaly_score").to_numpy()
+        self.rows.inc(len(scores), tags=tags)
+        flagged = int(np.count_nonzero(out.column("is_anomaly").to_numpy(zero_copy_only=False)))
+        if flagged:
+            self.anomalies.inc(flagged, tags=tags)
+        for v in scores[:SCORE_SAMPLE]:
+            self.scores.observe(float(v), tags=tags)
+
+
+def rejection(name: str, e: Exception) -> tuple[int, str]:
+    """(status, message) of a scoring call that raised: the client's fault (422, the message names
+    the column or row) or ours (500, logged)."""
+    if isinstance(e, (UnusualError, ValueError, TypeError, KeyError, pa.ArrowException)):
+        return 422, str(e)
+    log.error("model %s failed on a request", name, exc_info=e)
+    return 500, f"internal error scoring with model {name}: {type(e).__name__}"
+
+
+async def score_table(
+    name: str, scorer, table: pa.Table, batched: Callable[[pa.Table], Awaitable], metrics: ModelMetrics
+) -> dict:
+    """One request's rows scored: ``{"table", "model_version", "threshold"}`` or ``{"error": (status, msg)}``.
+
+    A sequence family's request carries whole windows of its entities, so it is scored alone; the
+    rows of a row-wise family go through ``batched`` (Serve's dynamic batching), which answers the
+    scored table or the exception of that request."""
+    if scorer is None:
+        return {"error": (503, f"model {name} is still loading")}
+    if table.num_rows == 0:
+        return {"error": (422, "no rows to score")}
+    if scorer.sequence:
+        try:
+            out = scorer.score_table(table)
+        except Exception as e:  # noqa: BLE001 - classified by rejection()
+            out = e
+    else:
+        out = await batched(table)
+    if isinstance(out, Exception):
+        metrics.rejected.inc(tags=metrics.tags(scorer))
+        return {"error": rejection(name, out)}
+    metrics.scored(scorer, out)
+    return {"table": out, "model_version": scorer.version, "threshold": scorer.threshold}
+
+
+async def score_request(
+    body: bytes, content_type: str, *, name: str, max_rows: int, score: Callable[[pa.Table], Awaitable[dict]]
+) -> dict:
+    """A scoring request's raw body -> its answer: JSON rows in, JSON out; Arrow / Parquet in, the
+    scored table out in the same format (version and threshold in the X-Model-Version and
+    X-Threshold headers). ``score`` is :func:`score_table` bound to the replica's scorer."""
+    t0 = time.perf_counter()
+    try:
+        table, fmt = body_to_table(body, content_type)
+        if table.num_rows > max_rows:
+            raise RequestError(413, f"{table.num_rows:,} rows is over the limit of {max_rows:,}")
+    except RequestError as e:
+        return error_answer(e.status, e.message)
+    result = await score(table)
+    if "error" in result:
+        return error_answer(*result["error"])
+    out, version, threshold = result["table"], result["model_version"], result["threshold"]
+    headers = {"X-Model-Version": version, "X-Threshold": repr(float(threshold))}
+    if fmt == "json":
+        payload = {
+            "model": name,
+            "model_version": version,
+            "threshold": threshold,
+            "rows": scored_rows(out),
+            "seconds": round(time.perf_counter() - t0, 6),
+        }
+        return answer(200, payload, headers)
+    return {"status": 200, "body": table_to_body(out, fmt), "media_type": media_type(fmt), "headers": headers}
+
+
+def model_info(name: str, scorer, checkpoint: str | None) -> dict:
+    """What ``GET /v1/models`` says of a model (``ready: False`` until its bundle is loaded)."""
+    if scorer is None:
+        return {"name": name, "ready": False}
+    return {
+        "name": name,
+        "ready": True,
+        "model_version": scorer.version,
+        "kind": scorer.bundle.kind,
+        "threshold": scorer.threshold,
+        "checkpoint": checkpoint,
+        "features": [c.name for c in scorer.schema.columns],
+        "entity_column": scorer.entity,
+        "time_column": scorer.time,
+        "window": getattr(scorer.bundle.model_config, "window", None),
+    }
+
+
+# --------------------------------------------------------------------------- POST /v1/jobs
+
+SCORE_MODULE = "unusual.ray_jobs.score"
+# The request's fields: the scoring job's own, except the bundle (the served model's) and the cluster.
+JOB_FIELDS = ("model", *(n for n in ScoreJob.cli_fields() if n not in ("checkpoint", "address")))
+
+
+class ScoreRequest(ScoreJob):
+    """A ScoreJob whose validation errors name the request's JSON fields, not the CLI flags."""
+
+    @classmethod
+    def flags_of(cls, name: str) -> list[str]:
+        return [f"field {name!r}"]
+
+
+def job_request(body: bytes, names: Collection[str], default: str | None) -> tuple[str, dict]:
+    """``{"model": name, "data": URI, "output": URI, ...}`` -> (the model's name, the scoring job's fields)."""
+    try:
+        doc = json.loads(body or b"null")
+    except ValueError as e:
+        raise RequestError(400, f"malformed JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise RequestError(422, 'send {"model": name, "data": URI, "output": URI, "keep_columns": [...]}')
+    unknown = sorted(set(doc) - set(JOB_FIELDS))
+    if unknown:
+        raise RequestError(422, f"unknown field(s) {unknown}; known: {sorted(JOB_FIELDS)}")
+    fields = dict(doc)
+    name = fields.pop("model", None) or default
+    if name not in names:
+        raise RequestError(422, f"field 'model': no model named {name!r}; models: {sorted(names)}")
+    return name, fields
+
+
+def score_job(info: dict, fields: dict) -> ScoreJob:
+    """The scoring job of a request's ``fields`` on the model described by ``info`` (:func:`model_info`)."""
+    if not info.get("ready"):
+        raise RequestError(503, f"model {info['name']} is still loading")
+    try:
+        request = ScoreRequest.validated({**fields, "checkpoint": info["checkpoint"]})
+    except ConfigError as e:
+        raise RequestError(422, str(e)) from None
+    for key in ("data", "output"):
+        if not getattr(request, key).strip():
+            raise RequestError(422, f"field {key!r}: a Parquet URI is needed; got ''")
+    return ScoreJob.model_validate(request.model_dump(exclude_unset=True))
+
+
+def score_command(job: ScoreJob, python: str = sys.executable) -> list[str]:
+    """``python -m unusual.ray_jobs.score`` with a flag for each field ``job`` was given."""
+    cmd = [python, "-m", SCORE_MODULE]
+    for name in ScoreJob.cli_fields():
+        value = getattr(job, name)
+        if name not in job.model_fields_set or value is None:
+            continue
+        flag = ScoreJob.flags_of(name)[0]
+        if isinstance(value, bool):
+            cmd.append(flag if value else f"--no-{flag[2:]}")
+        elif isinstance(value, (list, tuple)):
+            if value:
+                cmd += [flag, ",".join(str(v) for v in value)]
+        else:
+            cmd += [flag, str(value)]
+    return cmd
