@@ -1,25 +1,26 @@
 """Ray Data adapters: Parquet on object storage in, encoded training data out.
 
 The feature schema is fit with a distributed aggregation (mergeable
-per-block :class:`unusual.models.features.FeatureStats`, reduced on the driver: the
-driver sees one small summary per block, never the rows). Encoding, the
+per-block :class:`unusual.models.stats.FeatureStats`, reduced with Ray Data's
+aggregation API: the driver sees one merged summary, never the rows). Encoding, the
 train / validation split and LSTM windowing run in Ray tasks with the same
 ``models`` functions the in-memory API uses.
 """
 
 from __future__ import annotations
 
-import pickle
 from contextlib import contextmanager
-from functools import reduce
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from ..models.features import FeatureConfig, FeatureSchema, FeatureStats, resolve_columns
+from ..models.features import FeatureConfig, FeatureSchema, resolve_columns
+from ..models.stats import FeatureStats
 from ..models.windows import training_windows
+from .aggregates import merged
 from .local_io import filesystem
 
 ENTITY_KEY = "__unusual_entity__"
@@ -102,30 +103,18 @@ def read_parquet(uri: str, columns: list[str] | None = None) -> tuple[ray.data.D
 # --------------------------------------------------------------------------- schema
 
 
-def _block_stats(batch: pa.Table, cfg: FeatureConfig, reserved: tuple[str, ...], seed: int) -> dict:
-    stats = FeatureStats.from_table(batch, cfg, reserved, seed)
-    return {"stats": np.array([pickle.dumps(stats)], dtype=object), "rows": np.array([batch.num_rows])}
-
-
 def fit_schema(
     ds: ray.data.Dataset, schema: pa.Schema, cfg: FeatureConfig, reserved: tuple[str, ...] = (), seed: int = 0
 ) -> tuple[FeatureSchema, int]:
-    """The feature schema from per-block statistics merged on the driver.
+    """The feature schema from per-block statistics merged by a Ray Data aggregation.
 
     Column choice and types are checked on the Parquet schema first, so bad
     columns fail fast with a :class:`models.SchemaError` naming them.
     """
     resolve_columns(schema, cfg, reserved)
-    parts = ds.map_batches(
-        _block_stats,
-        batch_format="pyarrow",
-        batch_size=None,
-        fn_kwargs={"cfg": cfg, "reserved": reserved, "seed": seed},
-    ).take_all()
-    if not parts or sum(int(p["rows"]) for p in parts) == 0:
-        raise DataError("the data has no rows")
-    stats = reduce(lambda a, b: a.merge(b, seed), (pickle.loads(p["stats"]) for p in parts))
-    if stats.n_rows == 0:
+    summarise = partial(FeatureStats.from_table, cfg=cfg, reserved=reserved, seed=seed)
+    stats = merged(ds, summarise, partial(FeatureStats.merge, seed=seed))
+    if stats is None or stats.n_rows == 0:
         raise DataError("the data has no rows")
     return FeatureSchema.from_stats(stats, cfg), stats.n_rows
 

@@ -1,7 +1,7 @@
 """Evaluation of batch-scoring output on a real S3 endpoint (moto server) with a real local Ray.
 
-The metrics computed at scale (per-block summaries and histograms merged on the
-driver) are checked against scikit-learn and the in-memory ``unusual.models.metrics``
+The metrics computed at scale (per-block summaries and histograms merged with Ray
+Data's aggregation API) are checked against scikit-learn and the in-memory ``unusual.models.metrics``
 functions on the same rows.
 """
 
@@ -64,7 +64,7 @@ def tabular(s3_bucket, ray_cluster):
 
 def test_metrics_match_sklearn(tabular, s3_bucket):
     uri, score, flag, label = tabular
-    m = run(EvaluateJob(uri, "label"))
+    m = run(EvaluateJob(scores=uri, label_column="label"))
     has = ~np.isnan(label)
     s, y, f = score[has], label[has].astype(bool), flag[has]
     assert (m["rows"], m["rows_without_label"], m["rows_without_score"]) == (4000, 40, 0)
@@ -116,7 +116,7 @@ def series(s3_bucket, ray_cluster):
 def test_point_adjusted_per_entity(series, s3_bucket):
     uri, parts = series
     out = f"s3://{s3_bucket}/eval/reports/series"
-    m = run(EvaluateJob(uri, "label", output=out, entity_column="host", time_column="ts"))
+    m = run(EvaluateJob(scores=uri, label_column="label", output=out, entity_column="host", time_column="ts"))
     # the in-memory functions, per entity in time order (the fixture built each series in order)
     adj = np.concatenate([adjusted_scores(s, y) for _, _, s, y in parts])
     pa_pred = np.concatenate([point_adjust(s >= 5.5, y) for _, _, s, y in parts])
@@ -165,7 +165,7 @@ def test_cli_with_more_scores_than_the_sample(s3_bucket, ray_cluster, capsys):
 def test_missing_label_column(tabular, ray_cluster):
     uri = tabular[0]
     with pytest.raises(SchemaError) as e:
-        run(EvaluateJob(uri, "nope"))
+        run(EvaluateJob(scores=uri, label_column="nope"))
     assert str(e.value) == (
         "label column 'nope' is not in the scores at s3://unusual-test/eval/tabular; "
         "columns: anomaly_score, is_anomaly, top_features, model_version, label, row_id"
@@ -182,7 +182,7 @@ def test_not_batch_scoring_output(s3_bucket, ray_cluster):
             "columns: x, label"
         ),
     ):
-        run(EvaluateJob(uri, "label"))
+        run(EvaluateJob(scores=uri, label_column="label"))
 
 
 def test_one_class(s3_bucket, ray_cluster):
@@ -191,7 +191,7 @@ def test_one_class(s3_bucket, ray_cluster):
     table = _scores_table(score, score > 0.9, ["v"] * 300, label=np.zeros(300, np.int8))
     uri = put_shards(s3_bucket, "eval/one-class", table, 2)
     with pytest.raises(DataError) as e:
-        run(EvaluateJob(uri, "label"))
+        run(EvaluateJob(scores=uri, label_column="label"))
     assert str(e.value) == (
         "label column 'label' has only one class: 0 positive and 300 negative labelled rows at "
         "s3://unusual-test/eval/one-class; ROC-AUC, PR-AUC and F1 need both"
@@ -200,4 +200,4 @@ def test_one_class(s3_bucket, ray_cluster):
 
 def test_no_score_files(s3_bucket, ray_cluster):
     with pytest.raises(DataError, match="no Parquet files at s3://unusual-test/eval/nothing"):
-        run(EvaluateJob(f"s3://{s3_bucket}/eval/nothing", "label"))
+        run(EvaluateJob(scores=f"s3://{s3_bucket}/eval/nothing", label_column="label"))

@@ -1,0 +1,214 @@
+"""The evaluation's statistics of scored data, summarised per block and merged with Ray Data's
+aggregation API (:class:`unusual.ray_jobs.aggregates.MergeAggregate`).
+
+1. :func:`summarise`: one :class:`ScoreSummary` of every row (counts, a reservoir sample
+   and the range of the scores, the model's flagged / unflagged score range, the model
+   versions); :func:`bin_edges` puts the histogram bins at the sample's quantiles.
+2. :func:`histogram`: one :class:`unusual.models.metrics.ScoreHistogram` of the labelled
+   scores over those edges.
+3. :func:`series_histograms`: the same as scored and point-adjusted. Rows are grouped by
+   entity (one group without an entity column, one task) and sorted by time; each
+   contiguous run of positive labels gets its maximum score
+   (:func:`unusual.models.metrics.adjusted_scores`) and the model's flags are
+   point-adjusted. The groups' rows, with their adjusted scores and flags, are then
+   histogrammed and merged like any other rows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import partial
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..models.metrics import ScoreHistogram, adjusted_scores, label_segments, point_adjust, quantile_edges
+from ..models.stats import NumStats
+from .aggregates import MergeAggregate, aggregate, merged
+
+SCORE, FLAG, VERSION = "anomaly_score", "is_anomaly", "model_version"
+# columns of the labelled series rows (point adjustment)
+LABEL, PA_SCORE, PA_FLAG, SEGMENTS = "__label__", "__pa_score__", "__pa_flag__", "__segments__"
+
+
+def _floats(col) -> np.ndarray:
+    col = pc.cast(col, pa.float64())
+    return np.asarray(pc.fill_null(col, pa.scalar(math.nan, pa.float64())).to_numpy(zero_copy_only=False), np.float64)
+
+
+def _bools(col) -> np.ndarray:
+    return np.asarray(pc.fill_null(col, False).to_numpy(zero_copy_only=False), bool)
+
+
+def _labels(col) -> tuple[np.ndarray, np.ndarray]:
+    """(has a label, is positive) per row: positive = true / non-zero; null or NaN = no label."""
+    if pa.types.is_boolean(col.type):
+        valid = np.asarray(pc.is_valid(col).to_numpy(zero_copy_only=False), bool)
+        return valid, _bools(col) & valid
+    v = _floats(col)
+    valid = ~np.isnan(v)
+    return valid, valid & (v != 0)
+
+
+def _rows(batch: pa.Table, label: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(score, is positive, is_anomaly, has a label, has a score) per row."""
+    score = _floats(batch.column(SCORE))
+    valid, pos = _labels(batch.column(label))
+    return score, pos, _bools(batch.column(FLAG)), valid, ~np.isnan(score)
+
+
+# --------------------------------------------------------------------------- pass 1: the summary
+
+
+@dataclass
+class ScoreSummary:
+    """Mergeable counts of scored rows and statistics of their labelled scores."""
+
+    rows: int = 0
+    no_label: int = 0
+    no_score: int = 0
+    positives: int = 0
+    negatives: int = 0
+    posinf: int = 0
+    neginf: int = 0
+    flag_min: float = math.inf  # smallest score the model flagged
+    unflag_max: float = -math.inf  # largest score it did not
+    versions: set = field(default_factory=set)
+    stats: NumStats = field(default_factory=NumStats)  # of the finite labelled scores
+
+    @classmethod
+    def of(cls, batch: pa.Table, label: str) -> ScoreSummary:
+        score, pos, flag, valid, scored = _rows(batch, label)
+        use = valid & scored
+        s = score[use]
+        out = cls(
+            rows=batch.num_rows,
+            no_label=int((~valid).sum()),
+            no_score=int((~scored).sum()),
+            positives=int(pos[use].sum()),
+            negatives=int((~pos[use]).sum()),
+            posinf=int(np.isposinf(s).sum()),
+            neginf=int(np.isneginf(s).sum()),
+            stats=NumStats.of(s, np.random.default_rng(0)),
+        )
+        if (flag & scored).any():
+            out.flag_min = float(score[flag & scored].min())
+        if (~flag & scored).any():
+            out.unflag_max = float(score[~flag & scored].max())
+        if VERSION in batch.column_names:
+            out.versions = {v for v in pc.unique(batch.column(VERSION)).to_pylist() if v is not None}
+        return out
+
+    def merge(self, o: ScoreSummary) -> ScoreSummary:
+        return ScoreSummary(
+            self.rows + o.rows,
+            self.no_label + o.no_label,
+            self.no_score + o.no_score,
+            self.positives + o.positives,
+            self.negatives + o.negatives,
+            self.posinf + o.posinf,
+            self.neginf + o.neginf,
+            min(self.flag_min, o.flag_min),
+            max(self.unflag_max, o.unflag_max),
+            self.versions | o.versions,
+            self.stats.merge(o.stats),
+        )
+
+
+def summarise(ds, label: str) -> ScoreSummary:
+    """The :class:`ScoreSummary` of a Ray Dataset of scores (an empty one without rows)."""
+    return merged(ds, partial(ScoreSummary.of, label=label)) or ScoreSummary()
+
+
+def bin_edges(summary: ScoreSummary, bins: int) -> tuple[np.ndarray, bool]:
+    """Bin edges from the merged sample; exact when the sample holds every finite score."""
+    st = summary.stats
+    exact = st.count == st.sample.size
+    if st.count == 0:
+        base = np.empty(0)
+    elif exact:
+        base = np.unique(st.sample)
+    else:
+        base = quantile_edges(st.sample, bins, st.min, st.max)
+    parts = [[-math.inf]] if summary.neginf else []
+    parts += [base]
+    parts += [[math.inf]] if summary.posinf else []
+    return np.concatenate(parts).astype(np.float64), bool(exact)
+
+
+# --------------------------------------------------------------------------- pass 2: histograms
+
+
+def _block_histogram(batch: pa.Table, label: str, edges: np.ndarray) -> ScoreHistogram:
+    score, pos, flag, valid, scored = _rows(batch, label)
+    use = valid & scored
+    return ScoreHistogram.of(score[use], pos[use], edges, pred=flag[use])
+
+
+def histogram(ds, label: str, edges: np.ndarray) -> ScoreHistogram:
+    """The histogram of the labelled scores of a Ray Dataset of scores."""
+    return merged(ds, partial(_block_histogram, label=label, edges=edges))
+
+
+def _series_rows(batch: pa.Table, label: str, entity: str | None, time: str) -> pa.Table:
+    """The labelled, scored rows, with only what point adjustment needs (less to shuffle)."""
+    score, pos, flag, valid, scored = _rows(batch, label)
+    use = np.flatnonzero(valid & scored)
+    cols = {c: batch.column(c).take(pa.array(use)) for c in (entity, time) if c}
+    return pa.table({**cols, SCORE: score[use], LABEL: pos[use], FLAG: flag[use]})
+
+
+def _point_adjusted(group: pa.Table, entity: str | None, time: str) -> pa.Table:
+    """One group of :func:`_series_rows`, each entity's rows sorted by time, with the
+    point-adjusted scores and flags; each entity's count of labelled segments is on its
+    first row."""
+    keys = [(entity, "ascending")] if entity else []
+    order = pc.sort_indices(group, sort_keys=[*keys, (time, "ascending")])  # stable
+    group = group.take(order)
+    score = group.column(SCORE).to_numpy()
+    pos = _bools(group.column(LABEL))
+    flag = _bools(group.column(FLAG))
+    bounds = [0, group.num_rows]
+    if entity and group.num_rows:
+        # Ray hands over one entity per group; still, each entity is its own series, never joined to the next
+        ent = group.column(entity).combine_chunks()
+        codes = pc.dictionary_encode(ent, null_encoding="encode").indices.to_numpy(zero_copy_only=False)
+        bounds = np.concatenate([[0], np.flatnonzero(np.diff(codes)) + 1, [len(codes)]])
+    adj, pa_flag = np.empty_like(score), np.empty_like(flag)
+    segments = np.zeros(group.num_rows, np.int64)
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b > a:
+            adj[a:b] = adjusted_scores(score[a:b], pos[a:b])
+            pa_flag[a:b] = point_adjust(flag[a:b], pos[a:b])
+            segments[a] = len(label_segments(pos[a:b]))
+    return pa.table({SCORE: score, LABEL: pos, FLAG: flag, PA_SCORE: adj, PA_FLAG: pa_flag, SEGMENTS: segments})
+
+
+def _series_histogram(block: pa.Table, edges: np.ndarray, adjusted: bool) -> ScoreHistogram:
+    """The histogram of :func:`_point_adjusted` rows, as scored or point-adjusted."""
+    score, flag = (PA_SCORE, PA_FLAG) if adjusted else (SCORE, FLAG)
+    h = ScoreHistogram.of(_floats(block.column(score)), _bools(block.column(LABEL)), edges, _bools(block.column(flag)))
+    if adjusted:
+        h.segments = int(pc.sum(block.column(SEGMENTS)).as_py() or 0)
+    return h
+
+
+def series_histograms(
+    ds, label: str, entity: str | None, time: str, edges: np.ndarray, partitions: int | None = None
+) -> tuple[ScoreHistogram, ScoreHistogram]:
+    """The histograms of the labelled scores, as scored and point-adjusted per entity in time order
+    (``partitions``: of the shuffle by entity)."""
+    kwargs = {"label": label, "entity": entity, "time": time}
+    rows = ds.map_batches(_series_rows, batch_format="pyarrow", batch_size=None, fn_kwargs=kwargs)
+    # Without an entity column the whole series is one group (one task, like LSTM windowing in training).
+    groups = rows.groupby(entity, num_partitions=partitions if entity else None).map_groups(
+        _point_adjusted, batch_format="pyarrow", fn_kwargs={"entity": entity, "time": time}
+    )
+    out = aggregate(
+        groups,
+        MergeAggregate("hist", partial(_series_histogram, edges=edges, adjusted=False)),
+        MergeAggregate("pa_hist", partial(_series_histogram, edges=edges, adjusted=True)),
+    )
+    return out["hist"], out["pa_hist"]
