@@ -46,9 +46,8 @@ from ..config import EvaluateJob, main_for
 from ..models.errors import SchemaError
 from ..models.metrics import ScoreHistogram
 from ..runtime import ensure_ray, progress
-from .data import DataError, list_parquet_files, storage_errors
 from .eval_stats import FLAG, SCORE, VERSION, ScoreSummary, bin_edges, histogram, series_histograms, summarise
-from .local_io import filesystem
+from .local_io import DataError, filesystem, list_parquet_files, storage_errors
 from .report import report_html
 
 __all__ = ["EvaluateJob", "command", "list_score_files", "main", "report_html", "run", "write_outputs"]

@@ -1,7 +1,10 @@
-"""Reading a whole (small) table from a local path or any fsspec URI, for the
-single-process commands. The Ray jobs stream instead of reading everything."""
+"""Storage access without Ray: filesystems for any fsspec URI, listing Parquet shards, storage
+errors that name the URI, and reading a whole (small) table for the single-process commands
+(the Ray jobs stream instead of reading everything)."""
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import fsspec
 import pyarrow as pa
@@ -18,6 +21,48 @@ def filesystem(uri: str) -> tuple[pa.fs.FileSystem, str, fsspec.AbstractFileSyst
     """
     fs, path = fsspec.core.url_to_fs(str(uri))
     return PyFileSystem(FSSpecHandler(fs)), path, fs
+
+
+class DataError(ValueError):
+    """The data at a URI cannot be used: absent, empty, unreadable or inconsistent."""
+
+
+@contextmanager
+def storage_errors(uri: str, doing: str = "reading"):
+    """Turn object-storage failures into a :class:`DataError` naming the URI."""
+    try:
+        yield
+    except PermissionError as e:
+        raise DataError(f"access denied {doing} {uri}: check the credentials ({e})") from None
+    except FileNotFoundError as e:
+        raise DataError(f"no data at {uri}: {e}") from None
+    except OSError as e:  # s3fs maps bad credentials and missing buckets to OSError subclasses
+        raise DataError(f"cannot access {uri}: {e}") from None
+
+
+def _hidden(rel: str) -> bool:
+    return any(part.startswith(("_", ".")) for part in rel.split("/"))
+
+
+def list_parquet_files(uri: str) -> tuple[list[str], pa.fs.FileSystem]:
+    """The Parquet files at a URI (a file, a folder or a prefix), sorted.
+
+    Files under a folder whose name starts with ``_`` or ``.`` (job metadata,
+    quarantines, temporary files) are not data, as for Spark and Hive.
+    Raises :class:`DataError` when there are none.
+    """
+    pafs, path, fs = filesystem(uri)
+    with storage_errors(uri):
+        if fs.isfile(path):
+            files = [path]
+        else:
+            root = path.rstrip("/")
+            files = sorted(p for p in fs.find(root) if p.endswith(".parquet") and not _hidden(p[len(root) + 1 :]))
+            if not files and not fs.isdir(path):
+                files = sorted(p for p in fs.glob(root + "*") if p.endswith(".parquet"))
+    if not files:
+        raise DataError(f"no Parquet files at {uri}")
+    return files, pafs
 
 
 def read_table(uri: str) -> pa.Table:

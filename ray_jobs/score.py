@@ -55,6 +55,7 @@ import time
 from ..config import ScoreJob, main_for
 from ..models.errors import UnusualError
 from ..runtime import progress
+from .local_io import DataError, storage_errors
 from .score_actors import PartWriter, ScoreActor, quarantine_units, read_units, score_bucket
 from .score_plan import BUCKET, DEFAULT_BATCH_ROWS, BundleInfo, is_sequence, plan, plan_actors, read_mode, same_job
 from .storage import (
@@ -78,7 +79,6 @@ log = logging.getLogger("unusual")
 def run(job: ScoreJob) -> dict:
     """Score ``job.data`` into ``job.output``; returns the summary."""
     from ..runtime import ensure_ray
-    from .data import storage_errors
 
     t0 = time.perf_counter()
     bundle = BundleInfo.read(job.checkpoint)
@@ -214,7 +214,6 @@ def execute(job: ScoreJob, spec: dict, pending: list[int]) -> None:
 
 def summarize(out: Output, spec: dict, seconds: float, resumed: int = 0) -> dict:
     """Count every part from its footer and check rows in = scored + quarantined."""
-    from .data import DataError
 
     listing = out.listing()
     parts = part_files(listing)

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from ..config import OUTPUT_COLUMNS
 from ..models.errors import UnusualError
+from .local_io import filesystem
 from .score_plan import BUCKET, ROW, UNIT, entity_buckets, output_schema
 from .storage import COUNTS, QUARANTINE_DIR, Output, part_name
 
@@ -35,7 +36,6 @@ def read_units(
 ):
     """Read task: yield the rows of each unit, tagged with (unit, row in unit)
     and, for sequences, the entity bucket (only rows of the ``todo`` buckets)."""
-    from .local_io import filesystem
 
     pafs, _, _ = filesystem(data)
     for unit, path, rg0, rg1 in zip(batch["unit"], batch["path"], batch["rg0"], batch["rg1"]):
@@ -213,7 +213,6 @@ class ScoreActor:
         import torch
 
         from ..models import Scorer
-        from .local_io import filesystem
 
         torch.set_num_threads(max(1, threads))
         self.spec = spec
@@ -308,7 +307,6 @@ def score_bucket(group: pa.Table, actor_kwargs: dict) -> dict:
 def quarantine_units(batch: dict, spec: dict, output: str) -> dict:
     """Whole units of files that cannot be scored, copied to the quarantine
     with the reason; their output part is empty."""
-    from .local_io import filesystem
 
     pafs, _, _ = filesystem(spec["data"])
     writer = PartWriter(spec, output)

@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 from ..config import OUTPUT_COLUMNS, ScoreJob
 from ..models.errors import SchemaError
 from ..models.registry import family
+from .local_io import list_parquet_files
 from .storage import read_footers
 
 SPEC_VERSION = 1
@@ -104,7 +105,6 @@ def _units_of(i: int, meta, unit_rows: int) -> list[dict]:
 def plan(job: ScoreJob, bundle: BundleInfo) -> dict:
     """The job spec: files, units of work and columns. Small; lives on the driver."""
     from ..models.tables import TOP_FEATURE_TYPE
-    from .data import list_parquet_files
 
     files, pafs = list_parquet_files(job.data)
     metas = read_footers(files, pafs)

@@ -24,6 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .local_io import DataError, filesystem
+
 JOB_DIR = "_unusual"
 QUARANTINE_DIR = "_quarantine"
 SPEC_FILE = "job.json"
@@ -41,7 +43,6 @@ def part_name(unit: int, start: int, stop: int, total: int) -> str:
 def read_footers(files: list[str], pafs, threads: int = FOOTER_THREADS) -> list[pq.FileMetaData]:
     """The Parquet footers of ``files`` (in their order), read in threads; an
     unreadable one is a :class:`~unusual.ray_jobs.data.DataError` naming the file."""
-    from .data import DataError
 
     def read(f):
         try:
@@ -64,7 +65,6 @@ class Output:
     """The output prefix: deterministic part names, atomic writes, listing."""
 
     def __init__(self, uri: str):
-        from .local_io import filesystem
 
         self.uri = uri.rstrip("/")
         self.pafs, path, self.fs = filesystem(self.uri)

@@ -4,6 +4,7 @@ about model families, files split by concern. Static checks (no Ray) plus two su
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -118,14 +119,18 @@ def test_import_from_a_folder_holding_an_unrelated_models_package(tmp_path):
 
 def test_the_wheel_installs_only_the_unusual_package(tmp_path):
     """``pip install .`` puts what the wheel holds into site-packages: only ``unusual`` (and its metadata)."""
+    # Built from a copy: setuptools writes build/ and *.egg-info beside the sources it builds.
+    src = tmp_path / "src"
+    skip = shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "artifacts", "runs", "__pycache__", "results")
+    shutil.copytree(ROOT, src, ignore=skip)
     out = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(src)],
         capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     (wheel,) = tmp_path.glob("unusual-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert {n.split("/")[0] for n in names} == {"unusual", wheel.name.split("-py")[0].replace("-", "-") + ".dist-info"}
+    assert {n.split("/")[0] for n in names} == {"unusual", "unusual-0.1.0.dist-info"}
     for sub in ("models/detector.py", "ray_jobs/score.py", "serving/app.py", "config.py", "cli.py",
                 "ray_jobs/sample_data/cardio.parquet", "serving/serve_config.yaml"):
         assert f"unusual/{sub}" in names, sub
