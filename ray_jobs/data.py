@@ -9,7 +9,6 @@ train / validation split and LSTM windowing run in Ray tasks with the same
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from functools import partial
 
 import numpy as np
@@ -21,51 +20,9 @@ from ..models.features import FeatureConfig, FeatureSchema, resolve_columns
 from ..models.stats import FeatureStats
 from ..models.windows import training_windows
 from .aggregates import merged
-from .local_io import filesystem
+from .local_io import DataError, filesystem, list_parquet_files, storage_errors  # noqa: F401 (train.py uses filesystem from here)
 
 ENTITY_KEY = "__unusual_entity__"
-
-
-class DataError(ValueError):
-    """The data at a URI cannot be used: absent, empty, unreadable or inconsistent."""
-
-
-@contextmanager
-def storage_errors(uri: str, doing: str = "reading"):
-    """Turn object-storage failures into a :class:`DataError` naming the URI."""
-    try:
-        yield
-    except PermissionError as e:
-        raise DataError(f"access denied {doing} {uri}: check the credentials ({e})") from None
-    except FileNotFoundError as e:
-        raise DataError(f"no data at {uri}: {e}") from None
-    except OSError as e:  # s3fs maps bad credentials and missing buckets to OSError subclasses
-        raise DataError(f"cannot access {uri}: {e}") from None
-
-
-def _hidden(rel: str) -> bool:
-    return any(part.startswith(("_", ".")) for part in rel.split("/"))
-
-
-def list_parquet_files(uri: str) -> tuple[list[str], pa.fs.FileSystem]:
-    """The Parquet files at a URI (a file, a folder or a prefix), sorted.
-
-    Files under a folder whose name starts with ``_`` or ``.`` (job metadata,
-    quarantines, temporary files) are not data, as for Spark and Hive.
-    Raises :class:`DataError` when there are none.
-    """
-    pafs, path, fs = filesystem(uri)
-    with storage_errors(uri):
-        if fs.isfile(path):
-            files = [path]
-        else:
-            root = path.rstrip("/")
-            files = sorted(p for p in fs.find(root) if p.endswith(".parquet") and not _hidden(p[len(root) + 1 :]))
-            if not files and not fs.isdir(path):
-                files = sorted(p for p in fs.glob(root + "*") if p.endswith(".parquet"))
-    if not files:
-        raise DataError(f"no Parquet files at {uri}")
-    return files, pafs
 
 
 def list_parquet(uri: str) -> tuple[list[str], pa.fs.FileSystem]:
