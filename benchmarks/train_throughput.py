@@ -92,7 +92,9 @@ def ray_run(data: Path, params: dict, workers: int, out: Path) -> dict:
     from unusual.ray_jobs.train import TrainJob, run
 
     t0 = time.perf_counter()
-    manifest = run(TrainJob(str(data), str(out), "ae", params, num_workers=workers, overwrite=True))
+    manifest = run(
+        TrainJob(data=str(data), output=str(out), model="ae", params=params, num_workers=workers, overwrite=True)
+    )
     t = manifest["training"]
     return {
         "runner": f"ray train, {workers} worker(s)",

@@ -111,7 +111,7 @@ class Detector:
         threshold = fit_threshold(val_scores, thr_cfg)
         threshold["fit_on"] = "validation" if len(val_idx) else "training"
         training = {
-            **asdict(hist),
+            **hist.summary(),
             "rows": table.num_rows,
             "train_samples": int(len(train_idx)),
             "val_samples": int(len(val_idx)),

@@ -1,8 +1,13 @@
-"""The one training step and loop shared by every model family and every runner.
+"""The one training step and epoch loop shared by every model family and every runner.
 
-``train_step`` is what the in-memory API and the Ray Train loop both call per
-batch; ``fit_module`` is the in-memory loop around it (shuffled mini-batches,
-validation loss, early stopping that restores the best weights).
+``train_epochs`` is the loop both runners call: the in-memory API
+(:func:`fit_module`: shuffled mini-batches of an indexable data set) and the Ray
+Train worker (``unusual.ray_jobs.train_worker``: dataset shards, DDP). It runs
+:func:`train_step` over each epoch's batches, measures the validation loss,
+records the :class:`History` and asks the :class:`EarlyStopping`; what differs
+between the runners comes in as hooks (where the batches come from, the
+all-reduce of the loss sums, what to do after each epoch). Batch sizes come
+from :func:`batch_size_for` in both. PyTorch and numpy only, never Ray.
 """
 
 from __future__ import annotations
@@ -10,8 +15,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -41,11 +46,42 @@ class TrainConfig:
 
 @dataclass
 class History:
-    train_loss: list[float] = field(default_factory=list)
+    """What a training run records, the same way for every runner.
+
+    Plain values only, so that the Ray worker's history travels in its
+    checkpoints as ``asdict(history)`` (and comes back with :meth:`from_dict`).
+    """
+
+    train_loss: list[float] = field(default_factory=list)  # per epoch, row-weighted over all workers
     val_loss: list[float] = field(default_factory=list)
+    epoch_seconds: list[float] = field(default_factory=list)
+    samples: list[int] = field(default_factory=list)  # training samples per epoch (all workers)
+    started_at_epoch: list[int] = field(default_factory=list)  # one entry per (re)start
     best_epoch: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # the sum of epoch_seconds
     stopped_early: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict) -> History:
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+    def record(self, train_loss: float, val_loss: float, samples: int, seconds: float) -> None:
+        self.train_loss.append(train_loss)
+        self.val_loss.append(val_loss)
+        self.samples.append(int(samples))
+        self.epoch_seconds.append(seconds)
+        self.seconds = float(sum(self.epoch_seconds))
+
+    def summary(self) -> dict:
+        """The manifest's ``training`` record common to every runner."""
+        return {
+            "train_loss": list(self.train_loss),
+            "val_loss": list(self.val_loss),
+            "best_epoch": int(self.best_epoch),
+            "seconds": self.seconds,
+            "stopped_early": bool(self.stopped_early),
+            "train_samples": int(self.samples[-1]) if self.samples else 0,
+        }
 
 
 class EarlyStopping:
@@ -61,6 +97,11 @@ class EarlyStopping:
         self.best_epoch = -1
         self.stale = 0
         self.best_state: dict | None = None
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the run had already stopped (a run resumed after its last epoch trains no more)."""
+        return self.best_state is not None and self.stale >= self.patience
 
     def update(self, epoch: int, val_loss: float, module: torch.nn.Module) -> bool:
         """Record an epoch's validation loss; returns True when training should stop."""
@@ -169,6 +210,15 @@ def calibrate_error_scale(module, batches) -> None:
         module.set_error_scale((sums[0] / sums[1]).float())
 
 
+def batch_size_for(batch_size: int, n_train: int) -> int:
+    """Rows per optimisation step for ``n_train`` training samples (per worker).
+
+    At most ``batch_size``; small data gets at least ~8 steps per epoch (and
+    never fewer than 8 rows a step), so that patience counts real progress.
+    """
+    return max(8, min(batch_size, n_train // 8))
+
+
 def _batches(data, idx: np.ndarray, size: int, device) -> list:
     for a in range(0, len(idx), size):
         yield torch.as_tensor(np.ascontiguousarray(data[idx[a : a + size]]), device=device)
@@ -182,15 +232,71 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
+def train_epochs(
+    objective,
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    train_batches: Callable[[int], Iterable[torch.Tensor]],
+    val_batches: Callable[[], Iterable[torch.Tensor]],
+    stopper: EarlyStopping,
+    hist: History,
+    *,
+    start: int = 0,
+    reduce: Callable[[list[float]], Sequence[float]] | None = None,
+    on_epoch: Callable[[int, History, bool], None] | None = None,
+    autocast_dtype=None,
+    scaler=None,
+) -> History:
+    """Train from epoch ``start`` until ``cfg.epochs`` or an early stop; returns ``hist``.
+
+    ``objective`` is the :class:`Objective` of ``module`` (possibly wrapped in
+    DDP); ``module`` is what the stopper snapshots. Per epoch, ``train_batches(epoch)``
+    gives that epoch's training batches and ``val_batches()`` the validation
+    batches (none: the validation loss is the training loss). ``reduce`` turns
+    this process's ``[train loss sum, train rows, val loss sum, val rows]`` into
+    the sums over every worker (DDP's all-reduce); ``on_epoch(epoch, hist, stop)``
+    runs after each epoch is recorded and the stopper updated (the Ray worker
+    reports and checkpoints there). The best weights stay in ``stopper.best_state``.
+    """
+    hist.started_at_epoch.append(start)
+    if stopper.stopped:
+        return hist
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        losses, sizes = [], []
+        for x in train_batches(epoch):
+            losses.append(train_step(objective, x, optimizer, cfg.grad_clip, autocast_dtype, scaler))
+            sizes.append(len(x))
+        vtotal, vcount = eval_loss(objective, val_batches())
+        # The row-weighted sum as np.average computes it (pairwise summation in float64).
+        total = float(np.multiply(losses, sizes, dtype=np.float64).sum()) if sizes else 0.0
+        sums = [total, float(sum(sizes)), vtotal, float(vcount)]
+        if reduce is not None:
+            sums = reduce(sums)
+        total, count, vtotal, vcount = (float(v) for v in sums)
+        train_loss = total / max(count, 1.0)
+        val_loss = vtotal / vcount if vcount else train_loss
+        log.info("epoch %d/%d train_loss=%.5f val_loss=%.5f", epoch + 1, cfg.epochs, train_loss, val_loss)
+        stop = stopper.update(epoch, val_loss, module)
+        hist.record(train_loss, val_loss, int(count), time.perf_counter() - t0)
+        hist.best_epoch, hist.stopped_early = stopper.best_epoch, stop
+        if on_epoch is not None:
+            on_epoch(epoch, hist, stop)
+        if stop:
+            break
+    return hist
+
+
 def fit_module(
     module,
     data,
     train_idx: np.ndarray,
     val_idx: np.ndarray,
     cfg: TrainConfig,
-    on_epoch: Callable[[int, float, float], None] | None = None,
+    on_epoch: Callable[[int, History, bool], None] | None = None,
 ) -> History:
-    """Train ``module`` on ``data[train_idx]``; early-stop on ``data[val_idx]``.
+    """Train ``module`` on ``data[train_idx]``; early-stop on ``data[val_idx]``; restore the best weights.
 
     ``data`` is anything indexable by an integer array that returns a float32
     numpy batch: the encoded matrix, or a :class:`unusual.models.windows.WindowSet`.
@@ -199,35 +305,20 @@ def fit_module(
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     module.to(device)
-    objective = Objective(module)
     opt = make_optimizer(module, cfg)
-    hist = History()
-    # Small data: at least ~8 steps per epoch, so that patience counts real progress.
-    batch_size = max(8, min(cfg.batch_size, len(train_idx) // 8))
+    batch_size = batch_size_for(cfg.batch_size, len(train_idx))
     stopper = EarlyStopping(cfg.patience)
-    t0 = time.perf_counter()
-    for epoch in range(cfg.epochs):
-        order = rng.permutation(train_idx)
-        losses, sizes = [], []
-        for x in _batches(data, order, batch_size, device):
-            losses.append(train_step(objective, x, opt, cfg.grad_clip))
-            sizes.append(len(x))
-        train_loss = float(np.average(losses, weights=sizes))
-        if len(val_idx):
-            total, count = eval_loss(objective, _batches(data, val_idx, 4096, device))
-            val_loss = total / count
-        else:
-            val_loss = train_loss
-        hist.train_loss.append(train_loss)
-        hist.val_loss.append(val_loss)
-        if on_epoch:
-            on_epoch(epoch, train_loss, val_loss)
-        log.info("epoch %d/%d train_loss=%.5f val_loss=%.5f", epoch + 1, cfg.epochs, train_loss, val_loss)
-        if stopper.update(epoch, val_loss, module):
-            hist.stopped_early = True
-            break
-    hist.best_epoch = stopper.best_epoch
+    hist = train_epochs(
+        Objective(module),
+        module,
+        opt,
+        cfg,
+        lambda epoch: _batches(data, rng.permutation(train_idx), batch_size, device),
+        lambda: _batches(data, val_idx, 4096, device),
+        stopper,
+        History(),
+        on_epoch=on_epoch,
+    )
     module.load_state_dict(stopper.best_state)
     module.eval()
-    hist.seconds = time.perf_counter() - t0
     return hist

@@ -43,7 +43,9 @@ def series_uri(s3_bucket, ray_cluster) -> str:
 @pytest.fixture(scope="module")
 def ae_run(cardio_uri, s3_bucket):
     out = f"s3://{s3_bucket}/models/ae"
-    return out, run(TrainJob(cardio_uri, out, "ae", {"exclude": ["label"], **FAST}, num_workers=2))
+    return out, run(
+        TrainJob(data=cardio_uri, output=out, model="ae", params={"exclude": ["label"], **FAST}, num_workers=2)
+    )
 
 
 def test_ae_bundle_from_s3(ae_run):
@@ -72,7 +74,7 @@ def test_ae_bundle_from_s3(ae_run):
 def test_existing_bundle_is_refused(ae_run, cardio_uri):
     out, _ = ae_run
     with pytest.raises(BundleError, match="a bundle already exists at .*; pass --overwrite"):
-        run(TrainJob(cardio_uri, out, "ae", {"exclude": ["label"], **FAST}))
+        run(TrainJob(data=cardio_uri, output=out, model="ae", params={"exclude": ["label"], **FAST}))
 
 
 def test_vae_resumes_after_a_worker_dies(cardio_uri, s3_bucket):
@@ -82,10 +84,10 @@ def test_vae_resumes_after_a_worker_dies(cardio_uri, s3_bucket):
     out = f"s3://{s3_bucket}/models/vae"
     manifest = run(
         TrainJob(
-            cardio_uri,
-            out,
-            "vae",
-            {"exclude": ["label"], **FAST},
+            data=cardio_uri,
+            output=out,
+            model="vae",
+            params={"exclude": ["label"], **FAST},
             num_workers=2,
             fail_at_epoch=2,
             max_failures=1,
@@ -105,7 +107,7 @@ def test_vae_resumes_after_a_worker_dies(cardio_uri, s3_bucket):
 def test_lstm_windows_per_entity(series_uri, s3_bucket):
     out = f"s3://{s3_bucket}/models/lstm"
     params = {"entity_column": "host", "time_column": "timestamp", "window": 8, "epochs": 2, "hidden": 16}
-    manifest = run(TrainJob(series_uri, out, "lstm", params, num_workers=2))
+    manifest = run(TrainJob(data=series_uri, output=out, model="lstm", params=params, num_workers=2))
     t = manifest["training"]
     # Full windows only, never across entities: 2 series x (1500 - 9 + 1) windows in all
     # (an equal split across the 2 workers may drop one training window).
@@ -131,7 +133,7 @@ def test_shards_with_different_schemas(s3_bucket, ray_cluster):
         match=r"shards disagree on their schema: .*a.parquet has \(x: double, y: double\) "
         r"but .*b.parquet has \(x: double, y: string\)",
     ):
-        run(TrainJob(f"s3://{s3_bucket}/bad/mixed", f"s3://{s3_bucket}/models/x", "ae"))
+        run(TrainJob(data=f"s3://{s3_bucket}/bad/mixed", output=f"s3://{s3_bucket}/models/x", model="ae"))
 
 
 def test_undeclared_non_numeric_column(s3_bucket, ray_cluster):
@@ -139,24 +141,33 @@ def test_undeclared_non_numeric_column(s3_bucket, ray_cluster):
     with fs.open(f"{s3_bucket}/bad/strings/a.parquet", "wb") as f:
         pq.write_table(pa.table({"x": [1.0, 2.0], "proto": ["tcp", "udp"], "svc": ["http", "ftp"]}), f)
     with pytest.raises(SchemaError, match="column 'svc' has non-numeric type string and is not declared categorical"):
-        run(TrainJob(f"s3://{s3_bucket}/bad/strings", f"s3://{s3_bucket}/models/x", "ae", {"categorical": ["proto"]}))
+        run(
+            TrainJob(
+                data=f"s3://{s3_bucket}/bad/strings",
+                output=f"s3://{s3_bucket}/models/x",
+                model="ae",
+                params={"categorical": ["proto"]},
+            )
+        )
 
 
 def test_empty_prefix(s3_bucket, ray_cluster):
     with pytest.raises(DataError, match="no Parquet files at s3://unusual-test/nothing/here"):
-        run(TrainJob(f"s3://{s3_bucket}/nothing/here", f"s3://{s3_bucket}/models/x", "ae"))
+        run(TrainJob(data=f"s3://{s3_bucket}/nothing/here", output=f"s3://{s3_bucket}/models/x", model="ae"))
 
 
 def test_missing_bucket(ray_cluster):
     with pytest.raises(DataError, match="s3://no-such-bucket-4242/data"):
-        run(TrainJob("s3://no-such-bucket-4242/data", "/tmp/unusual-never-written", "ae"))
+        run(TrainJob(data="s3://no-such-bucket-4242/data", output="/tmp/unusual-never-written", model="ae"))
 
 
 def test_impossible_resources(cardio_uri, s3_bucket):
     with pytest.raises(ResourceError, match=r"needs 2 GPU\(s\); the cluster has 0"):
-        run(TrainJob(cardio_uri, f"s3://{s3_bucket}/models/x", "ae", use_gpu=True))
+        run(TrainJob(data=cardio_uri, output=f"s3://{s3_bucket}/models/x", model="ae", use_gpu=True))
     with pytest.raises(ResourceError, match=r"4 worker\(s\) x 1 CPU need 4 CPUs; the cluster has 2"):
-        run(TrainJob(cardio_uri, f"s3://{s3_bucket}/models/x", "ae", num_workers=4, cpus_per_worker=1))
+        run(
+            TrainJob(data=cardio_uri, output=f"s3://{s3_bucket}/models/x", model="ae", num_workers=4, cpus_per_worker=1)
+        )
 
 
 def test_wrong_credentials(cardio_uri, s3_bucket, monkeypatch):
@@ -169,8 +180,8 @@ def test_wrong_credentials(cardio_uri, s3_bucket, monkeypatch):
     try:
         with enable_iam_authentication():
             with pytest.raises(DataError, match=r"access denied checking s3://unusual-test/models/x: check the cred"):
-                run(TrainJob(cardio_uri, f"s3://{s3_bucket}/models/x", "ae"))
+                run(TrainJob(data=cardio_uri, output=f"s3://{s3_bucket}/models/x", model="ae"))
             with pytest.raises(DataError, match=r"access denied reading s3://unusual-test/data/cardio: check the cred"):
-                run(TrainJob(cardio_uri, "/tmp/unusual-never-written", "ae"))
+                run(TrainJob(data=cardio_uri, output="/tmp/unusual-never-written", model="ae"))
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
