@@ -101,16 +101,16 @@ def main() -> int:
         procs.append(head)
         dashboard = f"http://127.0.0.1:{dash_port}"
         wait_http(f"{dashboard}/api/version", 120, ok=(200, 401))  # 401: up, and asking for the token
-        submit = [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--"]
+        submit = [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--", "python", "-m"]
 
         step("ray job submit: training (Ray Train, 2 workers)")
-        run([*submit, "python", "-m", "unusual.ray_jobs.train", "--model", "ae", "--data", DATA, "--exclude", "label",
+        run([*submit, "unusual.ray_jobs.train", "--model", "ae", "--data", DATA, "--exclude", "label",
              "--epochs", "5", "--output", MODEL, "--overwrite"], env)
         step("ray job submit: batch scoring (Ray Data)")
-        run([*submit, "python", "-m", "unusual.ray_jobs.score", "--checkpoint", MODEL, "--data", DATA, "--output", SCORES,
+        run([*submit, "unusual.ray_jobs.score", "--checkpoint", MODEL, "--data", DATA, "--output", SCORES,
              "--keep-columns", "label", "--overwrite"], env)
         step("ray job submit: evaluation")
-        out = run([*submit, "python", "-m", "unusual.ray_jobs.evaluate", "--scores", SCORES, "--label-column", "label"], env)
+        out = run([*submit, "unusual.ray_jobs.evaluate", "--scores", SCORES, "--label-column", "label"], env)
         print(out[-1500:])
 
         step("the Serve application on the cluster")

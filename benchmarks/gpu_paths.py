@@ -113,7 +113,9 @@ def ray_train(data: Path, tmp: Path, epochs: int, batch_size: int) -> list[dict]
     ]:
         dest = tmp / f"train-{label.replace(' ', '').replace(',', '-')}"
         t0 = time.perf_counter()
-        manifest = run(TrainJob(str(data), str(dest), "ae", params, num_workers=1, overwrite=True, **kw))
+        manifest = run(
+            TrainJob(data=str(data), output=str(dest), model="ae", params=params, num_workers=1, overwrite=True, **kw)
+        )
         t = manifest["training"]
         det = Detector.load(str(dest))  # a GPU-trained bundle must load on the CPU
         out.append(
@@ -144,7 +146,9 @@ def ray_score(bundle: str, data: Path, tmp: Path, rows: int, gpu_concurrency: li
     for i, (label, kw) in enumerate(runs):
         dest = tmp / f"score-{i}"
         t0 = time.perf_counter()
-        summary = run(ScoreJob(bundle, str(data), str(dest), keep_columns=["row_id"], overwrite=True, **kw))
+        summary = run(
+            ScoreJob(checkpoint=bundle, data=str(data), output=str(dest), keep_columns=["row_id"], overwrite=True, **kw)
+        )
         wall = time.perf_counter() - t0
         t = pq.read_table(dest, columns=["row_id", "anomaly_score"]).sort_by("row_id")
         frames[label] = t
@@ -174,7 +178,9 @@ def serve_part(data_dir: Path, tmp: Path, requests_n: int = 200) -> list[dict]:
     import requests
     import scipy.io
     from ray import serve
-    from unusual.serving.app import ServeSettings, build, wait_ready
+    from unusual.serving.app import start
+
+    from unusual.config import ServeConfig
 
     m = scipy.io.loadmat(data_dir / "tabular" / "odds" / "cardio.mat")
     Xtr, Xte, _ = semi_split(np.asarray(m["X"], float), np.asarray(m["y"]).ravel().astype(int))
@@ -187,16 +193,10 @@ def serve_part(data_dir: Path, tmp: Path, requests_n: int = 200) -> list[dict]:
     bulk = rows * max(1, 20_000 // len(rows))
     out = []
     port = 8765
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         for use_gpu in (True, False):
-            serve.run(
-                build(ServeSettings(models=bundles, default_model="ae", use_gpu=use_gpu, num_cpus=1)),
-                name="unusual",
-                blocking=False,
-            )
-            url = f"http://127.0.0.1:{port}"
-            wait_ready(url, 300)
+            config = ServeConfig(models=bundles, default_model="ae", use_gpu=use_gpu, num_cpus=1)
+            url = start(config, port=port, ready_timeout=300)
             row = {"use_gpu": use_gpu}
             for kind in bundles:
                 r = requests.post(f"{url}/v1/models/{kind}/score", json={"rows": rows}, timeout=120)

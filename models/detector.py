@@ -23,7 +23,7 @@ import torch
 from .bundle import Bundle, build_manifest, load_bundle, save_bundle, seal
 from .errors import NotFittedError, SchemaError
 from .features import FeatureConfig, FeatureSchema
-from .registry import family
+from .registry import DEFAULT_KIND, family
 from .scorer import Scorer
 from .tables import to_table
 from .thresholds import ThresholdConfig, fit_threshold
@@ -81,7 +81,7 @@ class Detector:
     ``contamination``, ``pot_level``).
     """
 
-    def __init__(self, kind: str = "ae", **params):
+    def __init__(self, kind: str = DEFAULT_KIND, **params):
         self.kind = kind
         self.params = params
         split_params(kind, params)  # fail early on unknown or invalid parameters

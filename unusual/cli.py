@@ -36,7 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("unusual.ray_jobs.evaluate:command", "ROC-AUC, PR-AUC, F1 and an HTML report from scored data"),
     "serve": ("unusual.cli:serve", "start the Ray Serve endpoint (online JSON + bulk Arrow/Parquet scoring)"),
     "info": ("unusual.cli:info", "print a checkpoint bundle's manifest summary"),
-    "demo": ("unusual.ray_jobs.demo:command", "the whole system on shipped data: local S3 + Ray, train, score, serve"),
+    "demo": ("unusual.demo:command", "the whole system on shipped data: local S3 + Ray, train, score, serve"),
 }
 
 

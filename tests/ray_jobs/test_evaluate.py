@@ -19,8 +19,8 @@ from s3kit import put_shards
 from sklearn.metrics import average_precision_score, roc_auc_score
 from unusual.models import SchemaError
 from unusual.models.metrics import adjusted_scores, best_f1, label_segments, point_adjust, prf
-from unusual.ray_jobs.local_io import DataError
 from unusual.ray_jobs.evaluate import EvaluateJob, main, run
+from unusual.ray_jobs.local_io import DataError
 
 TOP = pa.list_(pa.struct([("feature", pa.string()), ("contribution", pa.float64())]))
 

@@ -15,9 +15,9 @@ import s3fs
 import torch
 from s3kit import put_shards
 from unusual.models import BundleError, Detector, SchemaError, Scorer
+from unusual.models.metrics import roc_auc
 from unusual.ray_jobs import sample_data
 from unusual.ray_jobs.data import DataError
-from unusual.ray_jobs.demo import roc_auc
 from unusual.ray_jobs.train import ResourceError, TrainJob, run
 
 FAST = {"epochs": 3, "hidden": [32, 16]}

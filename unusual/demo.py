@@ -29,8 +29,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..models.metrics import roc_auc  # noqa: F401  (re-exported: older imports use unusual.ray_jobs.demo.roc_auc)
-from . import sample_data
+from .models.registry import family
+from .ray_jobs import sample_data
 
 BUCKET = "unusual-demo"
 SERIES = ("nab_ec2_request_latency", "nab_machine_temperature")
@@ -85,66 +85,44 @@ def run_demo(workdir: str, quick: bool = False) -> int:
     """Run the demo; returns 0 when every step worked and online == batch scores."""
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     t_start = time.perf_counter()
 
     _say("1/7", "starting a local S3 endpoint and a local Ray …")
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-        "AWS_ACCESS_KEY_ID": "demo",
-        "AWS_SECRET_ACCESS_KEY": "demo",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     import ray
-    import s3fs
 
-    s3fs.S3FileSystem.clear_instance_cache()
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # the demo prints its own progress
-    ray.init(
-        address="local",  # a Ray of its own, even if another runs on this machine
-        num_cpus=max(2, os.cpu_count() or 2),
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": env},
-    )
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    try:
-        return _steps(work, quick, t_start)
-    finally:
-        from ray import serve
+    from .ray_jobs.local_s3 import local_s3
 
+    with local_s3(bucket=BUCKET, key="demo") as env:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # the demo prints its own progress
+        ray.init(
+            address="local",  # a Ray of its own, even if another runs on this machine
+            num_cpus=max(2, os.cpu_count() or 2),
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": env},
+        )
+        ray.data.DataContext.get_current().enable_progress_bars = False
         try:
-            serve.shutdown()
-        except Exception:  # noqa: BLE001 - Serve never started
-            pass
-        ray.shutdown()
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+            return _steps(work, quick, t_start)
+        finally:
+            from ray import serve
+
+            try:
+                serve.shutdown()
+            except Exception:  # noqa: BLE001 - Serve never started
+                pass
+            ray.shutdown()
 
 
 def _steps(work: Path, quick: bool, t_start: float) -> int:
     import s3fs
 
-    from .evaluate import EvaluateJob
-    from .evaluate import run as evaluate
-    from .score import ScoreJob
-    from .score import run as score
-    from .train import TrainJob
-    from .train import run as train
+    from .config import EvaluateJob, ScoreJob, TrainJob
+    from .ray_jobs.evaluate import run as evaluate
+    from .ray_jobs.score import run as score
+    from .ray_jobs.train import run as train
 
     fs = s3fs.S3FileSystem()
-    fs.mkdir(BUCKET)
     data = demo_data()
     uris = {name: _put(fs, f"data/{name}", t, 4) for name, t in data.items()}
     _say("2/7", f"wrote cardio and NAB ({', '.join(SERIES)}) as Parquet shards to s3://{BUCKET}/data/")
@@ -160,23 +138,26 @@ def _steps(work: Path, quick: bool, t_start: float) -> int:
     for kind, (data_uri, params) in specs.items():
         out = f"s3://{BUCKET}/models/{kind}"
         _say("3/7", f"training {kind} with Ray Train on {data_uri} …")
-        manifest = train(TrainJob(data_uri, out, kind, {**params, **epochs}, num_workers=2, overwrite=True))
+        manifest = train(
+            TrainJob(data=data_uri, output=out, model=kind, params={**params, **epochs}, num_workers=2, overwrite=True)
+        )
         bundles[kind], versions[kind] = out, manifest["model_version"]
         t = manifest["training"]
         _say("3/7", f"{kind}: {manifest['model_version']}, {len(t['val_loss'])} epochs, {t['wall_seconds']:.0f} s")
 
     scored, evaluations = {}, {}
     for kind in bundles:
-        tabular = kind != "lstm"
+        tabular = not family(kind).sequence
         data_uri = uris["cardio_test"] if tabular else uris["series_test"]
         out = f"s3://{BUCKET}/scores/{kind}"
         _say("4/7", f"batch-scoring {data_uri} with {kind} (Ray Data) …")
         keep = ["id", "label"] if tabular else ["label"]
-        summary = score(ScoreJob(bundles[kind], data_uri, out, keep_columns=keep, overwrite=True))
+        job = ScoreJob(checkpoint=bundles[kind], data=data_uri, output=out, keep_columns=keep, overwrite=True)
+        summary = score(job)
         scored[kind] = (out, summary)
         _say("5/7", f"evaluating the {kind} scores …")
         series = {} if tabular else {"entity_column": "host", "time_column": "timestamp"}
-        evaluations[kind] = evaluate(EvaluateJob(out, "label", **series))
+        evaluations[kind] = evaluate(EvaluateJob(scores=out, label_column="label", **series))
 
     _say("6/7", "starting the Serve endpoint and sending it requests …")
     online = _serve_and_request(bundles, data, scored)
@@ -198,14 +179,11 @@ def _serve_and_request(bundles: dict, data: dict, scored: dict) -> dict:
     import requests
     from ray import serve
 
-    from ..serving.app import ServeSettings, build, wait_ready
-    from .local_io import filesystem
+    from .config import ServeConfig
+    from .ray_jobs.local_io import filesystem
+    from .serving.app import start
 
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build(ServeSettings(models=bundles, default_model="ae", num_cpus=0.2)), name="unusual", blocking=False)
-    url = f"http://127.0.0.1:{port}"
-    wait_ready(url, 180)
+    url = start(ServeConfig(models=bundles, default_model="ae", num_cpus=0.2), port=_free_port(), ready_timeout=180)
 
     def batch_scores(kind: str) -> pa.Table:
         pafs, path, _ = filesystem(scored[kind][0])
@@ -216,7 +194,7 @@ def _serve_and_request(bundles: dict, data: dict, scored: dict) -> dict:
     labels = test.column("label").to_numpy()
     pick = np.r_[np.flatnonzero(~labels)[:4], np.flatnonzero(labels)[:4]]
     rows = test.take(pa.array(pick))
-    for kind in ("ae", "vae"):
+    for kind in [k for k in bundles if not family(k).sequence]:
         body = {"rows": rows.drop_columns(["label", "id"]).to_pylist()}
         r = requests.post(f"{url}/v1/models/{kind}/score", json=body, timeout=60)
         r.raise_for_status()
@@ -281,3 +259,8 @@ def _print_results(evaluations, scored, versions, online, local: Path, seconds: 
     print(f"  scores/<kind>/_evaluation/report.html   e.g. {local / 'scores' / 'ae' / '_evaluation' / 'report.html'}")
     print("  data/                   the Parquet shards the jobs read")
     print(f"\ndone in {seconds:.0f} s; Serve, Ray and the S3 endpoint are stopped.")
+
+
+def command(job) -> int:
+    """``unusual demo``: ``job`` (``unusual.cli.DemoCommand``) has ``workdir`` and ``quick``."""
+    return run_demo(job.workdir, quick=job.quick)
