@@ -20,7 +20,7 @@ from ..models.features import FeatureConfig, FeatureSchema, resolve_columns
 from ..models.stats import FeatureStats
 from ..models.windows import training_windows
 from .aggregates import merged
-from .local_io import DataError, filesystem, list_parquet_files, storage_errors  # noqa: F401 (train.py uses filesystem from here)
+from .local_io import DataError, list_parquet_files, read_footers
 
 ENTITY_KEY = "__unusual_entity__"
 
@@ -30,12 +30,8 @@ def list_parquet(uri: str) -> tuple[list[str], pa.fs.FileSystem]:
     Raises :class:`DataError` with the reason."""
     files, pafs = list_parquet_files(uri)
     first = None
-    for f in files:
-        try:
-            schema = pq.read_schema(f, filesystem=pafs)
-        except (OSError, pa.ArrowInvalid) as e:
-            raise DataError(f"cannot read the Parquet footer of {f}: {e}") from None
-        schema = schema.remove_metadata()
+    for f, meta in zip(files, read_footers(files, pafs)):
+        schema = meta.schema.to_arrow_schema().remove_metadata()
         if first is None:
             first = (f, schema)
         elif not schema.equals(first[1]):

@@ -40,14 +40,13 @@ import sys
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ..config import EvaluateJob, main_for
 from ..models.errors import SchemaError
 from ..models.metrics import ScoreHistogram
 from ..runtime import ensure_ray, progress
 from .eval_stats import FLAG, SCORE, VERSION, ScoreSummary, bin_edges, histogram, series_histograms, summarise
-from .local_io import DataError, filesystem, list_parquet_files, storage_errors
+from .local_io import DataError, filesystem, list_parquet_files, read_footers, storage_errors
 from .report import report_html
 
 __all__ = ["EvaluateJob", "command", "list_score_files", "main", "report_html", "run", "write_outputs"]
@@ -67,11 +66,8 @@ def _check_schema(uri: str, files: list[str], pafs, job: EvaluateJob) -> list[st
     """The columns to read, checked on every file's footer; raises naming the column."""
     needed: list[str] = []
     first = None
-    for f in files:
-        try:
-            schema = pq.read_schema(f, filesystem=pafs)
-        except (OSError, pa.ArrowInvalid) as e:
-            raise DataError(f"cannot read the Parquet footer of {f}: {e}") from None
+    for f, meta in zip(files, read_footers(files, pafs)):
+        schema = meta.schema.to_arrow_schema()
         if first is None:
             first = (f, schema)
             names = schema.names

@@ -4,12 +4,14 @@ errors that name the URI, and reading a whole (small) table for the single-proce
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import fsspec
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 
@@ -63,6 +65,25 @@ def list_parquet_files(uri: str) -> tuple[list[str], pa.fs.FileSystem]:
     if not files:
         raise DataError(f"no Parquet files at {uri}")
     return files, pafs
+
+
+FOOTER_THREADS = 16  # footers are small reads: object stores answer many at once
+
+
+def read_footers(files: list[str], pafs, threads: int = FOOTER_THREADS) -> list[pq.FileMetaData]:
+    """The Parquet footers of ``files`` (in their order), read in threads; an
+    unreadable one is a :class:`DataError` naming the file."""
+
+    def read(f):
+        try:
+            return pq.read_metadata(f, filesystem=pafs)
+        except (OSError, pa.ArrowInvalid) as e:
+            raise DataError(f"cannot read the Parquet footer of {f}: {e}") from None
+
+    if not files:
+        return []
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(files)))) as pool:
+        return list(pool.map(read, files))
 
 
 def read_table(uri: str) -> pa.Table:

@@ -7,8 +7,7 @@
 :class:`Output` names and writes the files (each appears whole or not at all:
 a temporary name renamed on local disks, a single object PUT on S3);
 :func:`part_files` and :func:`complete_units` read a listing back;
-:func:`read_footers` reads many Parquet footers in threads (the plan reads its
-inputs' footers, the summary its parts' counts, and ``evaluate`` may reuse it).
+:func:`~unusual.ray_jobs.local_io.read_footers` reads the parts' counts back.
 
 Imports neither Ray nor PyTorch.
 """
@@ -19,41 +18,23 @@ import json
 import os
 import re
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .local_io import DataError, filesystem
+from .local_io import DataError, filesystem, read_footers  # noqa: F401 (read_footers: part of this module's API)
 
 JOB_DIR = "_unusual"
 QUARANTINE_DIR = "_quarantine"
 SPEC_FILE = "job.json"
 SUMMARY_FILE = "summary.json"
 PART_RE = re.compile(r"part-(\d{6})-(\d{10})-(\d{10})-of-(\d{10})\.parquet$")
-FOOTER_THREADS = 16
 # The counts each part carries in its footer (key ``unusual``); rows = scored + quarantined.
 COUNTS = ("rows", "scored", "quarantined", "anomalies")
 
 
 def part_name(unit: int, start: int, stop: int, total: int) -> str:
     return f"part-{unit:06d}-{start:010d}-{stop:010d}-of-{total:010d}.parquet"
-
-
-def read_footers(files: list[str], pafs, threads: int = FOOTER_THREADS) -> list[pq.FileMetaData]:
-    """The Parquet footers of ``files`` (in their order), read in threads; an
-    unreadable one is a :class:`~unusual.ray_jobs.data.DataError` naming the file."""
-
-    def read(f):
-        try:
-            return pq.read_metadata(f, filesystem=pafs)
-        except (OSError, pa.ArrowInvalid) as e:
-            raise DataError(f"cannot read the Parquet footer of {f}: {e}") from None
-
-    if not files:
-        return []
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(files)))) as pool:
-        return list(pool.map(read, files))
 
 
 def footer_json(meta: pq.FileMetaData, key: bytes = b"unusual") -> dict:

@@ -1,16 +1,92 @@
-"""The detector's threshold fit on a Ray Dataset of scores, without collecting every score."""
+"""Calibrating a trained module on a Ray Dataset of encoded rows (or windows), without collecting them:
+the per-column error scale of squared-error families, then the threshold on the full distribution of
+validation scores. The in-memory twin is ``Detector.fit`` (``calibrate_error_scale`` + ``fit_threshold``).
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from ..models.columns import as_float
+from ..models.registry import family
 from ..models.stats import NumStats
 from ..models.thresholds import fit_threshold_tail, tail_fraction
+from ..models.training import error_sums
 from .aggregates import merged
+
+# --------------------------------------------------------------------------- the module on Ray Data blocks
+
+
+def _block_module(kind: str, model_config: dict, width: int, state):
+    import ray
+
+    fam = family(kind)
+    module = fam.module(fam.config(**model_config), width)
+    module.load_state_dict(ray.get(state) if isinstance(state, ray.ObjectRef) else state)
+    return module.eval()
+
+
+def _block_x(block: pa.Table) -> torch.Tensor:
+    from ray.data.block import BlockAccessor
+
+    x = BlockAccessor.for_block(block).to_numpy("x")  # zero-copy and read-only: torch gets a copy
+    return torch.tensor(x, dtype=torch.float32)
+
+
+def _score_block(batch: dict, kind: str, model_config: dict, width: int, state) -> dict:
+    module = _block_module(kind, model_config, width, state)
+    with torch.inference_mode():
+        s, _ = module.score_terms(torch.from_numpy(np.ascontiguousarray(batch["x"], dtype=np.float32)))
+    return {"score": s.double().numpy()}
+
+
+@dataclass
+class ErrorSums:
+    """Per-column sums of a squared-error family's raw errors over some rows: mergeable."""
+
+    total: np.ndarray
+    rows: int
+
+    def merge(self, other: ErrorSums) -> ErrorSums:
+        return ErrorSums(self.total + other.total, self.rows + other.rows)
+
+
+def _block_error_sums(block: pa.Table, kind: str, model_config: dict, width: int, state) -> ErrorSums | None:
+    if block.num_rows == 0:
+        return None
+    total, rows = error_sums(_block_module(kind, model_config, width, state), [_block_x(block)])
+    return ErrorSums(total.numpy(), rows)
+
+
+def _merge_sums(a: ErrorSums | None, b: ErrorSums | None) -> ErrorSums | None:
+    return b if a is None else a if b is None else a.merge(b)
+
+
+def calibrate_at_scale(module, data, kind: str, model_config: dict, width: int, thr_cfg) -> dict:
+    """Set ``module``'s error scale from ``data`` (a Ray Dataset with an ``x`` column of encoded rows
+    or windows, ``width`` features wide) and fit the threshold on its scores; returns the threshold record.
+    The error sums reduce through Ray Data's aggregation API; the scores' top tail is all that is collected."""
+    import ray
+
+    if error_sums(module, []) is not None:  # a squared-error family: normalise each column's error
+        summarise = partial(
+            _block_error_sums, kind=kind, model_config=model_config, width=width, state=ray.put(module.state_dict())
+        )
+        sums = merged(data, summarise, _merge_sums)
+        if sums is not None and sums.rows:
+            module.set_error_scale(torch.from_numpy(sums.total / sums.rows).float())
+    kwargs = {"kind": kind, "model_config": model_config, "width": width, "state": ray.put(module.state_dict())}
+    scores = data.map_batches(_score_block, batch_format="numpy", fn_kwargs=kwargs).materialize()
+    return fit_threshold_at_scale(scores, thr_cfg)
+
+
+# --------------------------------------------------------------------------- the threshold
 
 
 def _score_stats(block: pa.Table) -> NumStats:

@@ -28,61 +28,19 @@ import time
 import uuid
 from dataclasses import asdict
 
-import numpy as np
-import torch
-
 from ..config import TrainJob, main_for
 from ..models.bundle import MANIFEST, build_manifest, save_bundle
 from ..models.detector import split_params
 from ..models.errors import BundleError, SchemaError
 from ..models.registry import family
-from ..models.training import error_sums
 from ..runtime import ResourceError, ensure_ray, progress, train_worker_resources
-from .threshold import fit_threshold_at_scale
+from .local_io import filesystem
+from .threshold import calibrate_at_scale
 from .train_worker import load_state, train_loop
 
 __all__ = ["ResourceError", "TrainJob", "command", "main", "run"]
 
 log = logging.getLogger("unusual")
-
-
-# --------------------------------------------------------------------------- threshold at scale
-
-
-def _block_module(kind: str, model_config: dict, width: int, state):
-    import ray
-
-    fam = family(kind)
-    module = fam.module(fam.config(**model_config), width)
-    module.load_state_dict(ray.get(state) if isinstance(state, ray.ObjectRef) else state)
-    return module.eval()
-
-
-def _score_block(batch: dict, kind: str, model_config: dict, width: int, state) -> dict:
-    module = _block_module(kind, model_config, width, state)
-    with torch.inference_mode():
-        s, _ = module.score_terms(torch.from_numpy(np.ascontiguousarray(batch["x"], dtype=np.float32)))
-    return {"score": s.double().numpy()}
-
-
-def _error_block(batch: dict, kind: str, model_config: dict, width: int, state) -> dict:
-    module = _block_module(kind, model_config, width, state)
-    sums = error_sums(module, [torch.from_numpy(np.ascontiguousarray(batch["x"], dtype=np.float32))])
-    return {"sum": sums[0].numpy()[None, :], "n": np.array([sums[1]])}
-
-
-def calibrate_at_scale(module, data, kind: str, model_config: dict, width: int) -> None:
-    """``unusual.models.training.calibrate_error_scale`` over a Ray Dataset: per-block
-    column sums of the errors, added up on the driver."""
-    import ray
-
-    if error_sums(module, []) is None:
-        return
-    kwargs = {"kind": kind, "model_config": model_config, "width": width, "state": ray.put(module.state_dict())}
-    parts = data.map_batches(_error_block, batch_format="numpy", fn_kwargs=kwargs).take_all()
-    n = sum(int(p["n"]) for p in parts)
-    if n:
-        module.set_error_scale(torch.from_numpy(sum(p["sum"] for p in parts) / n).float())
 
 
 # --------------------------------------------------------------------------- the job
@@ -91,7 +49,7 @@ def calibrate_at_scale(module, data, kind: str, model_config: dict, width: int) 
 def _output_exists(uri: str) -> bool:
     import fsspec
 
-    from .data import storage_errors
+    from .local_io import storage_errors
 
     with storage_errors(uri, "checking"):
         fs, path = fsspec.core.url_to_fs(uri)
@@ -150,7 +108,7 @@ def run(job: TrainJob) -> dict:
         train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
 
     storage = job.storage or f"{job.output.rstrip('/')}/_train"
-    pafs, storage_path, _ = rdata.filesystem(storage)
+    pafs, storage_path, _ = filesystem(storage)
     run_name = job.run_name or f"{kind}-{uuid.uuid4().hex[:8]}"
     loop_config = {
         "kind": kind,
@@ -196,18 +154,7 @@ def run(job: TrainJob) -> dict:
     module = fam.module(model_cfg, schema.width)
     module.load_state_dict(best)
     calib = val_ds if train_cfg.val_fraction > 0 else train_ds
-    calibrate_at_scale(module, calib, kind, asdict(model_cfg), schema.width)
-    scores = calib.map_batches(
-        _score_block,
-        batch_format="numpy",
-        fn_kwargs={
-            "kind": kind,
-            "model_config": asdict(model_cfg),
-            "width": schema.width,
-            "state": ray.put(module.state_dict()),
-        },
-    ).materialize()
-    threshold = fit_threshold_at_scale(scores, thr_cfg)
+    threshold = calibrate_at_scale(module, calib, kind, asdict(model_cfg), schema.width, thr_cfg)
     threshold["fit_on"] = "validation" if train_cfg.val_fraction > 0 else "training"
     training = {
         **hist.summary(),
