@@ -86,11 +86,16 @@ class Bundle:
 
     @property
     def threshold(self) -> float:
-        return float(self.manifest["threshold"]["value"])
+        return threshold_of(self.manifest)
 
     @property
     def model_config(self):
         return family(self.kind).stored_config(self.manifest["model_config"])
+
+
+def threshold_of(manifest: dict) -> float:
+    """The decision threshold of a manifest (its ``threshold`` record also says how it was fit)."""
+    return float(manifest["threshold"]["value"])
 
 
 def build_manifest(kind: str, model_config: dict, schema: FeatureSchema, threshold: dict, training: dict) -> dict:

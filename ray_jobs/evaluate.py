@@ -48,10 +48,10 @@ from ..runtime import ensure_ray, progress
 from .eval_stats import FLAG, SCORE, VERSION, ScoreSummary, bin_edges, histogram, series_histograms, summarise
 from .local_io import DataError, filesystem, list_parquet_files, read_footers, storage_errors
 from .report import report_html
+from .storage import JOB_DIR, SPEC_FILE, Output
 
 __all__ = ["EvaluateJob", "command", "list_score_files", "main", "report_html", "run", "write_outputs"]
 
-JOB_FILE = "_unusual/job.json"
 
 
 # --------------------------------------------------------------------------- input
@@ -109,19 +109,12 @@ def _check_schema(uri: str, files: list[str], pafs, job: EvaluateJob) -> list[st
 
 
 def _job_threshold(uri: str) -> float | None:
-    """The threshold the scoring job recorded in ``_unusual/job.json``, if any."""
-    _, path, fs = filesystem(uri)
-    p = f"{path.rstrip('/')}/{JOB_FILE}"
+    """The threshold the scoring job recorded in its spec (``_unusual/job.json``), if there is one."""
     try:
-        if not fs.isfile(p):
-            return None
-        with fs.open(p, "r") as f:
-            t = json.load(f).get("threshold")
-    except (OSError, ValueError, AttributeError):
+        spec = Output(uri).read_json(JOB_DIR, SPEC_FILE)
+    except (OSError, ValueError):
         return None
-    if isinstance(t, dict):
-        t = t.get("value")
-    return float(t) if isinstance(t, (int, float)) and not isinstance(t, bool) else None
+    return None if spec is None else spec.get("threshold")
 
 
 def _finite(v):

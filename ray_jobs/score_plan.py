@@ -50,7 +50,7 @@ class BundleInfo:
 
     @classmethod
     def read(cls, uri: str) -> BundleInfo:
-        from ..models.bundle import read_bundle
+        from ..models.bundle import read_bundle, threshold_of
         from ..models.features import FeatureSchema
 
         m, _ = read_bundle(uri)
@@ -58,7 +58,7 @@ class BundleInfo:
         return cls(
             m["kind"],
             m["model_version"],
-            float(m["threshold"]["value"]),
+            threshold_of(m),
             FeatureSchema.from_dict(m["features"]),
             cfg.get("entity_column"),
             cfg.get("time_column"),

@@ -29,7 +29,7 @@ import uuid
 from dataclasses import asdict
 
 from ..config import TrainJob, main_for
-from ..models.bundle import MANIFEST, build_manifest, save_bundle
+from ..models.bundle import MANIFEST, build_manifest, save_bundle, threshold_of
 from ..models.detector import split_params
 from ..models.errors import BundleError, SchemaError
 from ..models.registry import family
@@ -189,7 +189,7 @@ def command(job: TrainJob) -> int:
             {
                 "output": job.output,
                 "model_version": manifest["model_version"],
-                "threshold": manifest["threshold"]["value"],
+                "threshold": threshold_of(manifest),
                 "epochs_run": len(t["val_loss"]),
                 "best_val_loss": min(t["val_loss"]),
                 "samples_per_s": round(t["samples_per_s"], 1),
