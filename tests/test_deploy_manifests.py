@@ -4,7 +4,7 @@ Fast and offline: no Ray cluster, no network. Every job command found in a RayJo
 README code block or a YAML comment is parsed with the real ``unusual`` argument parser (and
 ``ray ...`` commands with Ray's own CLI), the RayService's Serve config is validated with Serve's
 schema and the application is built from its arguments, the launcher config is validated with the
-autoscaler's schema, and the dashboard may only query metrics that serving/app.py defines.
+autoscaler's schema, and the dashboard may only query metrics that serving/ defines.
 """
 
 from __future__ import annotations
