@@ -21,12 +21,14 @@ __all__ = ["FitJob", "command", "main", "run"]
 def run(job: FitJob) -> dict:
     """Fit the detector on ``job.data`` and write it to ``job.output``; returns a summary."""
     from ..models import Detector
-    from .local_io import read_table
+    from .local_io import read_table, refuse_existing_bundle
 
     kind, params = job.detector()
+    refuse_existing_bundle(job.output, job.overwrite)
+    detector = Detector(kind, **params)  # unknown or invalid parameters: an error before the data is read
     table = read_table(job.data)
     progress(f"read {table.num_rows:,} rows x {table.num_columns} columns from {job.data}")
-    det = Detector(kind, **params).fit(table)
+    det = detector.fit(table)
     version = det.save(job.output, overwrite=job.overwrite)
     h = det.history_
     return {

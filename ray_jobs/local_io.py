@@ -67,6 +67,18 @@ def list_parquet_files(uri: str) -> tuple[list[str], pa.fs.FileSystem]:
     return files, pafs
 
 
+def refuse_existing_bundle(uri: str, overwrite: bool) -> None:
+    """Before any work: a bundle already at ``uri`` is an error unless ``overwrite`` (``--overwrite``)."""
+    from ..models.bundle import MANIFEST
+    from ..models.errors import BundleError
+
+    _, path, fs = filesystem(uri)
+    with storage_errors(uri, "checking"):
+        exists = fs.exists(f"{path.rstrip('/')}/{MANIFEST}")
+    if exists and not overwrite:
+        raise BundleError(f"a bundle already exists at {uri}; pass --overwrite to replace it")
+
+
 FOOTER_THREADS = 16  # footers are small reads: object stores answer many at once
 
 

@@ -29,12 +29,12 @@ import uuid
 from dataclasses import asdict
 
 from ..config import TrainJob, main_for
-from ..models.bundle import MANIFEST, build_manifest, save_bundle, threshold_of
+from ..models.bundle import build_manifest, save_bundle, threshold_of
 from ..models.detector import split_params
-from ..models.errors import BundleError, SchemaError
+from ..models.errors import SchemaError
 from ..models.registry import family
 from ..runtime import ResourceError, ensure_ray, progress, train_worker_resources
-from .local_io import filesystem
+from .local_io import filesystem, refuse_existing_bundle
 from .threshold import calibrate_at_scale
 from .train_worker import load_state, train_loop
 
@@ -46,20 +46,9 @@ log = logging.getLogger("unusual")
 # --------------------------------------------------------------------------- the job
 
 
-def _output_exists(uri: str) -> bool:
-    import fsspec
-
-    from .local_io import storage_errors
-
-    with storage_errors(uri, "checking"):
-        fs, path = fsspec.core.url_to_fs(uri)
-        return fs.exists(f"{path.rstrip('/')}/{MANIFEST}")
-
-
 def run(job: TrainJob) -> dict:
     """Train and write the bundle; returns its manifest."""
-    if _output_exists(job.output) and not job.overwrite:
-        raise BundleError(f"a bundle already exists at {job.output}; pass --overwrite to replace it")
+    refuse_existing_bundle(job.output, job.overwrite)
     kind, params = job.detector()
     model_cfg, feat_cfg, train_cfg, thr_cfg = split_params(kind, params)
     fam = family(kind)

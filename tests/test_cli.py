@@ -166,3 +166,25 @@ def test_configs_from_python_validate_like_the_flags():
         EvaluateJob.validated({"scores": "s", "label_column": "l", "bins": 1})
     job = ScoreJob(checkpoint="c", data="d", output="o", keep_columns="id,label")
     assert job.keep_columns == ["id", "label"]
+
+
+def test_fit_refuses_before_reading_the_data(tmp_path, capsys):
+    """``unusual fit`` end to end (no Ray): a bundle, then the refusals that must come before any work."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "d.parquet"
+    x = np.random.default_rng(0).normal(size=(300, 3))
+    pq.write_table(pa.table({f"x{j}": x[:, j] for j in range(3)}), data)
+    out = tmp_path / "models" / "ae-1"
+    assert cli.main(["fit", "--data", str(data), "--output", str(out), "--epochs", "2"]) == 0
+    assert (out / "manifest.json").is_file()
+    capsys.readouterr()
+    # an existing bundle and an unknown parameter are refused even where the data does not exist
+    assert cli.main(["fit", "--data", str(tmp_path / "nope"), "--output", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"unusual fit: error: a bundle already exists at {out}; pass --overwrite to replace it"
+    )
+    assert cli.main(["fit", "--data", str(tmp_path / "nope"), "--output", str(tmp_path / "m"), "--param", "lattent=3"]) == 2
+    assert capsys.readouterr().err.startswith("unusual fit: error: unknown parameter 'lattent' for kind 'ae'; known: [")

@@ -23,6 +23,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 
 from .config import JOBS, JobConfig, guarded, opt
@@ -109,7 +110,11 @@ def main(argv: list[str] | None = None) -> int:
         job = CONFIGS[ns.command].from_namespace(ns)  # validated before the job's modules are imported
         return function_of(ns.command)(job)
 
-    return guarded(ns.command, run)
+    try:
+        return guarded(ns.command, run)
+    except BrokenPipeError:  # `unusual info … | head`: the reader left; no traceback for that
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
