@@ -186,5 +186,6 @@ def test_fit_refuses_before_reading_the_data(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         f"unusual fit: error: a bundle already exists at {out}; pass --overwrite to replace it"
     )
-    assert cli.main(["fit", "--data", str(tmp_path / "nope"), "--output", str(tmp_path / "m"), "--param", "lattent=3"]) == 2
+    nowhere = ["--data", str(tmp_path / "nope"), "--output", str(tmp_path / "m")]
+    assert cli.main(["fit", *nowhere, "--param", "lattent=3"]) == 2
     assert capsys.readouterr().err.startswith("unusual fit: error: unknown parameter 'lattent' for kind 'ae'; known: [")
