@@ -123,6 +123,15 @@ def test_import_from_a_folder_holding_an_unrelated_models_package(tmp_path):
     assert out.stdout.strip() == "(3,)"
 
 
+def test_a_checkout_that_is_not_installed_imports_too():
+    """A Ray job whose runtime_env uploads the checkout as its working_dir imports ``unusual.*`` from it:
+    ``python -S`` (no site-packages, so no installed or editable unusual) in the checkout's root."""
+    code = "import unusual.models.registry as r, unusual.ray_jobs, unusual.serving; print(r.kinds())"
+    out = subprocess.run([sys.executable, "-S", "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "['ae', 'lstm', 'vae']"
+
+
 def test_the_wheel_installs_only_the_unusual_package(tmp_path):
     """``pip install .`` puts what the wheel holds into site-packages: only ``unusual`` (and its metadata)."""
     # Built from a copy: setuptools writes build/ and *.egg-info beside the sources it builds.
