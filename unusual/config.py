@@ -80,10 +80,6 @@ class ModelSpec(JobConfig):
         params.update(self.params)
         return kind, params
 
-    @property
-    def kind(self) -> str:
-        return self.detector()[0]
-
 
 def _read_params(path: str) -> dict:
     try:

@@ -19,6 +19,7 @@ from .models.errors import UnusualError
 
 TOKEN_ENV = "UNUSUAL_SERVE_TOKEN"  # the serving token, when no flag gives one
 
+
 class ConfigError(UnusualError, ValueError):
     """A job's configuration is invalid; the message names the flag / field at fault."""
 
@@ -93,7 +94,7 @@ def opt(
 class JobConfig(BaseModel):
     """Base of the job configs: strict about names, converting values, validating on assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     @classmethod
     def cli_fields(cls) -> dict[str, Any]:
@@ -146,12 +147,6 @@ class JobConfig(BaseModel):
             return cls.model_validate(values)
         except ValidationError as e:
             raise ConfigError(describe(cls, e)) from None
-
-    @classmethod
-    def parse_args(cls, argv: list[str] | None = None, prog: str | None = None):
-        parser = argparse.ArgumentParser(prog=prog, description=cls.__doc__, allow_abbrev=False)
-        cls.add_arguments(parser)
-        return cls.from_namespace(parser.parse_args(argv))
 
 
 _METAVARS = {int: "N", float: "X"}
