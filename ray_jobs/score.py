@@ -180,20 +180,13 @@ def execute(job: ScoreJob, spec: dict, pending: list[int]) -> None:
                 "todo": todo if todo is not None and len(todo) < spec["buckets"] else None,
             },
         )
-    actor_kwargs = {
-        "spec": spec,
-        "output": job.output,
-        "device": "cuda" if job.use_gpu else "cpu",
-        "threads": res["threads"],
-        "fail_after_parts": job.fail_after_parts,
-        "block_rows": job.block_rows,
-    }
+    actor_kwargs = {"job": job, "spec": spec, "threads": res["threads"]}
     resources = {"num_cpus": res["num_cpus"], "num_gpus": res["num_gpus"] or None, "batch_format": "pyarrow"}
     if sequence:
         # Tasks, not an actor pool: actors holding the CPUs would starve the
         # groupby's shuffle on a small cluster. Each worker process still
         # loads the bundle once (cached per process).
-        ds = ds.groupby(BUCKET).map_groups(score_bucket, fn_kwargs={"actor_kwargs": actor_kwargs}, **resources)
+        ds = ds.groupby(BUCKET).map_groups(score_bucket, fn_kwargs=actor_kwargs, **resources)
     else:
         ds = ds.map_batches(
             ScoreActor,

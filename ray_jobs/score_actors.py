@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..config import OUTPUT_COLUMNS
+from ..config import OUTPUT_COLUMNS, ScoreJob
 from ..models.errors import UnusualError
 from .local_io import filesystem
 from .score_plan import BUCKET, ROW, UNIT, entity_buckets, output_schema
@@ -207,19 +207,18 @@ class ScoreActor:
     travels back to the driver.
     """
 
-    def __init__(
-        self, spec: dict, output: str, device: str, threads: int, fail_after_parts: int | None, block_rows: int = 65536
-    ):
+    def __init__(self, job: ScoreJob, spec: dict, threads: int):
+        """``job`` is the job's config as the user gave it, ``spec`` its plan (``_unusual/job.json``)."""
         import torch
 
         from ..models import Scorer
 
         torch.set_num_threads(max(1, threads))
         self.spec = spec
-        self.writer = PartWriter(spec, output)
+        self.writer = PartWriter(spec, job.output)
         self.scorer = Scorer(
             spec["checkpoint"],
-            device=device,
+            device="cuda" if job.use_gpu else "cpu",
             top_k=spec["top_k"],
             passthrough=(*spec["columns"], UNIT, ROW, BUCKET),
             errors="mask",
@@ -230,9 +229,9 @@ class ScoreActor:
                 f"the bundle at {spec['checkpoint']} changed since the job started: "
                 f"{self.scorer.version} != {spec['model_version']}"
             )
-        self.fail_after = fail_after_parts
+        self.fail_after = job.fail_after_parts
         self.written = 0
-        self.block_rows = block_rows
+        self.block_rows = job.block_rows
         self.data_fs = filesystem(spec["data"])[0]
 
     def __call__(self, batch: pa.Table) -> dict:
@@ -295,12 +294,12 @@ class ScoreActor:
 _SCORERS: dict = {}
 
 
-def score_bucket(group: pa.Table, actor_kwargs: dict) -> dict:
+def score_bucket(group: pa.Table, job: ScoreJob, spec: dict, threads: int) -> dict:
     """map_groups task: one whole bucket, scored by this process's cached scorer."""
-    key = json.dumps([actor_kwargs["spec"]["model_version"], actor_kwargs["output"]])
+    key = json.dumps([spec["model_version"], job.output])
     if key not in _SCORERS:
         _SCORERS.clear()
-        _SCORERS[key] = ScoreActor(**actor_kwargs)
+        _SCORERS[key] = ScoreActor(job, spec, threads)
     return _SCORERS[key](group)
 
 
