@@ -13,7 +13,6 @@ from functools import partial
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 
 from ..models.features import FeatureConfig, FeatureSchema, resolve_columns
@@ -25,8 +24,8 @@ from .local_io import DataError, list_parquet_files, read_footers
 ENTITY_KEY = "__unusual_entity__"
 
 
-def list_parquet(uri: str) -> tuple[list[str], pa.fs.FileSystem]:
-    """The Parquet files at a URI, checked to share one schema.
+def list_parquet(uri: str) -> tuple[list[str], pa.fs.FileSystem, pa.Schema]:
+    """The Parquet files at a URI and the one schema they share (every footer is read, in threads).
     Raises :class:`DataError` with the reason."""
     files, pafs = list_parquet_files(uri)
     first = None
@@ -39,7 +38,7 @@ def list_parquet(uri: str) -> tuple[list[str], pa.fs.FileSystem]:
                 f"Parquet shards disagree on their schema: {first[0]} has {_describe(first[1])} "
                 f"but {f} has {_describe(schema)}"
             )
-    return files, pafs
+    return files, pafs, first[1]
 
 
 def _describe(schema: pa.Schema) -> str:
@@ -47,8 +46,7 @@ def _describe(schema: pa.Schema) -> str:
 
 
 def read_parquet(uri: str, columns: list[str] | None = None) -> tuple[ray.data.Dataset, pa.Schema]:
-    files, pafs = list_parquet(uri)
-    schema = pq.read_schema(files[0], filesystem=pafs).remove_metadata()
+    files, pafs, schema = list_parquet(uri)
     ds = ray.data.read_parquet(files, filesystem=pafs, columns=columns)
     return ds, schema
 
