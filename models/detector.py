@@ -21,8 +21,9 @@ import pyarrow as pa
 import torch
 
 from .bundle import Bundle, build_manifest, load_bundle, save_bundle, seal
+from .columns import FeatureConfig
 from .errors import NotFittedError, SchemaError
-from .features import FeatureConfig, FeatureSchema
+from .features import FeatureSchema
 from .registry import DEFAULT_KIND, family
 from .scorer import Scorer
 from .tables import to_table

@@ -25,34 +25,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .columns import (
-    NAN_POLICIES,
-    SCALINGS,
-    UNSEEN_POLICIES,
     FeatureConfig,
     as_float,
     as_string,
     is_categorical_type,
     is_numeric_type,
-    resolve_columns,
 )
 from .errors import SchemaError
-from .stats import FeatureStats, NumStats
-
-# The feature API as it was before the column choice and the statistics got their own modules.
-__all__ = [
-    "NAN_POLICIES",
-    "OTHER_BUCKET",
-    "SCALINGS",
-    "UNSEEN_POLICIES",
-    "ColumnSpec",
-    "FeatureConfig",
-    "FeatureSchema",
-    "FeatureStats",
-    "NumStats",
-    "is_categorical_type",
-    "is_numeric_type",
-    "resolve_columns",
-]
+from .stats import FeatureStats
 
 OTHER_BUCKET = "__other__"
 

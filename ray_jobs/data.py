@@ -15,7 +15,8 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from ..models.features import FeatureConfig, FeatureSchema, resolve_columns
+from ..models.columns import FeatureConfig, resolve_columns
+from ..models.features import FeatureSchema
 from ..models.stats import FeatureStats
 from ..models.windows import training_windows
 from .aggregates import merged

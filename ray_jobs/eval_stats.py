@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..models.columns import as_float
 from ..models.metrics import ScoreHistogram, adjusted_scores, label_segments, point_adjust, quantile_edges
 from ..models.stats import NumStats
 from .aggregates import MergeAggregate, aggregate, merged
@@ -31,11 +32,6 @@ from .aggregates import MergeAggregate, aggregate, merged
 SCORE, FLAG, VERSION = "anomaly_score", "is_anomaly", "model_version"
 # columns of the labelled series rows (point adjustment)
 LABEL, PA_SCORE, PA_FLAG, SEGMENTS = "__label__", "__pa_score__", "__pa_flag__", "__segments__"
-
-
-def _floats(col) -> np.ndarray:
-    col = pc.cast(col, pa.float64())
-    return np.asarray(pc.fill_null(col, pa.scalar(math.nan, pa.float64())).to_numpy(zero_copy_only=False), np.float64)
 
 
 def _bools(col) -> np.ndarray:
@@ -47,14 +43,14 @@ def _labels(col) -> tuple[np.ndarray, np.ndarray]:
     if pa.types.is_boolean(col.type):
         valid = np.asarray(pc.is_valid(col).to_numpy(zero_copy_only=False), bool)
         return valid, _bools(col) & valid
-    v = _floats(col)
+    v = as_float(col)
     valid = ~np.isnan(v)
     return valid, valid & (v != 0)
 
 
 def _rows(batch: pa.Table, label: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(score, is positive, is_anomaly, has a label, has a score) per row."""
-    score = _floats(batch.column(SCORE))
+    score = as_float(batch.column(SCORE))
     valid, pos = _labels(batch.column(label))
     return score, pos, _bools(batch.column(FLAG)), valid, ~np.isnan(score)
 
@@ -189,7 +185,7 @@ def _point_adjusted(group: pa.Table, entity: str | None, time: str) -> pa.Table:
 def _series_histogram(block: pa.Table, edges: np.ndarray, adjusted: bool) -> ScoreHistogram:
     """The histogram of :func:`_point_adjusted` rows, as scored or point-adjusted."""
     score, flag = (PA_SCORE, PA_FLAG) if adjusted else (SCORE, FLAG)
-    h = ScoreHistogram.of(_floats(block.column(score)), _bools(block.column(LABEL)), edges, _bools(block.column(flag)))
+    h = ScoreHistogram.of(as_float(block.column(score)), _bools(block.column(LABEL)), edges, _bools(block.column(flag)))
     if adjusted:
         h.segments = int(pc.sum(block.column(SEGMENTS)).as_py() or 0)
     return h

@@ -27,8 +27,7 @@ import pyarrow.compute as pc
 from ..config import OUTPUT_COLUMNS, ScoreJob
 from ..models.errors import SchemaError
 from ..models.registry import family
-from .local_io import list_parquet_files
-from .storage import read_footers
+from .local_io import list_parquet_files, read_footers
 
 SPEC_VERSION = 1
 # Internal columns carried from the read to the writer: the output unit, the row in it, the entity bucket.

@@ -22,7 +22,7 @@ import uuid
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .local_io import DataError, filesystem, read_footers  # noqa: F401 (read_footers: part of this module's API)
+from .local_io import filesystem, read_footers
 
 JOB_DIR = "_unusual"
 QUARANTINE_DIR = "_quarantine"

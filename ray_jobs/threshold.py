@@ -64,21 +64,17 @@ def _block_error_sums(block: pa.Table, kind: str, model_config: dict, width: int
     return ErrorSums(total.numpy(), rows)
 
 
-def _merge_sums(a: ErrorSums | None, b: ErrorSums | None) -> ErrorSums | None:
-    return b if a is None else a if b is None else a.merge(b)
-
-
 def calibrate_at_scale(module, data, kind: str, model_config: dict, width: int, thr_cfg) -> dict:
     """Set ``module``'s error scale from ``data`` (a Ray Dataset with an ``x`` column of encoded rows
     or windows, ``width`` features wide) and fit the threshold on its scores; returns the threshold record.
     The error sums reduce through Ray Data's aggregation API; the scores' top tail is all that is collected."""
     import ray
 
-    if error_sums(module, []) is not None:  # a squared-error family: normalise each column's error
+    if hasattr(module, "set_error_scale"):  # a squared-error family: normalise each column's error
         summarise = partial(
             _block_error_sums, kind=kind, model_config=model_config, width=width, state=ray.put(module.state_dict())
         )
-        sums = merged(data, summarise, _merge_sums)
+        sums = merged(data, summarise)
         if sums is not None and sums.rows:
             module.set_error_scale(torch.from_numpy(sums.total / sums.rows).float())
     kwargs = {"kind": kind, "model_config": model_config, "width": width, "state": ray.put(module.state_dict())}
@@ -90,7 +86,7 @@ def calibrate_at_scale(module, data, kind: str, model_config: dict, width: int, 
 
 
 def _score_stats(block: pa.Table) -> NumStats:
-    return NumStats.of(as_float(block.column("score")), np.random.default_rng(0))
+    return NumStats.of(as_float(block.column("score")))
 
 
 def fit_threshold_at_scale(scores, cfg) -> dict:

@@ -57,7 +57,7 @@ def check_cluster(config: ServeConfig, resources: dict) -> None:
     for key, label in (("num_gpus", "GPU"), ("num_cpus", "CPU")):
         want, have = n * need[key], float(resources.get(label, 0))
         if want > have + 1e-9:
-            flag = "--gpus-per-replica" if label == "GPU" else "num_cpus"
+            flag = "--gpus-per-replica" if label == "GPU" else "--num-cpus"
             raise ResourceError(
                 f"{len(config.models)} model(s) x {max(1, config.min_replicas)} replica(s) x {need[key]:g} {label} "
                 f"need {want:g} {label}(s); the cluster has {have:g}. Use a smaller {flag}, "
@@ -109,7 +109,7 @@ def build(config: ServeConfig):
             "downscale_delay_s": config.downscale_delay_s,
         },
     )
-    return gateway.bind(config.model_dump(), **handles)
+    return gateway.bind(config.model_dump(), handles)  # Serve resolves the bound models inside the dict
 
 
 def build_app(args: ServeConfig):

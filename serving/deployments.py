@@ -129,9 +129,9 @@ def _error(e: RequestError):
 
 @serve.ingress(app)
 class Gateway:
-    def __init__(self, config: dict, **handles):
+    def __init__(self, config: dict, handles: dict):
         self.config = ServeConfig.model_validate(config)
-        self.handles = handles  # model name -> DeploymentHandle of its ModelServer
+        self.handles = handles  # model name -> DeploymentHandle of its ModelServer (any name, even "config")
         self.jobs = None
 
     def _authorize(self, request) -> None:

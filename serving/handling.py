@@ -245,7 +245,7 @@ def job_request(body: bytes, names: Collection[str], default: str | None) -> tup
         raise RequestError(422, f"unknown field(s) {unknown}; known: {sorted(JOB_FIELDS)}")
     fields = dict(doc)
     name = fields.pop("model", None) or default
-    if name not in names:
+    if not isinstance(name, str) or name not in names:
         raise RequestError(422, f"field 'model': no model named {name!r}; models: {sorted(names)}")
     return name, fields
 
@@ -261,7 +261,7 @@ def score_job(info: dict, fields: dict) -> ScoreJob:
     for key in ("data", "output"):
         if not getattr(request, key).strip():
             raise RequestError(422, f"field {key!r}: a Parquet URI is needed; got ''")
-    return ScoreJob.model_validate(request.model_dump(exclude_unset=True))
+    return request
 
 
 def score_command(job: ScoreJob, python: str = sys.executable) -> list[str]:

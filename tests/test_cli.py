@@ -147,8 +147,15 @@ def test_every_field_is_read_by_its_job(command):
          "unusual fit: error: --param: expected key=value; got 'latent'"),
         (["serve", "--checkpoint", "a b=s3://x"],
          "unusual serve: error: --checkpoint: model name 'a b': use letters, digits, '-', '_' or '.'"),
+        (["fit", "--data", "d", "--output", "o", "--param", "x=[1"],
+         "unusual fit: error: --param: x: '[1' is not a YAML value (expected ',' or ']', but got '<stream end>')"),
+        (["serve", "--checkpoint", "a=s3://x", "--checkpoint", "a=s3://y"],
+         "unusual serve: error: --checkpoint: two models named 'a' (s3://x and s3://y); name them NAME=URI"),
+        (["serve", "--checkpoint", "/nonexistent/bundle"],
+         "unusual serve: error: --checkpoint: no bundle at /nonexistent/bundle: manifest.json not found"),
     ],
-    ids=["range", "clash", "entity-needs-time", "config-file", "param", "model-name"],
+    ids=["range", "clash", "entity-needs-time", "config-file", "param", "model-name", "param-yaml", "same-name",
+         "no-bundle"],
 )
 def test_a_bad_value_is_one_line_naming_the_flag(argv, message, capsys):
     assert cli.main(argv) == 2

@@ -22,11 +22,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import logging
-import os
 import sys
 
-from .config import JOBS, JobConfig, guarded, opt
+from .config import JOBS, JobConfig, opt, run_parsed
 
 # command -> (the function that runs its config, help). The function is looked up when the
 # command runs, so that only the chosen command's modules (Ray, PyTorch) are imported.
@@ -35,7 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("unusual.ray_jobs.train:command", "distributed training with Ray Data + Ray Train; writes a bundle"),
     "score": ("unusual.ray_jobs.score:command", "batch-score Parquet data with Ray Data; writes scores + quarantine"),
     "evaluate": ("unusual.ray_jobs.evaluate:command", "ROC-AUC, PR-AUC, F1 and an HTML report from scored data"),
-    "serve": ("unusual.cli:serve", "start the Ray Serve endpoint (online JSON + bulk Arrow/Parquet scoring)"),
+    "serve": ("unusual.serving.app:serve_forever", "start the Ray Serve endpoint (online + bulk scoring)"),
     "info": ("unusual.cli:info", "print a checkpoint bundle's manifest summary"),
     "demo": ("unusual.demo:command", "the whole system on shipped data: local S3 + Ray, train, score, serve"),
 }
@@ -60,13 +58,6 @@ CONFIGS: dict[str, type[JobConfig]] = {**JOBS, "info": InfoCommand, "demo": Demo
 def function_of(command: str):
     module, _, name = COMMANDS[command][0].partition(":")
     return getattr(importlib.import_module(module), name)
-
-
-def serve(job) -> int:
-    """Start the Serve application on a local (or ``--address``) Ray and block until Ctrl-C / SIGTERM."""
-    from .serving.app import serve_forever
-
-    return serve_forever(job)
 
 
 def info(job: InfoCommand) -> int:
@@ -104,17 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING, format="%(message)s")
-
-    def run() -> int:
-        job = CONFIGS[ns.command].from_namespace(ns)  # validated before the job's modules are imported
-        return function_of(ns.command)(job)
-
-    try:
-        return guarded(ns.command, run)
-    except BrokenPipeError:  # `unusual info … | head`: the reader left; no traceback for that
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+    return run_parsed(ns.command, CONFIGS[ns.command], ns, lambda job: function_of(ns.command)(job))
 
 
 if __name__ == "__main__":

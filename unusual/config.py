@@ -25,7 +25,7 @@ from typing import Literal
 import yaml
 from pydantic import field_validator, model_validator
 
-from .configbase import CSV, TOKEN_ENV, ConfigError, JobConfig, KeyValues, NameURIs, guarded, opt  # noqa: F401
+from .configbase import CSV, TOKEN_ENV, ConfigError, JobConfig, KeyValues, NameURIs, opt, run_parsed  # noqa: F401
 from .models.registry import DEFAULT_KIND, kinds
 
 # Columns every scored output has; --keep-columns must not clash with them.
@@ -264,14 +264,10 @@ JOBS: dict[str, type[JobConfig]] = {
 def main_for(command: str, run_command, argv: list[str] | None = None) -> int:
     """``python -m unusual.ray_jobs.<job>``: the same flags as ``unusual <command>``, parsed into the job's
     config and handed to ``run_command(job) -> exit status`` (a job module's ``command``)."""
-    import logging
-
     cls = JOBS[command]
     parser = argparse.ArgumentParser(
         prog=f"python -m unusual.ray_jobs.{command}", description=cls.__doc__, allow_abbrev=False
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress in detail")
     cls.add_arguments(parser)
-    ns = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING, format="%(message)s")
-    return guarded(command, lambda: run_command(cls.from_namespace(ns)))
+    return run_parsed(command, cls, parser.parse_args(argv), run_command)

@@ -9,6 +9,8 @@ and converted by pydantic, never by hand; a validation error becomes one line na
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import types
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -46,7 +48,10 @@ def _key_values(value):
         if "=" not in item:
             raise ValueError(f"expected key=value; got {item!r}")
         key, raw = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(raw)
+        try:
+            out[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{key.strip()}: {raw!r} is not a YAML value ({getattr(e, 'problem', e)})") from None
     return out
 
 
@@ -58,12 +63,17 @@ def _name_uris(value):
     out = {}
     for part in _split_csv(value):
         if "=" in part:
-            name, uri = part.split("=", 1)
+            name, uri = (p.strip() for p in part.split("=", 1))
         else:
             from .models.bundle import read_bundle
 
-            name, uri = read_bundle(part)[0]["kind"], part
-        out[name.strip()] = uri.strip()
+            try:
+                name, uri = read_bundle(part)[0]["kind"], part
+            except (UnusualError, OSError) as e:  # no bundle there, or storage refused: name the flag
+                raise ValueError(str(e)) from None
+        if name in out:
+            raise ValueError(f"two models named {name!r} ({out[name]} and {uri}); name them NAME=URI")
+        out[name] = uri
     return out
 
 
@@ -184,10 +194,20 @@ def describe(cls: type[JobConfig], e: ValidationError) -> str:
 
 def guarded(command: str, fn) -> int:
     """Run ``fn()``; an error of the user's making is one line on stderr and exit status 2, not a traceback."""
-    import sys
-
     try:
         return fn()
     except (UnusualError, FileNotFoundError, ValueError, TypeError) as e:
         print(f"unusual {command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `unusual info … | head`: the reader left; no traceback for that
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def run_parsed(command: str, cls: type[JobConfig], ns: argparse.Namespace, run) -> int:
+    """What ``unusual <command>`` and ``python -m`` share once the flags are parsed: logging (``-v``),
+    the config validated before the job's modules are imported, then ``run(config)``, guarded."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING, format="%(message)s")
+    return guarded(command, lambda: run(cls.from_namespace(ns)))

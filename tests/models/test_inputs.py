@@ -13,7 +13,9 @@ import pyarrow as pa
 import pytest
 from modeltestkit import tabular
 from unusual.models import Detector, NotFittedError, SchemaError, Scorer
-from unusual.models.features import FeatureConfig, FeatureSchema, FeatureStats
+from unusual.models.columns import FeatureConfig
+from unusual.models.features import FeatureSchema
+from unusual.models.stats import FeatureStats
 
 TINY = {"hidden": [16], "epochs": 4, "batch_size": 64, "seed": 0}
 CATEGORICAL = ["protocol_type", "service", "flag"]

@@ -327,6 +327,8 @@ def test_batch_job_route_submits_a_scoring_job_and_reports_its_status(server, bu
     assert requests.get(f"{url}/v1/jobs/raysubmit_nope").status_code == 404
     r = requests.post(f"{url}/v1/jobs", json={"model": "vae", "output": str(out)})
     assert r.status_code == 422 and r.json()["error"] == "field 'data': Field required"
+    r = requests.post(f"{url}/v1/jobs", json={"model": ["vae"], "data": str(data), "output": str(out)})
+    assert r.status_code == 422 and r.json()["error"].startswith("field 'model': no model named ['vae']; models: [")
 
 
 def test_prometheus_metrics_count_rows_by_model_version(server, bundles, cardio):
@@ -349,10 +351,9 @@ def test_serve_config_file_is_valid_and_builds_the_application():
     import yaml
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
     from ray.serve.schema import ServeDeploySchema
-    from unusual.models.errors import BundleError
     from unusual.serving.app import build_app
 
-    from unusual.config import ServeConfig
+    from unusual.config import ConfigError, ServeConfig
 
     with open("serving/serve_config.yaml") as f:
         cfg = yaml.safe_load(f)
@@ -364,9 +365,9 @@ def test_serve_config_file_is_valid_and_builds_the_application():
     with pytest.raises(ValueError) as e:
         build_app({"models": "ae=/x", "replicas": 3})
     assert str(e.value) == f"unknown argument 'replicas'; known: {sorted(ServeConfig.model_fields)}"
-    with pytest.raises(BundleError) as e:  # a bare URI is named by its bundle's kind: there is none
+    with pytest.raises(ConfigError) as e:  # a bare URI is named by its bundle's kind: there is none
         build_app({"models": "/x"})
-    assert str(e.value) == "no bundle at /x: manifest.json not found"
+    assert str(e.value) == "--checkpoint: no bundle at /x: manifest.json not found"
     # As `serve run … key=value` calls it: Serve validates the strings with ServeConfig (the annotation).
     built = call_user_app_builder_with_args_if_necessary(build_app, {"models": "ae=/x", "max_batch_size": "8"})
     assert type(built).__name__ == "Application"
