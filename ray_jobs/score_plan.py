@@ -184,7 +184,10 @@ def unit_size(rows: int) -> int:
 
 def same_job(a: dict, b: dict) -> bool:
     """Whether two specs plan the same output (so one run may resume the other)."""
-    keys = ("format", "model_version", "files", "file_rows", "columns", "units", "buckets", "out_units", "top_k")
+    keys = (
+        "format", "model_version", "files", "file_rows", "columns", "keep_columns", "output_schema",
+        "units", "buckets", "out_units", "top_k",
+    )  # fmt: skip
     return all(a.get(k) == b.get(k) for k in keys)
 
 

@@ -196,6 +196,9 @@ def test_refuses_foreign_or_different_output(ae, ae_scored, cardio_uri, s3_bucke
     out, _ = ae_scored
     with pytest.raises(UnusualError, match="holds the output of a different scoring job"):
         run(ScoreJob(checkpoint=ae[0], data=cardio_uri, output=out, keep_columns=["id"]))
+    # the same units and read columns, but one more kept column (a feature): parts of two schemas otherwise
+    with pytest.raises(UnusualError, match="holds the output of a different scoring job"):
+        run(ScoreJob(checkpoint=ae[0], data=cardio_uri, output=out, keep_columns=["id", "label", "f00"], unit_rows=400))
     fs = s3fs.S3FileSystem()
     fs.pipe_file(f"{s3_bucket}/score/foreign/notes.txt", b"mine")
     with pytest.raises(UnusualError, match="already holds files that unusual score did not write"):
