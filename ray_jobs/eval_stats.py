@@ -31,7 +31,7 @@ from .aggregates import MergeAggregate, aggregate, merged
 
 SCORE, FLAG, VERSION = "anomaly_score", "is_anomaly", "model_version"
 # columns of the labelled series rows (point adjustment)
-LABEL, PA_SCORE, PA_FLAG, SEGMENTS = "__label__", "__pa_score__", "__pa_flag__", "__segments__"
+LABEL = "__label__"
 
 
 def _bools(col) -> np.ndarray:
@@ -156,14 +156,14 @@ def _series_rows(batch: pa.Table, label: str, entity: str | None, time: str) -> 
     return pa.table({**cols, SCORE: score[use], LABEL: pos[use], FLAG: flag[use]})
 
 
-def _point_adjusted(group: pa.Table, entity: str | None, time: str) -> pa.Table:
-    """One group of :func:`_series_rows`, each entity's rows sorted by time, with the
-    point-adjusted scores and flags; each entity's count of labelled segments is on its
-    first row."""
+def _point_adjusted(group: pa.Table, entity: str | None, time: str, edges: np.ndarray) -> pa.Table:
+    """One group of :func:`_series_rows` (each entity's rows sorted by time) -> one row holding its two
+    histograms, as scored and point-adjusted, as plain numbers (:func:`_histogram_row`): what leaves the
+    group task is two histograms, never its rows."""
     keys = [(entity, "ascending")] if entity else []
     order = pc.sort_indices(group, sort_keys=[*keys, (time, "ascending")])  # stable
     group = group.take(order)
-    score = group.column(SCORE).to_numpy()
+    score = as_float(group.column(SCORE))
     pos = _bools(group.column(LABEL))
     flag = _bools(group.column(FLAG))
     bounds = [0, group.num_rows]
@@ -173,21 +173,37 @@ def _point_adjusted(group: pa.Table, entity: str | None, time: str) -> pa.Table:
         codes = pc.dictionary_encode(ent, null_encoding="encode").indices.to_numpy(zero_copy_only=False)
         bounds = np.concatenate([[0], np.flatnonzero(np.diff(codes)) + 1, [len(codes)]])
     adj, pa_flag = np.empty_like(score), np.empty_like(flag)
-    segments = np.zeros(group.num_rows, np.int64)
+    segments = 0
     for a, b in zip(bounds[:-1], bounds[1:]):
         if b > a:
             adj[a:b] = adjusted_scores(score[a:b], pos[a:b])
             pa_flag[a:b] = point_adjust(flag[a:b], pos[a:b])
-            segments[a] = len(label_segments(pos[a:b]))
-    return pa.table({SCORE: score, LABEL: pos, FLAG: flag, PA_SCORE: adj, PA_FLAG: pa_flag, SEGMENTS: segments})
+            segments += len(label_segments(pos[a:b]))
+    raw = ScoreHistogram.of(score, pos, edges, flag)
+    adjusted = ScoreHistogram.of(adj, pos, edges, pa_flag)
+    adjusted.segments = segments
+    return pa.table({**_histogram_row(raw, "raw_"), **_histogram_row(adjusted, "pa_")})
 
 
-def _series_histogram(block: pa.Table, edges: np.ndarray, adjusted: bool) -> ScoreHistogram:
-    """The histogram of :func:`_point_adjusted` rows, as scored or point-adjusted."""
-    score, flag = (PA_SCORE, PA_FLAG) if adjusted else (SCORE, FLAG)
-    h = ScoreHistogram.of(as_float(block.column(score)), _bools(block.column(LABEL)), edges, _bools(block.column(flag)))
-    if adjusted:
-        h.segments = int(pc.sum(block.column(SEGMENTS)).as_py() or 0)
+_BIN_COUNTS = ("pos", "neg")
+_TOTALS = ("tp", "fp", "fn", "tn", "segments")
+
+
+def _histogram_row(h: ScoreHistogram, prefix: str) -> dict:
+    """A histogram as one row of numeric columns (its bins as lists), to travel between Ray tasks."""
+    row = {f"{prefix}{k}": pa.array([getattr(h, k)], pa.list_(pa.int64())) for k in _BIN_COUNTS}
+    return row | {f"{prefix}{k}": pa.array([int(getattr(h, k))], pa.int64()) for k in _TOTALS}
+
+
+def _histogram_of_rows(block: pa.Table, prefix: str, edges: np.ndarray) -> ScoreHistogram:
+    """The sum of the :func:`_histogram_row` rows of a block."""
+    h = ScoreHistogram.empty(edges)
+    if block.num_rows:
+        for k in _BIN_COUNTS:
+            flat = pc.list_flatten(block.column(f"{prefix}{k}")).to_numpy(zero_copy_only=False)
+            setattr(h, k, flat.reshape(block.num_rows, edges.size).sum(axis=0).astype(np.int64))
+        for k in _TOTALS:
+            setattr(h, k, int(pc.sum(block.column(f"{prefix}{k}")).as_py() or 0))
     return h
 
 
@@ -200,11 +216,11 @@ def series_histograms(
     rows = ds.map_batches(_series_rows, batch_format="pyarrow", batch_size=None, fn_kwargs=kwargs)
     # Without an entity column the whole series is one group (one task, like LSTM windowing in training).
     groups = rows.groupby(entity, num_partitions=partitions if entity else None).map_groups(
-        _point_adjusted, batch_format="pyarrow", fn_kwargs={"entity": entity, "time": time}
+        _point_adjusted, batch_format="pyarrow", fn_kwargs={"entity": entity, "time": time, "edges": edges}
     )
     out = aggregate(
         groups,
-        MergeAggregate("hist", partial(_series_histogram, edges=edges, adjusted=False)),
-        MergeAggregate("pa_hist", partial(_series_histogram, edges=edges, adjusted=True)),
+        MergeAggregate("hist", partial(_histogram_of_rows, prefix="raw_", edges=edges)),
+        MergeAggregate("pa_hist", partial(_histogram_of_rows, prefix="pa_", edges=edges)),
     )
     return out["hist"], out["pa_hist"]
