@@ -64,6 +64,7 @@ class Scorer:
         self._names = pa.array(self.schema.names, pa.string())
         self._group = None if self.schema.width == len(self.schema.columns) else self.schema.group_matrix()
         self._context: dict = {}
+        self._version_col: pa.Array | None = None
 
     # ----------------------------------------------------------------- public
     @property
@@ -190,29 +191,97 @@ class Scorer:
         n = scores.size
         contrib = terms if self._group is None else terms @ self._group  # (n, n_features)
         k = min(self.top_k, contrib.shape[1])
-        if k > 0 and n:
-            idx = np.argpartition(-contrib, k - 1, axis=1)[:, :k]
-            vals = np.take_along_axis(contrib, idx, axis=1)
-            o = np.argsort(-vals, axis=1, kind="stable")
-            idx, vals = np.take_along_axis(idx, o, 1), np.take_along_axis(vals, o, 1)
-        else:
-            idx, vals = np.zeros((n, 0), np.int64), np.zeros((n, 0), np.float32)
+        idx, vals = top_k(contrib, k)
         struct = pa.StructArray.from_arrays(
             [self._names.take(pa.array(idx.ravel())), pa.array(vals.ravel().astype(np.float64))],
             names=["feature", "contribution"],
         )
+        mask = None if bad is None else pa.array(bad)
         top = pa.ListArray.from_arrays(
             pa.array(np.arange(n + 1, dtype=np.int32) * k),  # k entries per row
             struct,
             type=TOP_FEATURE_TYPE,
-            mask=None if bad is None else pa.array(bad),
+            mask=mask,
         )
         score_arr = pa.array(scores, pa.float64(), mask=bad)
         flag = pa.array(scores > self.threshold, pa.bool_(), mask=bad)
-        version = pa.DictionaryArray.from_arrays(
-            pa.array(np.zeros(n, np.int32)), pa.array([self.version], pa.string())
-        ).dictionary_decode()
-        cols = {"anomaly_score": score_arr, "is_anomaly": flag, "top_features": top, "model_version": version}
+        cols = {"anomaly_score": score_arr, "is_anomaly": flag, "top_features": top, "model_version": self._versions(n)}
         if bad is not None:
-            cols["error"] = pa.array([r if b else None for r, b in zip(reasons, bad)], pa.string())
+            cols["error"] = _errors(bad, reasons)
         return pa.table(cols)
+
+    def _versions(self, n: int) -> pa.Array:
+        """The version column: one array built for the largest batch so far, sliced (no copy)."""
+        if self._version_col is None or len(self._version_col) < n:
+            v = self.version.encode()
+            offsets = np.arange(n + 1, dtype=np.int64) * len(v)
+            if offsets[-1] >= 2**31:  # past 32-bit offsets: let Arrow build it (chunked)
+                return pa.array(np.full(n, self.version, object), pa.string())
+            self._version_col = pa.StringArray.from_buffers(
+                n, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(v * n)
+            )
+        return self._version_col.slice(0, n)
+
+
+def _errors(bad: np.ndarray, reasons: list[str]) -> pa.Array:
+    """The error column: each bad row's reason, null elsewhere; only the bad rows are touched in Python."""
+    rows = np.flatnonzero(bad)
+    if rows.size == 0:
+        return pa.nulls(bad.size, pa.string())
+    text = pa.array([reasons[r] for r in rows], pa.string())
+    return text.take(pa.array(np.cumsum(bad) - 1, mask=~bad))
+
+
+# --------------------------------------------------------------------------- top-k
+
+SMALL = 512  # rows below which a plain sort is as fast
+CHUNK = 8192  # rows per block of the vectorised top-k (its transposed block stays in cache)
+
+
+def top_k(c: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` largest entries of each row of ``c`` (rows, columns), largest first:
+    their column indices (int64) and values. Ties go to the lower column; NaN
+    comes last (a row with NaN or infinities is sorted as a whole)."""
+    n, m = c.shape
+    k = max(0, min(k, m))
+    if k == 0 or n == 0:
+        return np.zeros((n, k), np.int64), np.zeros((n, k), c.dtype)
+    if n < SMALL or m >= 2**16:
+        return _sorted_top_k(c, k)
+    # Per block of rows, transposed (columns x rows) so that every step is a
+    # vectorised pass over rows: the row maximum, the lowest column holding it
+    # (the largest of m - j over the columns j equal to it), then that entry
+    # masked with -inf for the next pass.
+    wtype = np.uint8 if m < 2**8 else np.uint16
+    weight = np.arange(m, 0, -1, dtype=wtype)[:, None]
+    idx = np.empty((n, k), np.int64)
+    block = min(n, CHUNK)
+    buf, eq, w = np.empty((m, block), c.dtype), np.empty((m, block), bool), np.empty((m, block), wtype)
+    cols = np.arange(block)
+    finite = np.ones(n, bool)
+    for a in range(0, n, block):
+        r = min(n, a + block) - a
+        t, e, ww = buf[:, :r], eq[:, :r], w[:, :r]
+        for s in range(0, r, 256):  # transposed in small tiles: several times faster than in one go
+            np.copyto(t[:, s : s + 256], c[a + s : a + min(r, s + 256)].T)
+        for j in range(k):
+            top = np.maximum.reduce(t, axis=0)
+            finite[a : a + r] &= np.isfinite(top)
+            np.equal(t, top, out=e)
+            np.multiply(e, weight, out=ww)
+            i = m - np.maximum.reduce(ww, axis=0).astype(np.int64)
+            np.minimum(i, m - 1, out=i)  # a NaN row matches nothing; sorted below
+            idx[a : a + r, j] = i
+            if j + 1 < k:
+                t[i, cols[:r]] = -np.inf
+    vals = np.take_along_axis(c, idx, axis=1)
+    odd = np.flatnonzero(~finite)
+    if odd.size:  # a NaN or an infinity met on the way: those rows the slow, exact way
+        idx[odd], vals[odd] = _sorted_top_k(c[odd], k)
+    return idx, vals
+
+
+def _sorted_top_k(c: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The reference: a stable sort of each row, descending (ties: lower column first; NaN last)."""
+    idx = np.argsort(-c, axis=1, kind="stable")[:, :k].astype(np.int64)
+    return idx, np.take_along_axis(c, idx, axis=1)
