@@ -28,7 +28,15 @@ from .registry import DEFAULT_KIND, family
 from .scorer import Scorer
 from .tables import to_table
 from .thresholds import ThresholdConfig, fit_threshold
-from .training import History, TrainConfig, _batches, calibrate_error_scale, fit_module, split_indices
+from .training import (
+    History,
+    TrainConfig,
+    _batches,
+    calibrate_error_scale,
+    epoch_progress,
+    fit_module,
+    split_indices,
+)
 from .windows import training_windows
 
 log = logging.getLogger("unusual")
@@ -82,8 +90,9 @@ class Detector:
     ``contamination``, ``pot_level``).
     """
 
-    def __init__(self, kind: str = DEFAULT_KIND, **params):
+    def __init__(self, kind: str = DEFAULT_KIND, *, verbose: bool | None = None, **params):
         self.kind = kind
+        self.verbose = verbose  # epoch progress: True always, False never, None on a terminal after 2 s
         self.params = params
         split_params(kind, params)  # fail early on unknown or invalid parameters
 
@@ -104,7 +113,8 @@ class Detector:
         torch.manual_seed(train_cfg.seed)
         module = fam.module(model_cfg, schema.width)
         train_idx, val_idx = split_indices(len(data), train_cfg.val_fraction, train_cfg.seed)
-        hist: History = fit_module(module, data, train_idx, val_idx, train_cfg)
+        with epoch_progress(train_cfg.epochs, self.verbose, f"fit {self.kind}") as on_epoch:
+            hist: History = fit_module(module, data, train_idx, val_idx, train_cfg, on_epoch=on_epoch)
         module.to("cpu")
         calib = val_idx if len(val_idx) else train_idx
         calibrate_error_scale(module, _batches(data, calib, 8192, "cpu"))

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -286,6 +288,33 @@ def train_epochs(
         if stop:
             break
     return hist
+
+
+@contextmanager
+def epoch_progress(epochs: int, verbose: bool | None, desc: str):
+    """An ``on_epoch`` callback drawing a progress bar over the epochs on stderr (tqdm), with the
+    validation loss: always with ``verbose=True``, never with ``False``; with ``None``, only on a
+    terminal and only once a fit has run for 2 s (short fits print nothing)."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=epochs,
+        desc=desc,
+        unit="epoch",
+        file=sys.stderr,
+        disable=True if verbose is False else (False if verbose else None),
+        delay=0 if verbose else 2.0,
+        leave=bool(verbose),
+    )
+
+    def on_epoch(epoch: int, hist: History, stop: bool) -> None:
+        bar.set_postfix(val_loss=f"{hist.val_loss[-1]:.4g}", refresh=False)
+        bar.update(1)
+
+    try:
+        yield on_epoch
+    finally:
+        bar.close()
 
 
 def fit_module(

@@ -13,7 +13,7 @@ import json
 import sys
 
 from ..config import FitJob, main_for
-from ..runtime import progress
+from ..runtime import progress, verbose
 
 __all__ = ["FitJob", "command", "main", "run"]
 
@@ -25,7 +25,8 @@ def run(job: FitJob) -> dict:
 
     kind, params = job.detector()
     refuse_existing_bundle(job.output, job.overwrite)
-    detector = Detector(kind, **params)  # unknown or invalid parameters: an error before the data is read
+    # unknown or invalid parameters: an error before the data is read
+    detector = Detector(kind, verbose=True if verbose() else None, **params)
     table = read_table(job.data)
     progress(f"read {table.num_rows:,} rows x {table.num_columns} columns from {job.data}")
     det = detector.fit(table)

@@ -1,40 +1,57 @@
 """The Ray Train worker of ``unusual train``: :func:`train_loop` runs on every worker.
 
-Each worker builds the model from the driver's ``loop_config``, wraps its
-training :class:`~unusual.models.training.Objective` in DDP and runs the same
-:func:`~unusual.models.training.train_epochs` loop as the in-memory API on its
-dataset shards; the loss sums are all-reduced across workers, rank 0 writes a
-checkpoint (weights, optimizer, early-stopping state, history) every epoch,
-and a restarted worker group resumes from the last one. The driver
-(``unusual.ray_jobs.train``) reads the final checkpoint with :func:`load_state`.
+Each worker builds the model from the driver's ``loop_config``, wraps its training
+:class:`~unusual.models.training.Objective` in DDP and runs the same
+:func:`~unusual.models.training.train_epochs` loop as the in-memory API; the loss sums are
+all-reduced across workers.
+
+- **Data.** With ``pieces`` (the driver or Ray Data put the encoded samples in the object
+  store), a worker fetches its contiguous share once and trains from one tensor, shuffled
+  per epoch by index, as a plain PyTorch loop does; it then calibrates the model on its
+  share of the validation split (error scale all-reduced, the threshold from every worker's
+  top tail), so the driver has nothing left to score. Without ``pieces``, batches stream
+  from the Ray Dataset shards every epoch and the driver calibrates.
+- **Batches.** The configured batch size is the global one (the in-memory rule on all
+  training samples), split across the workers, so 1 or N workers take the same steps.
+- **Checkpoints.** Rank 0 checkpoints at a cadence that costs under 5 % of the training time
+  (the first after 10 s of training, then whenever 20 times the last checkpoint's cost has
+  passed; ``checkpoint_every`` fixes it in epochs) and once at the end; a restarted worker
+  group resumes from the last one. Each checkpoint is written to a temporary folder that is
+  removed once Ray Train has persisted it to the run's storage.
 """
 
 from __future__ import annotations
 
+import math
 import os
-import tempfile
 import time
 from dataclasses import asdict
 
+import numpy as np
 import torch
 
 from ..models.registry import family
+from ..models.thresholds import ThresholdConfig, fit_threshold, fit_threshold_tail, tail_fraction
 from ..models.training import (
     EarlyStopping,
     History,
     Objective,
     TrainConfig,
     batch_size_for,
+    error_sums,
     make_optimizer,
     train_epochs,
 )
+from ..runtime import MARK, temp_dir
+from .train_data import fetch_share
 
 STATE_FILE = "state.pt"
+FIRST_CHECKPOINT_S = 10.0  # auto cadence: the first checkpoint after this much training
+COST_FACTOR = 20.0  # then one whenever 20 x the last checkpoint's cost has passed (< 5 %)
 
 
-def save_state(module, opt, stopper: EarlyStopping, hist: History, epoch: int) -> str:
-    """A new temporary directory holding the training state after ``epoch``."""
-    d = tempfile.mkdtemp(prefix="unusual-ckpt-")
+def save_state(directory: str, module, opt, stopper: EarlyStopping, hist: History, epoch: int, **extra) -> None:
+    """The training state after ``epoch`` as ``directory/state.pt``."""
     torch.save(
         {
             "model": {k: v.detach().cpu() for k, v in module.state_dict().items()},
@@ -42,10 +59,10 @@ def save_state(module, opt, stopper: EarlyStopping, hist: History, epoch: int) -
             "stopper": stopper.state_dict(),
             "history": asdict(hist),
             "epoch": epoch,
+            **extra,
         },
-        os.path.join(d, STATE_FILE),
+        os.path.join(directory, STATE_FILE),
     )
-    return d
 
 
 def load_state(directory: str) -> dict:
@@ -63,12 +80,105 @@ def _inject_fault(config: dict, epoch: int, rank: int, world: int) -> None:
     if os.path.exists(marker):
         return
     open(marker, "w").close()
-    print(f"[unusual] fault injection: worker {rank} exits at epoch {epoch}", flush=True)
-    # Ray Train's controller collects reports on its health-check poll (every 2 s);
+    print(f"{MARK} fault injection: worker {rank} exits at epoch {epoch}", flush=True)
+    # Ray Train's controller collects reports on its health-check poll;
     # let it register the last checkpoint, so the test knows which epoch the run
     # must resume from.
     time.sleep(5)
     os._exit(1)
+
+
+class Cadence:
+    """When rank 0 checkpoints (see the module's docstring)."""
+
+    def __init__(self, every: int | None):
+        self.every = every
+        self.last = time.perf_counter()
+        self.cost: float | None = None
+
+    def due(self, epoch: int) -> bool:
+        if self.every:
+            return (epoch + 1) % self.every == 0
+        waited = time.perf_counter() - self.last
+        return waited >= (FIRST_CHECKPOINT_S if self.cost is None else COST_FACTOR * self.cost)
+
+    def done(self, started: float) -> None:
+        self.last = time.perf_counter()
+        self.cost = self.last - started
+
+
+def _shown(epoch: int, epochs: int, stop: bool) -> bool:
+    """At most ~10 epoch lines per run, and always the last one."""
+    step = max(1, math.ceil(epochs / 10))
+    return stop or epoch + 1 == epochs or (epoch + 1) % step == 0 or epoch == 0
+
+
+class Collectives:
+    """The few collectives the loop needs; no-ops on one worker."""
+
+    def __init__(self, world: int, device):
+        self.world, self.device = world, device
+
+    def sum(self, values: list[float]) -> list[float]:
+        return self._reduce(values, torch.distributed.ReduceOp.SUM if self.world > 1 else None)
+
+    def max(self, values: list[float]) -> list[float]:
+        return self._reduce(values, torch.distributed.ReduceOp.MAX if self.world > 1 else None)
+
+    def _reduce(self, values, op) -> list[float]:
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)  # NCCL reduces device tensors only
+        torch.distributed.all_reduce(t, op=op)
+        return t.tolist()
+
+    def agree(self, flag: bool) -> bool:
+        """Rank 0's ``flag`` on every worker (Ray Train wants every worker to report together)."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        torch.distributed.broadcast(t, 0)
+        return bool(t.item())
+
+    def gather(self, obj) -> list:
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+
+def _chunks(x: torch.Tensor, size: int, device):
+    for a in range(0, len(x), size):
+        yield x[a : a + size].to(device, non_blocking=True)
+
+
+@torch.inference_mode()
+def calibrate(module, xt, xv, coll: Collectives, thr_cfg: ThresholdConfig, device) -> dict:
+    """Error scale and threshold from every worker's share of the validation split (or of
+    the training split when there is none), as ``Detector.fit`` computes them in memory."""
+    n_val = coll.sum([float(len(xv))])[0]
+    data = xv if n_val > 0 else xt
+    module.eval()
+    if hasattr(module, "set_error_scale"):
+        sums = error_sums(module, _chunks(data, 8192, device))
+        width = module.error_scale.numel()
+        total = sums[0].tolist() if sums and sums[0] is not None else [0.0] * width
+        reduced = coll.sum([*total, float(sums[1] if sums else 0)])
+        if reduced[-1]:
+            module.set_error_scale((torch.tensor(reduced[:-1], dtype=torch.float64) / reduced[-1]).float().to(device))
+    parts = [module.score_terms(x)[0].double().cpu().numpy() for x in _chunks(data, 8192, device)]
+    scores = np.concatenate(parts) if parts else np.empty(0)
+    if coll.world == 1:
+        rec = fit_threshold(scores, thr_cfg)
+    else:
+        finite = np.sort(scores[np.isfinite(scores)])
+        n = int(coll.sum([float(finite.size)])[0])
+        need = int(math.ceil(tail_fraction(thr_cfg) * n)) + 2
+        tail = np.sort(np.concatenate(coll.gather(finite[-need:])))
+        rec = fit_threshold_tail(tail, n, thr_cfg)
+    rec["fit_on"] = "validation" if n_val > 0 else "training"
+    return rec
 
 
 def train_loop(config: dict) -> None:
@@ -84,11 +194,9 @@ def train_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    coll = Collectives(world, device)
 
-    stopper = EarlyStopping(cfg.patience)
-    hist = History()
-    start = 0
-    opt_state = None
+    stopper, hist, start, opt_state, calibrated = EarlyStopping(cfg.patience), History(), 0, None, None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -99,7 +207,7 @@ def train_loop(config: dict) -> None:
         hist = st["history"]
         start = int(st["epoch"]) + 1
         if rank == 0:
-            print(f"[unusual] resumed from the checkpoint of epoch {start}", flush=True)
+            print(f"{MARK} resumed from the checkpoint of epoch {start}", flush=True)
 
     objective = ray.train.torch.prepare_model(Objective(module))
     opt = make_optimizer(objective, cfg)
@@ -108,54 +216,82 @@ def train_loop(config: dict) -> None:
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config["precision"]) if device.type == "cuda" else None
     scaler = torch.amp.GradScaler("cuda") if amp is torch.float16 else None
 
-    # The in-memory rule on this worker's share of the training samples.
-    n_train = config.get("train_samples")
-    batch_size = batch_size_for(cfg.batch_size, n_train // world) if n_train else cfg.batch_size
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    pieces = config.get("pieces")
+    if pieces is not None:
+        x, val = fetch_share(pieces, rank, world)
+        xt, xv = torch.from_numpy(np.ascontiguousarray(x[~val])), torch.from_numpy(np.ascontiguousarray(x[val]))
+        del x, val
+        n_train = int(coll.sum([float(len(xt))])[0])
+        # Every worker takes the same number of steps (DDP): a worker with fewer training
+        # samples than the largest share repeats a few of its own, drawn anew each epoch.
+        steps_rows = int(coll.max([float(len(xt))])[0])
+        if len(xt) == 0 and steps_rows:
+            raise ValueError(f"worker {rank} of {world} got no training samples: use fewer --num-workers")
+        batch_size = max(1, batch_size_for(cfg.batch_size, n_train) // world)
 
-    def train_batches(epoch: int):
-        _inject_fault(config, epoch, rank, world)
-        for b in train_shard.iter_torch_batches(
-            batch_size=batch_size,
-            dtypes=torch.float32,
-            device=device,
-            local_shuffle_buffer_size=batch_size * 8,
-            local_shuffle_seed=cfg.seed + epoch,
-        ):
-            yield b["x"]
+        def train_batches(epoch: int):
+            _inject_fault(config, epoch, rank, world)
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 1009 + rank)
+            perm = torch.randperm(len(xt), generator=gen)
+            if len(xt) < steps_rows:
+                perm = torch.cat([perm, torch.randint(len(xt), (steps_rows - len(xt),), generator=gen)])
+            for a in range(0, steps_rows, batch_size):
+                yield xt[perm[a : a + batch_size]].to(device, non_blocking=True)
 
-    def val_batches():
-        for b in val_shard.iter_torch_batches(batch_size=4096, dtypes=torch.float32, device=device):
-            yield b["x"]
+        def val_batches():
+            return _chunks(xv, 4096, device)
 
-    def all_reduce(sums: list[float]) -> list[float]:
-        if world == 1:
-            return sums
-        t = torch.tensor(sums, dtype=torch.float64, device=device)  # NCCL reduces device tensors only
-        torch.distributed.all_reduce(t)
-        return t.tolist()
+    else:
+        n_train = config["train_samples"]
+        batch_size = max(1, batch_size_for(cfg.batch_size, n_train) // world)
+        train_shard = ray.train.get_dataset_shard("train")
+        val_shard = ray.train.get_dataset_shard("val")
 
-    def on_epoch(epoch: int, hist: History, stop: bool) -> None:
-        samples, seconds = hist.samples[-1], hist.epoch_seconds[-1]
+        def train_batches(epoch: int):
+            _inject_fault(config, epoch, rank, world)
+            for b in train_shard.iter_torch_batches(
+                batch_size=batch_size,
+                dtypes=torch.float32,
+                device=device,
+                local_shuffle_buffer_size=batch_size * 8,
+                local_shuffle_seed=cfg.seed + epoch,
+            ):
+                yield b["x"]
+
+        def val_batches():
+            for b in val_shard.iter_torch_batches(batch_size=4096, dtypes=torch.float32, device=device):
+                yield b["x"]
+
+    cadence = Cadence(config.get("checkpoint_every"))
+
+    def checkpoint(epoch: int, **extra) -> None:
+        t0 = time.perf_counter()
         metrics = {
             "epoch": epoch,
-            "train_loss": hist.train_loss[-1],
-            "val_loss": hist.val_loss[-1],
+            "train_loss": hist.train_loss[-1] if hist.train_loss else None,
+            "val_loss": hist.val_loss[-1] if hist.val_loss else None,
             "best_val_loss": stopper.best,
-            "samples_per_s": samples / max(seconds, 1e-9),
         }
         if rank == 0:
+            with temp_dir("ckpt") as d:
+                save_state(d, module, opt, stopper, hist, epoch, **extra)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
+        cadence.done(t0)
+
+    def on_epoch(epoch: int, hist: History, stop: bool) -> None:
+        if rank == 0 and _shown(epoch, cfg.epochs, stop):
+            samples, seconds = hist.samples[-1], hist.epoch_seconds[-1]
             print(
-                f"[unusual] epoch {epoch + 1}/{cfg.epochs} train_loss={metrics['train_loss']:.5f} "
-                f"val_loss={metrics['val_loss']:.5f} samples={samples:,} ({metrics['samples_per_s']:,.0f}/s)"
+                f"{MARK} epoch {epoch + 1}/{cfg.epochs} train_loss={hist.train_loss[-1]:.5f} "
+                f"val_loss={hist.val_loss[-1]:.5f} ({samples / max(seconds, 1e-9):,.0f} samples/s)"
                 f"{' early stop' if stop else ''}",
                 flush=True,
             )
-            d = save_state(module, opt, stopper, hist, epoch)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-        else:
-            ray.train.report(metrics)
+        last = stop or epoch + 1 == cfg.epochs
+        if not last and coll.agree(rank == 0 and cadence.due(epoch)):
+            checkpoint(epoch)
 
     train_epochs(
         objective,
@@ -167,8 +303,15 @@ def train_loop(config: dict) -> None:
         stopper,
         hist,
         start=start,
-        reduce=all_reduce,
+        reduce=coll.sum,
         on_epoch=on_epoch,
         autocast_dtype=amp,
         scaler=scaler,
     )
+    final = {"final": True}
+    if pieces is not None:
+        module.load_state_dict(stopper.best_state)
+        calibrated = calibrate(module, xt, xv, coll, ThresholdConfig(**config["threshold"]), device)
+        final.update(calibrated_model={k: v.detach().cpu() for k, v in module.state_dict().items()})
+        final.update(threshold=calibrated, train_samples=n_train)
+    checkpoint(max(len(hist.val_loss) - 1, start - 1), **final)

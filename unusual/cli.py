@@ -24,7 +24,7 @@ import importlib
 import json
 import sys
 
-from .config import JOBS, JobConfig, opt, run_parsed
+from .config import JOBS, VERBOSE_HELP, JobConfig, opt, run_parsed
 
 # command -> (the function that runs its config, help). The function is looked up when the
 # command runs, so that only the chosen command's modules (Ray, PyTorch) are imported.
@@ -84,11 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unusual", description="Deep-learning anomaly detection at cluster scale.", allow_abbrev=False
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress in detail")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help) in COMMANDS.items():
         cls = CONFIGS[name]
         p = sub.add_parser(name, help=help, description=cls.__doc__, allow_abbrev=False)
+        # `unusual train … -v` as well as `unusual -v train …`
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
         cls.add_arguments(p)
     return parser
 

@@ -25,7 +25,7 @@ from typing import Literal
 import yaml
 from pydantic import field_validator, model_validator
 
-from .configbase import CSV, TOKEN_ENV, ConfigError, JobConfig, KeyValues, NameURIs, opt, run_parsed  # noqa: F401
+from .configbase import CSV, TOKEN_ENV, VERBOSE_HELP, ConfigError, JobConfig, KeyValues, NameURIs, opt, run_parsed  # noqa: F401
 from .models.registry import DEFAULT_KIND, kinds
 
 # Columns every scored output has; --keep-columns must not clash with them.
@@ -115,12 +115,21 @@ class TrainJob(ModelSpec):
     use_gpu: bool = opt(False, "one GPU per worker (DDP over NCCL)")
     cpus_per_worker: float | None = opt(None, "CPUs per worker (default: sized from the cluster)", gt=0)
     precision: Literal["fp32", "bf16", "fp16"] = opt("fp32", "autocast on GPU")
-    storage: str | None = opt(None, "run storage for per-epoch checkpoints (default: <output>/_train)")
+    storage: str | None = opt(None, "run storage for the training checkpoints (default: <output>.checkpoints)")
+    keep_checkpoints: bool = opt(False, "keep the run's checkpoints in --storage after it succeeds")
+    checkpoint_every: int | None = opt(
+        None, "checkpoint every N epochs (default: at a cadence costing < 5% of the training time)", ge=1
+    )
     run_name: str | None = opt(None, "name of the run in its storage (default: <model>-<random>)")
     max_failures: int = opt(2, "worker failures to recover from", ge=0)
     address: str | None = opt(None, "Ray cluster address (default: RAY_ADDRESS, or start a local Ray)")
     cache: bool | None = opt(
-        None, "keep the encoded data in the object store between epochs (default: when it fits in 25% of it)"
+        None,
+        "hold the encoded data in memory (default: when it fits in 25% of the object store); "
+        "--no-cache streams it from storage every epoch",
+    )
+    driver_read_mb: float = opt(
+        64.0, "inputs up to this many MiB of Parquet are read and encoded by the driver, not Ray Data tasks", ge=0
     )
     fail_at_epoch: int | None = opt(None, "testing: one worker process dies at this epoch, once", cli=False)
 
@@ -268,6 +277,6 @@ def main_for(command: str, run_command, argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog=f"python -m unusual.ray_jobs.{command}", description=cls.__doc__, allow_abbrev=False
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress in detail")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     cls.add_arguments(parser)
     return run_parsed(command, cls, parser.parse_args(argv), run_command)

@@ -204,10 +204,16 @@ def guarded(command: str, fn) -> int:
         return 0
 
 
+VERBOSE_HELP = "show Ray's own log lines and detailed progress (default: only unusual's progress and result)"
+
+
 def run_parsed(command: str, cls: type[JobConfig], ns: argparse.Namespace, run) -> int:
     """What ``unusual <command>`` and ``python -m`` share once the flags are parsed: logging (``-v``),
     the config validated before the job's modules are imported, then ``run(config)``, guarded."""
     import logging
 
+    from .runtime import set_verbose
+
+    set_verbose(ns.verbose)
     logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING, format="%(message)s")
     return guarded(command, lambda: run(cls.from_namespace(ns)))

@@ -1,21 +1,101 @@
-"""What every Ray job shares: connecting to (or starting) Ray, and the error
-for resources a cluster can never provide. Imports neither PyTorch nor Ray at
-module level, so Ray Data tasks that unpickle job functions stay light."""
+"""What every Ray job shares: connecting to (or starting) Ray quietly, the driver's progress
+lines, the error for resources a cluster can never provide, and cleaning up temporary folders.
+Imports neither PyTorch nor Ray at module level, so Ray Data tasks that unpickle job functions
+stay light.
+
+Quiet by default: a job prints its own progress (lines that start with ``[unusual]``, each
+once) and its result; Ray's INFO / WARNING lines, Ray Data's progress logging and the other
+lines of Ray's worker processes are left to Ray's log files (``/tmp/ray/session_latest/logs``).
+``-v`` (``set_verbose(True)``, or ``UNUSUAL_VERBOSE=1``) shows everything Ray prints.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
+import tempfile
 
 from .models.errors import UnusualError
+
+MARK = "[unusual]"
+TMP_PREFIX = "unusual-"
+_state = {"verbose": None}
+
+
+def set_verbose(on: bool | None) -> None:
+    """``-v``: Ray's own lines are shown (True) or filtered (False); None follows ``UNUSUAL_VERBOSE``."""
+    _state["verbose"] = on
+
+
+def verbose() -> bool:
+    on = _state["verbose"]
+    return bool(on) if on is not None else os.environ.get("UNUSUAL_VERBOSE", "") not in ("", "0")
 
 
 def progress(msg: str) -> None:
     """A progress line of a job's driver, on stderr (stdout carries the JSON result)."""
-    print(f"[unusual] {msg}", file=sys.stderr, flush=True)
+    print(f"{MARK} {msg}", file=sys.stderr, flush=True)
 
 
 class ResourceError(UnusualError):
     """The requested workers / actors / GPUs can never be placed on this cluster."""
+
+
+RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.serve", "ray.tune", "ray.air")
+
+
+def _quiet_loggers() -> None:
+    for name in RAY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+class _OurLines:
+    """The driver's handler of the output Ray forwards from its worker processes, in quiet mode:
+    only our own lines pass (without Ray's ``(Actor pid=…)`` prefix), and each of them once
+    (Ray Train's workers echo every print)."""
+
+    def __init__(self, limit: int = 10_000):
+        self.seen: dict[str, None] = {}
+        self.limit = limit
+
+    def __call__(self, data: dict) -> None:
+        for line in data.get("lines") or ():
+            i = line.find(MARK)
+            if i < 0:
+                continue
+            line = line[i:]
+            if line in self.seen:
+                continue
+            self.seen[line] = None
+            if len(self.seen) > self.limit:
+                self.seen.pop(next(iter(self.seen)))
+            print(line, file=sys.stderr, flush=True)
+
+
+def _filter_worker_output() -> None:
+    try:  # Ray's dispatcher of forwarded worker output; if it moved, Ray prints as it always did
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    names = [name for name, _ in dispatcher.handlers]
+    if "ray_print_logs" in names:
+        dispatcher.remove_handler("ray_print_logs")
+        dispatcher.add_handler("ray_print_logs", _OurLines())
+
+
+def configure_ray_data() -> None:
+    """Ray Data settings of every job: aggregations and groupbys shuffle with tasks (Ray's
+    hash shuffle starts aggregator actors, seconds of fixed cost for our one-object
+    reductions); quiet mode shows one progress bar per dataset on a terminal and none in logs."""
+    from ray.data.context import DataContext, ShuffleStrategy
+
+    ctx = DataContext.get_current()
+    ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    if not verbose():
+        ctx.enable_progress_bars = sys.stderr.isatty()
+        ctx.enable_operator_progress_bars = False
+        ctx.print_on_execution_start = False
 
 
 def ensure_ray(address: str | None = None):
@@ -23,24 +103,83 @@ def ensure_ray(address: str | None = None):
     submitted job), or a new local Ray for this process when neither is set,
     never silently to some other cluster running on the machine (a bare
     ``ray.init()`` would join the last one started there); ``--address auto``
-    asks for that explicitly."""
-    import os
-
+    asks for that explicitly. Quiet unless :func:`verbose`."""
     import ray
 
+    quiet = not verbose()
+    if quiet:
+        _quiet_loggers()
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or "local"
-        ray.init(address=address, log_to_driver=True, include_dashboard=False)
+        ray.init(
+            address=address,
+            log_to_driver=True,
+            include_dashboard=False,
+            logging_level=logging.ERROR if quiet else logging.INFO,
+        )
+        if quiet:
+            _quiet_loggers()  # ray.init sets up its loggers again
+            _filter_worker_output()
+    configure_ray_data()
     return ray
 
 
-def train_worker_resources(num_workers: int, use_gpu: bool, cpus_per_worker: float | None) -> dict:
+# --------------------------------------------------------------------------- temporary folders
+
+
+def temp_dir(kind: str) -> tempfile.TemporaryDirectory:
+    """A temporary folder named ``unusual-<kind>-<pid>-…``: removed when its ``with`` ends, and by
+    :func:`sweep_temp_dirs` in a later run when its process died first."""
+    return tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}{kind}-{os.getpid()}-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_temp_dirs(root: str | None = None) -> list[str]:
+    """Remove the temporary folders of :func:`temp_dir` whose process is gone (a crash, a kill);
+    returns what was removed."""
+    import shutil
+
+    root = root or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(TMP_PREFIX):
+            continue
+        parts = name.split("-")
+        if len(parts) < 4 or not parts[2].isdigit() or _alive(int(parts[2])):
+            continue
+        path = os.path.join(root, name)
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+# --------------------------------------------------------------------------- resources
+
+
+def train_worker_resources(
+    num_workers: int, use_gpu: bool, cpus_per_worker: float | None, streaming: bool = True
+) -> dict:
     """Resources per Ray Train worker, checked against what the connected cluster has.
 
-    By default half the cluster's CPUs (at most) go to the training workers,
-    so Ray Data's read and encode tasks always have CPUs left: on a 2-core
-    machine two workers get 0.5 CPU each. Asking for more than the cluster can
-    ever place is a :class:`ResourceError` now, not a training run that waits forever.
+    While the workers stream their data, Ray Data's read and encode tasks run beside
+    them: by default half the cluster's CPUs (at most) go to the training workers, so
+    those tasks always have CPUs left (on a 2-core machine two workers get 0.5 CPU each).
+    Workers that hold their data in memory (``streaming=False``) share all the CPUs.
+    Asking for more than the cluster can ever place is a :class:`ResourceError` now,
+    not a training run that waits forever.
     """
     import math
 
@@ -53,7 +192,7 @@ def train_worker_resources(num_workers: int, use_gpu: bool, cpus_per_worker: flo
             f"--use-gpu with {num_workers} worker(s) needs {num_workers} GPU(s); the cluster has {gpus:g}"
         )
     if cpus_per_worker is None:
-        budget = cpus / 2 if not use_gpu else max(cpus - 1, 0) / 2
+        budget = cpus if not streaming else (cpus / 2 if not use_gpu else max(cpus - 1, 0) / 2)
         cpus_per_worker = max(0.25, min(float(math.floor(budget / num_workers)) or budget / num_workers, 8.0))
         cpus_per_worker = round(cpus_per_worker, 2)
     if cpus_per_worker * num_workers > cpus:

@@ -52,9 +52,14 @@ def test_ae_bundle_from_s3(ae_run):
     out, manifest = ae_run
     t = manifest["training"]
     assert manifest["kind"] == "ae" and t["runner"] == "ray-train"
-    assert t["num_workers"] == 2 and t["resources_per_worker"] == {"CPU": 0.5}
+    # Small data is read and encoded by the driver; the workers hold it in memory and share every CPU.
+    assert t["data"] == "driver" and t["cached"] is True
+    assert t["num_workers"] == 2 and t["resources_per_worker"] == {"CPU": 1.0}
     assert len(t["val_loss"]) == 3 and t["rows"] == 1831
-    assert t["cached"] is True  # small data is encoded once and kept in the object store
+    # The checkpoints went to the run's storage beside the bundle and were removed on success.
+    fs = s3fs.S3FileSystem()
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(out.removeprefix("s3://"))) == ["manifest.json", "weights.pt"]
+    assert not fs.exists(out.removeprefix("s3://") + ".checkpoints") and t["storage"] is None
     # Every row is in exactly one split; the validation part is ~15 %.
     assert 0.10 * 1831 < manifest["threshold"]["n_scores"] < 0.20 * 1831
     assert manifest["threshold"]["fit_on"] == "validation"
@@ -80,7 +85,7 @@ def test_existing_bundle_is_refused(ae_run, cardio_uri):
 def test_vae_resumes_after_a_worker_dies(cardio_uri, s3_bucket):
     """One worker process exits at epoch 2; the group restarts from the epoch-1 checkpoint.
     This run also streams the shards from S3 every epoch (no cache), the path for
-    data larger than memory."""
+    data larger than memory, and keeps its checkpoints."""
     out = f"s3://{s3_bucket}/models/vae"
     manifest = run(
         TrainJob(
@@ -92,10 +97,15 @@ def test_vae_resumes_after_a_worker_dies(cardio_uri, s3_bucket):
             fail_at_epoch=2,
             max_failures=1,
             cache=False,
+            checkpoint_every=1,
+            keep_checkpoints=True,
+            storage=f"s3://{s3_bucket}/runs",
+            run_name="vae-resumes",
         )
     )
     t = manifest["training"]
-    assert t["cached"] is False
+    assert t["cached"] is False and t["data"] == "streaming"
+    assert s3fs.S3FileSystem().ls(f"{s3_bucket}/runs/vae-resumes") and t["storage"] == f"s3://{s3_bucket}/runs"
     # Restarted once, from the checkpoint of epoch 1, not from scratch.
     assert t["started_at_epoch"] == [0, 2]
     assert len(t["val_loss"]) == 3
@@ -107,12 +117,15 @@ def test_vae_resumes_after_a_worker_dies(cardio_uri, s3_bucket):
 def test_lstm_windows_per_entity(series_uri, s3_bucket):
     out = f"s3://{s3_bucket}/models/lstm"
     params = {"entity_column": "host", "time_column": "timestamp", "window": 8, "epochs": 2, "hidden": 16}
-    manifest = run(TrainJob(data=series_uri, output=out, model="lstm", params=params, num_workers=2))
+    # driver_read_mb=0: Ray Data reads, windows per entity in its tasks and keeps the windows
+    # in the object store; each worker fetches its share once.
+    manifest = run(TrainJob(data=series_uri, output=out, model="lstm", params=params, num_workers=2, driver_read_mb=0))
     t = manifest["training"]
-    # Full windows only, never across entities: 2 series x (1500 - 9 + 1) windows in all
-    # (an equal split across the 2 workers may drop one training window).
+    assert t["data"] == "object-store"
+    # Full windows only, never across entities: 2 series x (1500 - 9 + 1) windows in all,
+    # each in exactly one split.
     n_windows = 2 * (1500 - 9 + 1)
-    assert n_windows - 1 <= t["train_samples"] + manifest["threshold"]["n_scores"] <= n_windows
+    assert t["train_samples"] + manifest["threshold"]["n_scores"] == n_windows
     det = Detector.load(out)
     table = pq.read_table(series_uri.replace("s3://", ""), filesystem=s3fs.S3FileSystem())
     scores = det.score(table)
