@@ -32,7 +32,7 @@ from ..config import TrainJob, main_for
 from ..models.bundle import build_manifest, save_bundle, threshold_of
 from ..models.detector import split_params
 from ..models.registry import family
-from ..runtime import ResourceError, ensure_ray, progress, sweep_temp_dirs, train_worker_resources
+from ..runtime import ResourceError, ensure_ray, progress, quick_ray_train, sweep_temp_dirs, train_worker_resources
 from .local_io import filesystem, refuse_existing_bundle
 from .threshold import calibrate_at_scale
 from .train_data import prepare
@@ -75,9 +75,7 @@ def run(job: TrainJob) -> dict:
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    # Ray Train's controller polls its workers every 2 s by default: seconds of fixed cost at the
-    # start and end of every run. 0.5 s costs nothing measurable.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    quick_ray_train()
     t_start = time.perf_counter()
     prep = prepare(job, fam, model_cfg, feat_cfg, train_cfg, progress)
     streaming = prep.pieces is None
@@ -158,6 +156,7 @@ def run(job: TrainJob) -> dict:
         "precision": job.precision,
         "run_name": run_name,
         "started_at_epoch": hist.started_at_epoch,
+        "epoch_seconds": hist.epoch_seconds,
         "data": prep.how,
         "cached": prep.how != "streaming",
         "storage": storage if job.keep_checkpoints else None,

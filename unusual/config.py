@@ -111,7 +111,7 @@ class TrainJob(ModelSpec):
     data: str = opt(help="Parquet file, folder or prefix of shards (local, s3://, gs://)")
     output: str = opt(help="bundle URI (local path or s3://…)")
     overwrite: bool = opt(False, "replace a bundle already at --output")
-    num_workers: int = opt(2, "Ray Train workers", ge=1)
+    num_workers: int = opt(1, "Ray Train workers (DDP); one uses every CPU it is given", ge=1)
     use_gpu: bool = opt(False, "one GPU per worker (DDP over NCCL)")
     cpus_per_worker: float | None = opt(None, "CPUs per worker (default: sized from the cluster)", gt=0)
     precision: Literal["fp32", "bf16", "fp16"] = opt("fp32", "autocast on GPU")

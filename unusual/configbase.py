@@ -212,8 +212,9 @@ def run_parsed(command: str, cls: type[JobConfig], ns: argparse.Namespace, run) 
     the config validated before the job's modules are imported, then ``run(config)``, guarded."""
     import logging
 
-    from .runtime import set_verbose
+    from .runtime import filter_native_stderr, set_verbose
 
     set_verbose(ns.verbose)
+    filter_native_stderr()
     logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING, format="%(message)s")
     return guarded(command, lambda: run(cls.from_namespace(ns)))

@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import sys
@@ -31,6 +30,7 @@ import pyarrow.compute as pc
 
 from .models.registry import family
 from .ray_jobs import sample_data
+from .runtime import ensure_ray
 
 BUCKET = "unusual-demo"
 SERIES = ("nab_ec2_request_latency", "nab_machine_temperature")
@@ -93,15 +93,8 @@ def run_demo(workdir: str, quick: bool = False) -> int:
     from .ray_jobs.local_s3 import local_s3
 
     with local_s3(bucket=BUCKET, key="demo") as env:
-        logging.getLogger("ray.data").setLevel(logging.WARNING)  # the demo prints its own progress
-        ray.init(
-            address="local",  # a Ray of its own, even if another runs on this machine
-            num_cpus=max(2, os.cpu_count() or 2),
-            include_dashboard=False,
-            log_to_driver=False,
-            runtime_env={"env_vars": env},
-        )
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        # A Ray of its own, even if another runs on this machine; quiet as every job (-v: not).
+        ensure_ray("local", num_cpus=max(2, os.cpu_count() or 2), runtime_env={"env_vars": env})
         try:
             return _steps(work, quick, t_start)
         finally:
