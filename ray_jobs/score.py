@@ -1,4 +1,4 @@
-"""Cluster-wide batch scoring: Parquet on object storage -> Ray Data -> Scorer actors -> Parquet.
+"""Cluster-wide batch scoring: Parquet on object storage -> Ray (Data) -> Scorer actors -> Parquet.
 
     unusual score --checkpoint s3://b/models/ae --data s3://b/events/ --output s3://b/scores/ae \\
         --keep-columns event_id,label
@@ -12,11 +12,13 @@ How it works
    whose schema cannot be scored (a missing or ill-typed column) is not
    fatal: its rows go to the quarantine with the reason, unless every file is
    bad, which is an error naming the column.
-2. Ray Data reads the units in streaming read tasks (only the columns the
-   model and ``--keep-columns`` need) and feeds an actor pool of
-   :class:`~unusual.ray_jobs.score_actors.ScoreActor`. Each actor loads the bundle once and scores batches
-   through :class:`unusual.models.Scorer` (``errors="mask"``), the same class the
-   in-memory API and the Serve endpoint use.
+2. Scoring actors (:class:`~unusual.ray_jobs.score_actors.ScoreActor`) each load the
+   bundle once and score through :class:`unusual.models.Scorer` (``errors="mask"``),
+   the same class the in-memory API and the Serve endpoint use. On CPUs (the
+   default) they are plain Ray actors that stream the units the driver hands them
+   straight from storage (only the columns the model and ``--keep-columns``
+   need), no rows through the object store; on GPUs (or ``--read tasks``) Ray
+   Data reads the units in streaming read tasks and feeds an actor pool.
 3. Sequence families (the registry says which) need each entity's rows together and in time
    order: rows are hashed by entity into *buckets*, grouped per bucket with
    Ray Data's ``groupby`` and scored bucket by bucket, so the scores equal
@@ -35,8 +37,8 @@ How it works
 6. At the end every part is counted from its footer: rows in = rows scored +
    rows quarantined is checked, and ``_unusual/summary.json`` is written.
 
-Memory is bounded by the block and batch sizes and Ray Data's streaming
-backpressure, not by the data size: the driver holds the plan and the counts,
+Memory is bounded by the block and batch sizes (and Ray Data's streaming
+backpressure where it reads), not by the data size: the driver holds the plan and the counts,
 never rows.
 
 The modules: ``storage`` (the output's layout, atomic writes, footers),
@@ -47,6 +49,7 @@ The modules: ``storage`` (the output's layout, atomic writes, footers),
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import sys
@@ -135,7 +138,9 @@ def clean(out: Output) -> set[int]:
 
 
 def execute(job: ScoreJob, spec: dict, pending: list[int]) -> None:
-    """Score the ``pending`` output units on the cluster (Ray Data)."""
+    """Score the ``pending`` output units on the cluster: plain actors that read their
+    units (tabular on CPUs), or Ray Data read tasks feeding an actor pool (GPUs) or a
+    group-by of entity buckets (sequences)."""
     import ray
 
     mode = read_mode(job, spec["kind"])
@@ -165,22 +170,23 @@ def execute(job: ScoreJob, spec: dict, pending: list[int]) -> None:
         {"unit": u, "path": spec["files"][units[u]["file"]], "rg0": units[u]["rg"][0], "rg1": units[u]["rg"][1]}
         for u in read
     ]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    if mode == "tasks":
-        ds = ds.map_batches(
-            read_units,
-            batch_size=1,
-            num_cpus=0.25,
-            fn_kwargs={
-                "data": spec["data"],
-                "columns": spec["columns"],
-                "block_rows": job.block_rows,
-                "buckets": spec["buckets"],
-                "entity": spec["entity_column"],
-                "todo": todo if todo is not None and len(todo) < spec["buckets"] else None,
-            },
-        )
     actor_kwargs = {"job": job, "spec": spec, "threads": res["threads"]}
+    if mode == "actors":
+        score_units(items, actor_kwargs, res)
+        return
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        read_units,
+        batch_size=1,
+        num_cpus=0.25,
+        fn_kwargs={
+            "data": spec["data"],
+            "columns": spec["columns"],
+            "block_rows": job.block_rows,
+            "buckets": spec["buckets"],
+            "entity": spec["entity_column"],
+            "todo": todo if todo is not None and len(todo) < spec["buckets"] else None,
+        },
+    )
     resources = {"num_cpus": res["num_cpus"], "num_gpus": res["num_gpus"] or None, "batch_format": "pyarrow"}
     if sequence:
         # Tasks, not an actor pool: actors holding the CPUs would starve the
@@ -190,7 +196,7 @@ def execute(job: ScoreJob, spec: dict, pending: list[int]) -> None:
     else:
         ds = ds.map_batches(
             ScoreActor,
-            batch_size=(job.batch_size or DEFAULT_BATCH_ROWS) if mode == "tasks" else 1,
+            batch_size=job.batch_size or DEFAULT_BATCH_ROWS,
             compute=ray.data.ActorPoolStrategy(size=res["concurrency"]),
             fn_constructor_kwargs=actor_kwargs,
             **resources,
@@ -203,6 +209,43 @@ def execute(job: ScoreJob, spec: dict, pending: list[int]) -> None:
         for u in todo:
             if u not in seen:
                 writer.write_empty(u, dict.fromkeys(COUNTS, 0))
+
+
+def score_units(items: list[dict], actor_kwargs: dict, res: dict, queued: int = 2) -> None:
+    """Each actor streams whole units from storage into their parts (``read_mode`` "actors").
+
+    Plain Ray actors, not Ray Data's actor pool: they start on the workers Ray keeps idle
+    after it starts, seconds before a pool's actors would (in new processes) on a small
+    cluster. The driver hands out units as they finish, ``queued`` per actor so that none
+    waits for its next one; an actor that dies is restarted and its unit scored again
+    (parts are written whole or not at all); an error in a unit ends the job (a rerun resumes).
+    """
+    import ray
+
+    cls = ray.remote(ScoreActor).options(
+        num_cpus=res["num_cpus"], num_gpus=res["num_gpus"], max_restarts=2, max_task_retries=2
+    )
+    todo = collections.deque(items)
+    actors = [cls.remote(**actor_kwargs) for _ in range(min(res["concurrency"], len(items)))]
+    running: dict = {}
+
+    def give(actor) -> None:
+        if todo:
+            u = todo.popleft()
+            running[actor.unit.remote(u["unit"], u["path"], u["rg0"], u["rg1"])] = actor
+
+    try:
+        for _ in range(queued):
+            for a in actors:
+                give(a)
+        while running:
+            [ref], _ = ray.wait(list(running), num_returns=1)
+            actor = running.pop(ref)
+            ray.get(ref)  # raises the unit's error
+            give(actor)
+    finally:
+        for a in actors:
+            ray.kill(a)
 
 
 def summarize(out: Output, spec: dict, seconds: float, resumed: int = 0) -> dict:

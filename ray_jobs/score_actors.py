@@ -28,7 +28,7 @@ from ..config import OUTPUT_COLUMNS, ScoreJob
 from ..models.errors import UnusualError
 from .local_io import filesystem
 from .score_plan import BUCKET, ROW, UNIT, entity_buckets, output_schema
-from .storage import COUNTS, QUARANTINE_DIR, Output, part_name
+from .storage import COUNTS, QUARANTINE_DIR, Output, part_name, write_options
 
 
 def read_units(
@@ -118,6 +118,7 @@ class PartWriter:
         self.files = spec["files"]
         self.keep = spec["keep_columns"]
         self.schema = output_schema(spec)
+        self.options = write_options(self.schema)
         self.out = Output(output)
 
     def part(self, unit: int, start: int, stop: int, total: int) -> Part:
@@ -148,7 +149,7 @@ class Part:
         self.w, self.name = writer, name
         self.meta = {"rows": rows, "scored": 0, "quarantined": 0, "anomalies": 0}
         self.file = writer.out.open_atomic(name)
-        self.pq = pq.ParquetWriter(self.file.file, writer.schema)
+        self.pq = pq.ParquetWriter(self.file.file, writer.schema, **writer.options)
         self.qfile = self.qpq = None
 
     def add(self, batch: pa.Table, scored: pa.Table) -> None:
@@ -235,12 +236,9 @@ class ScoreActor:
         self.data_fs = filesystem(spec["data"])[0]
 
     def __call__(self, batch: pa.Table) -> dict:
-        """Units to read and score (tabular on CPUs), a batch of rows read by Ray
-        Data tasks (tabular on GPUs), or a whole entity bucket (sequences)."""
+        """A batch of rows read by Ray Data tasks (tabular on GPUs), or a whole entity bucket (sequences)."""
         if self.scorer.sequence:
             return self._bucket(batch)
-        if "path" in batch.column_names:
-            return stats_batch([self._unit(*row.values()) for row in batch.to_pylist()])
         scored = self.scorer.score_table(batch)
         units = batch.column(UNIT).to_numpy()
         rows = batch.column(ROW).to_numpy()
@@ -254,9 +252,9 @@ class ScoreActor:
             stats.append(self._write(batch.slice(a, n), scored.slice(a, n), u, start, stop, total))
         return stats_batch(stats)
 
-    def _unit(self, unit: int, path: str, rg0: int, rg1: int) -> dict:
-        """Stream one unit's row groups from storage into one part: reading the
-        next block (a thread; Arrow decodes without the GIL) overlaps scoring."""
+    def unit(self, unit: int, path: str, rg0: int, rg1: int) -> dict:
+        """Stream one unit's row groups from storage into one part (the "actors" read mode):
+        reading the next block (a thread; Arrow decodes without the GIL) overlaps scoring."""
         total = self.spec["units"][unit]["rows"]
         columns = self.spec["columns"]
         part = self.writer.part(unit, 0, total, total)

@@ -105,6 +105,27 @@ class Output:
         return read_footers([self.join(r) for r in rel], self.pafs)
 
 
+def write_options(schema: pa.Schema) -> dict:
+    """``ParquetWriter`` options of the output parts: dictionary encoding for the text
+    columns only (model version, feature names, text keep columns), where it pays. Numbers
+    (scores, contributions, ids) are written plain: hashing each of them into a dictionary
+    that is given up anyway made the write twice as slow and its output larger
+    (benchmarks/score_throughput.py)."""
+    return {"use_dictionary": list(_text_paths(schema))}
+
+
+def _text_paths(fields, prefix: str = ""):
+    """Parquet column paths of the text leaves (nested lists named ``list.element``)."""
+    for f in fields:
+        t, path = f.type, f"{prefix}{f.name}"
+        while pa.types.is_list(t) or pa.types.is_large_list(t):
+            t, path = t.value_type, f"{path}.list.element"
+        if pa.types.is_struct(t):
+            yield from _text_paths([t.field(i) for i in range(t.num_fields)], f"{path}.")
+        elif pa.types.is_dictionary(t) or pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t):
+            yield path
+
+
 class AtomicFile:
     """Written whole or not at all: on local disks a temporary name renamed on
     commit; on object storage one upload that only becomes visible when it
