@@ -1,7 +1,7 @@
 # Object storage and least-privilege IAM for unusual:
 #
 #   s3://<bucket>/data/     input Parquet shards                      jobs: read
-#   s3://<bucket>/models/   checkpoint bundles (+ <bundle>/_train)    jobs: read/write   serving: read
+#   s3://<bucket>/models/   checkpoint bundles (+ <bundle>.checkpoints) jobs: read/write   serving: read
 #   s3://<bucket>/scores/   batch-scoring output, evaluation reports  jobs: read/write
 #
 #   terraform init && terraform apply -var bucket_name=my-unusual-bucket

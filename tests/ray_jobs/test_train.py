@@ -175,7 +175,7 @@ def test_missing_bucket(ray_cluster):
 
 
 def test_impossible_resources(cardio_uri, s3_bucket):
-    with pytest.raises(ResourceError, match=r"needs 2 GPU\(s\); the cluster has 0"):
+    with pytest.raises(ResourceError, match=r"needs 1 GPU\(s\); the cluster has 0"):
         run(TrainJob(data=cardio_uri, output=f"s3://{s3_bucket}/models/x", model="ae", use_gpu=True))
     with pytest.raises(ResourceError, match=r"4 worker\(s\) x 1 CPU need 4 CPUs; the cluster has 2"):
         run(
