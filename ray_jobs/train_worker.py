@@ -221,6 +221,12 @@ def train_loop(config: dict) -> None:
         x, val = fetch_share(pieces, rank, world)
         xt, xv = torch.from_numpy(np.ascontiguousarray(x[~val])), torch.from_numpy(np.ascontiguousarray(x[val]))
         del x, val
+        if device.type == "cuda":  # on the GPU when it fits easily, else pinned for fast copies
+            free, _ = torch.cuda.mem_get_info(device)
+            if xt.nbytes + xv.nbytes < 0.25 * free:
+                xt, xv = xt.to(device), xv.to(device)
+            else:
+                xt, xv = xt.pin_memory(), xv.pin_memory()
         n_train = int(coll.sum([float(len(xt))])[0])
         # Every worker takes the same number of steps (DDP): a worker with fewer training
         # samples than the largest share repeats a few of its own, drawn anew each epoch.
@@ -235,6 +241,7 @@ def train_loop(config: dict) -> None:
             perm = torch.randperm(len(xt), generator=gen)
             if len(xt) < steps_rows:
                 perm = torch.cat([perm, torch.randint(len(xt), (steps_rows - len(xt),), generator=gen)])
+            perm = perm.to(xt.device)
             for a in range(0, steps_rows, batch_size):
                 yield xt[perm[a : a + batch_size]].to(device, non_blocking=True)
 
