@@ -8,8 +8,10 @@ object store; each Ray Train worker fetches its share once. The plain loop reads
 with pyarrow into memory and calls the same ``unusual.models.training.train_step``. Written to
 ``benchmarks/results/train_throughput.json``: samples/s of each (training epochs only, from the
 per-epoch timings; also after the first epoch), the ratio to the plain loop, the wall time of
-the whole job and the validation loss each reaches. First, a new user's tiny run as commands,
-cold: ``unusual fit`` and ``unusual train`` on the shipped cardio sample, wall seconds and lines.
+the whole job and the validation loss each reaches. This machine's speed drifts by tens of percent
+from minute to minute, so the runners alternate ``--repeat`` times and medians are compared.
+First, a new user's tiny run as commands, cold: ``unusual fit`` and ``unusual train`` on the
+shipped cardio sample, wall seconds and lines.
 """
 
 from __future__ import annotations
@@ -116,26 +118,40 @@ def ray_run(data: Path, params: dict, workers: int, out: Path) -> dict:
     }
 
 
-def fixed_cost(tmp: Path, epochs: int = 5) -> dict:
+def fixed_cost(tmp: Path, epochs: int = 5, repeat: int = 1) -> dict:
     """A new user's tiny run, cold, as commands: `unusual fit` and `unusual train` (its own local Ray)
-    on the shipped cardio sample (1,831 rows), side by side: wall seconds and lines printed."""
+    on the shipped cardio sample (1,831 rows), interleaved ``repeat`` times: wall seconds and lines."""
     from unusual.ray_jobs import sample_data
 
     data = str(Path(sample_data.__file__).parent / "cardio.parquet")
-    out = {}
+    out = {"fit": {"runs": []}, "train": {"runs": []}}
+    for i in range(repeat):
+        for command in ("fit", "train"):
+            cmd = [sys.executable, "-m", "unusual", command, "--model", "ae", "--data", data, "--exclude", "label",
+                   "--epochs", str(epochs), "--output", str(tmp / f"tiny-{command}-{i}")]
+            env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+            t0 = time.perf_counter()
+            r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+            wall = time.perf_counter() - t0
+            if r.returncode:
+                raise RuntimeError(f"unusual {command} failed:\n{r.stderr[-3000:]}")
+            out[command]["runs"].append(round(wall, 2))
+            out[command]["lines"] = len((r.stdout + r.stderr).splitlines())
+            out[command]["command"] = " ".join(["unusual", *cmd[3:]])
     for command in ("fit", "train"):
-        cmd = [sys.executable, "-m", "unusual", command, "--model", "ae", "--data", data, "--exclude", "label",
-               "--epochs", str(epochs), "--output", str(tmp / f"tiny-{command}")]
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        t0 = time.perf_counter()
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-        wall = time.perf_counter() - t0
-        if r.returncode:
-            raise RuntimeError(f"unusual {command} failed:\n{r.stderr[-3000:]}")
-        out[command] = {"wall_seconds": round(wall, 2), "lines": len((r.stdout + r.stderr).splitlines()),
-                        "command": " ".join(["unusual", *cmd[3:]])}
+        out[command]["wall_seconds"] = float(np.median(out[command]["runs"]))
     out["train_minus_fit_seconds"] = round(out["train"]["wall_seconds"] - out["fit"]["wall_seconds"], 2)
     return out
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median samples/s, with every run's figure beside it."""
+    order = sorted(runs, key=lambda r: r["samples_per_s"])
+    med = dict(order[(len(order) - 1) // 2])
+    med["samples_per_s_runs"] = [round(r["samples_per_s"]) for r in runs]
+    med["samples_per_s"] = float(np.median([r["samples_per_s"] for r in runs]))
+    med["samples_per_s_after_epoch_1"] = float(np.median([r["samples_per_s_after_epoch_1"] for r in runs]))
+    return med
 
 
 def main() -> int:
@@ -145,6 +161,7 @@ def main() -> int:
     p.add_argument("--shards", type=int, default=8)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--repeat", type=int, default=3, help="interleaved runs of each runner; medians are reported")
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "train_throughput.json"))
     args = p.parse_args()
 
@@ -152,18 +169,23 @@ def main() -> int:
 
     params = {"epochs": args.epochs, "batch_size": args.batch_size, "patience": args.epochs, "seed": 0}
     with tempfile.TemporaryDirectory() as tmp:
-        tiny = fixed_cost(Path(tmp), epochs=5)
+        tiny = fixed_cost(Path(tmp), epochs=5, repeat=args.repeat)
         data = Path(tmp) / "data"
         make_data(data, args.rows, args.features, args.shards)
-        results = [plain_loop(data, params)]
         from unusual.runtime import ensure_ray
 
-        ensure_ray()  # the local Ray `unusual train` starts for itself, with its settings
+        # The local Ray `unusual train` starts for itself, with its settings; it idles during the plain
+        # loop's runs, which alternate with the Ray runs (this machine's speed drifts by tens of percent).
+        ensure_ray()
+        runs: dict[str, list] = {"plain": [], 1: [], 2: []}
         try:
-            for workers in (1, 2):
-                results.append(ray_run(data, params, workers, Path(tmp) / f"model-{workers}"))
+            for rep in range(args.repeat):
+                runs["plain"].append(plain_loop(data, params))
+                for workers in (1, 2):
+                    runs[workers].append(ray_run(data, params, workers, Path(tmp) / f"model-{workers}-{rep}"))
         finally:
             ray.shutdown()
+        results = [_median_run(runs[k]) for k in ("plain", 1, 2)]
     base = results[0]["samples_per_s"]
     for r in results:
         r["ratio_to_plain"] = round(r["samples_per_s"] / base, 3)
@@ -177,6 +199,7 @@ def main() -> int:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                     "ray": ray.__version__},
         "data": {"rows": args.rows, "features": args.features, "shards": args.shards},
+        "repeat": args.repeat,
         "model": {"kind": "ae", **asdict(model_cfg)},
         "train": asdict(train_cfg),
         "results": results,
@@ -191,7 +214,8 @@ def main() -> int:
     for r in results:
         print(f"{r['runner']:32} {r['samples_per_s']:12,.0f} {r['ratio_to_plain']:7.3f} "
               f"{r['ratio_to_plain_after_epoch_1']:10.3f} {r['val_loss']:9.4f} {r['wall_seconds']:8.1f}")
-    print(f"tiny run (cardio, 1,831 rows, 5 epochs): unusual fit {tiny['fit']['wall_seconds']:.1f} s "
+    print(f"tiny run (cardio, 1,831 rows, 5 epochs, median of {args.repeat}): "
+          f"unusual fit {tiny['fit']['wall_seconds']:.1f} s "
           f"({tiny['fit']['lines']} lines), unusual train {tiny['train']['wall_seconds']:.1f} s "
           f"({tiny['train']['lines']} lines)")
     print(f"wrote {args.output}")
