@@ -3,18 +3,19 @@
     unusual train --model ae --data s3://bucket/events/ --output s3://bucket/models/ae-1
     python -m unusual.ray_jobs.train --model ae --data ... --output ...     (the same code path)
 
-1. The Parquet shards are listed and checked (one schema) and read with Ray Data.
-2. The feature schema is fit from per-block statistics merged on the driver.
-3. Ray Data encodes rows (or builds LSTM windows per entity) and splits them
-   into train / validation by a content hash, so every pass agrees.
-4. Ray Train runs ``unusual.ray_jobs.train_worker.train_loop`` on N workers
-   (DDP, gloo on CPU, NCCL on GPU) with the same epoch loop as the in-memory API
-   (``unusual.models.training.train_epochs``); each epoch all-reduces the losses,
-   checkpoints to the run's storage and early-stops on the validation loss.
+1. The Parquet shards are listed and checked (one schema).
+2. The data is read, the feature schema fit, rows encoded (or LSTM windows built per entity) and
+   split into train / validation by a content hash (:mod:`unusual.ray_jobs.train_data`): by the
+   driver for small inputs, by Ray Data tasks otherwise, kept in the object store when it fits.
+3. Ray Train runs ``unusual.ray_jobs.train_worker.train_loop`` on N workers (DDP, gloo on CPU,
+   NCCL on GPU) with the same epoch loop as the in-memory API
+   (``unusual.models.training.train_epochs``): each worker trains from its share in memory (or
+   streams it), the losses are all-reduced, rank 0 checkpoints to the run's storage at a cadence
+   costing under 5 % of the training time, and early stopping follows the validation loss.
    Failed workers restart from the last checkpoint (``--max-failures``).
-5. The validation split is scored across the cluster and the threshold fit on
-   its full score distribution (the exact top tail is collected, not every
-   score); the bundle is written to ``--output``.
+4. The threshold is fit on the validation split's full score distribution (the workers score
+   the split they hold; only each worker's exact top tail is gathered), the bundle is written
+   to ``--output`` and the run's checkpoints are removed (``--keep-checkpoints`` keeps them).
 """
 
 from __future__ import annotations
