@@ -118,10 +118,22 @@ def test_lstm_windows_per_entity(series_uri, s3_bucket):
     out = f"s3://{s3_bucket}/models/lstm"
     params = {"entity_column": "host", "time_column": "timestamp", "window": 8, "epochs": 2, "hidden": 16}
     # driver_read_mb=0: Ray Data reads, windows per entity in its tasks and keeps the windows
-    # in the object store; each worker fetches its share once.
-    manifest = run(TrainJob(data=series_uri, output=out, model="lstm", params=params, num_workers=2, driver_read_mb=0))
+    # in the object store; each worker fetches its share once. A worker dies at epoch 1: the
+    # restarted group fetches its shares again and resumes from the epoch-0 checkpoint.
+    job = TrainJob(
+        data=series_uri,
+        output=out,
+        model="lstm",
+        params=params,
+        num_workers=2,
+        driver_read_mb=0,
+        fail_at_epoch=1,
+        max_failures=1,
+        checkpoint_every=1,
+    )
+    manifest = run(job)
     t = manifest["training"]
-    assert t["data"] == "object-store"
+    assert t["data"] == "object-store" and t["started_at_epoch"] == [0, 1] and len(t["val_loss"]) == 2
     # Full windows only, never across entities: 2 series x (1500 - 9 + 1) windows in all,
     # each in exactly one split.
     n_windows = 2 * (1500 - 9 + 1)
