@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,6 +36,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def temp_dirs() -> set[str]:
+    """unusual's folders in the temporary folder (every job removes its own)."""
+    tmp = tempfile.gettempdir()
+    return {n for n in os.listdir(tmp) if n.startswith("unusual-") and os.path.isdir(os.path.join(tmp, n))}
 
 
 def step(msg: str) -> None:
@@ -103,7 +110,8 @@ def main() -> int:
         wait_http(f"{dashboard}/api/version", 120, ok=(200, 401))  # 401: up, and asking for the token
         submit = [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--", "python", "-m"]
 
-        step("ray job submit: training (Ray Train, 2 workers)")
+        before = temp_dirs()
+        step("ray job submit: training (Ray Train)")
         run([*submit, "unusual.ray_jobs.train", "--model", "ae", "--data", DATA, "--exclude", "label",
              "--epochs", "5", "--output", MODEL, "--overwrite"], env)
         step("ray job submit: batch scoring (Ray Data)")
@@ -112,6 +120,8 @@ def main() -> int:
         step("ray job submit: evaluation")
         out = run([*submit, "unusual.ray_jobs.evaluate", "--scores", SCORES, "--label-column", "label"], env)
         print(out[-1500:])
+        left = temp_dirs() - before
+        assert not left, f"the jobs left temporary folders behind: {sorted(left)}"
 
         step("the Serve application on the cluster")
         serve = subprocess.Popen(
