@@ -7,18 +7,26 @@ For each size, the same Parquet shards (N rows x 32 float32 features + an int64
 
 - **plain**: one Python process; for each file ``ParquetFile.iter_batches`` ->
   ``models.Scorer.score_table`` -> ``id`` appended -> one ``ParquetWriter`` per
-  input file; torch uses every core (``--plain-threads``, default ``os.cpu_count()``);
+  input file, with ``models.tables.parquet_options`` as ``unusual score`` writes its parts
+  (``--plain-writer default``: pyarrow's defaults); torch uses every core (``--plain-threads``,
+  default ``os.cpu_count()``);
+- **minimal**: the floor of the plain loop, what it would cost to score only: the feature
+  columns read, scaled into one float32 matrix, the model's scores written as the only
+  column (no transform checks, top features, version nor id); same batch size and threads;
 - **unusual**: ``unusual score --checkpoint B --data D --output O --keep-columns id``,
-  which starts its own local Ray (``RAY_ADDRESS`` is removed from its environment).
+  which starts its own local Ray (``RAY_ADDRESS`` is removed from its environment);
+- **warm**: the same job on a Ray that is already running (``--skip-warm`` leaves it out).
 
-Each runs in a subprocess, plain first then unusual, so the two are measured side
-by side. While it runs, the summed PSS (proportional set size: shared pages such
+Each runs in a subprocess, one after the other (plain, minimal, unusual, warm), so they are
+measured side by side in one run. While it runs, the summed PSS (proportional set size: shared pages such
 as Ray's object store counted once) of the subprocess, all its descendants and
 everything in its session (Ray's GCS, raylet and workers) is sampled every
-``--sample-interval`` seconds; the peak of the whole tree and of the driver process
+``--sample-interval`` seconds (less often when a sample would take over 5 % of a core);
+the peak of the whole tree and of the driver process
 alone are recorded. Both outputs are checked: rows out == rows in (Parquet
 metadata only), and the scores of ~10k sampled ids are compared with each other
-and with an in-process ``Scorer`` on the same input rows.
+and with an in-process ``Scorer`` on the same input rows (the minimal loop, which writes
+no ids, compares its first batch with ``Scorer`` itself).
 
 Before the measured runs each runner scores one shard once, unrecorded (``--no-warmup``
 skips it): the first start of Ray and of torch otherwise pays for cold caches.
@@ -30,6 +38,7 @@ keeps its results); a markdown table is printed at the end.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import re
@@ -57,9 +66,11 @@ FEATURES = 32
 ROW_GROUP = 131_072
 GENERATOR = "score-v1"  # bump when make_rows changes, so cached data is regenerated
 TRAIN_ROWS = 100_000
-# plain: the baseline loop; unusual: the `unusual score` command (starts its own Ray);
+CPU_SHARE = 0.05  # of one core, at most, for the memory sampler
+# plain: the baseline loop; minimal: the least a loop can do (score only), the floor of plain;
+# unusual: the `unusual score` command (starts its own Ray);
 # warm: the same job on a Ray that is already running (its own seconds exclude starting Ray).
-RUNNERS = ("plain", "unusual", "warm")
+RUNNERS = ("plain", "minimal", "unusual", "warm")
 JOBS = ("unusual", "warm")
 
 
@@ -168,10 +179,12 @@ def plain_worker(argv: list[str]) -> int:
     p.add_argument("--batch-size", type=int, default=65536)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--errors", default="raise", choices=["raise", "mask"])
+    p.add_argument("--writer", default="recommended", choices=["recommended", "default"])
     a = p.parse_args(argv)
 
     import torch
     from unusual.models import Scorer
+    from unusual.models.tables import parquet_options
 
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
@@ -188,7 +201,8 @@ def plain_worker(argv: list[str]) -> int:
                 table = pa.Table.from_batches([batch])
                 scored = scorer.score_table(table).append_column("id", table.column("id"))
                 if writer is None:
-                    writer = pq.ParquetWriter(out / f.name, scored.schema)
+                    opts = parquet_options(scored.schema) if a.writer == "recommended" else {}
+                    writer = pq.ParquetWriter(out / f.name, scored.schema, **opts)
                 writer.write_table(scored)
                 rows_in += table.num_rows
                 rows_out += scored.num_rows
@@ -200,7 +214,72 @@ def plain_worker(argv: list[str]) -> int:
         "rows_in": rows_in, "rows_out": rows_out, "files": len(files), "batches": batches,
         "seconds": time.perf_counter() - t0, "bundle_load_seconds": load_s,
         "import_seconds": t0 - t_start,  # argparse, torch and models
-        "torch_threads": torch.get_num_threads(), "batch_size": a.batch_size, "errors": a.errors,
+        "torch_threads": torch.get_num_threads(), "batch_size": a.batch_size, "errors": a.errors, "writer": a.writer,
+    }))
+    return 0
+
+
+def minimal_worker(argv: list[str]) -> int:
+    """``score_throughput.py _minimal ...``: the least a scoring loop can do, as a floor for the plain one:
+    ``iter_batches`` of the feature columns -> one float32 matrix scaled with the bundle's centers and
+    scales -> the model's ``score_terms`` in the Scorer's chunks -> only ``anomaly_score`` written (no
+    top features, version, id, checks). Prints a JSON summary, with the largest difference of its scores
+    from ``Scorer``'s on the first batch."""
+    t_start = time.perf_counter()
+    p = argparse.ArgumentParser(prog="score_throughput.py _minimal")
+    for flag in ("--bundle", "--data", "--output"):
+        p.add_argument(flag, required=True)
+    p.add_argument("--batch-size", type=int, default=65536)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    a = p.parse_args(argv)
+
+    import torch
+    from unusual.models import Scorer
+    from unusual.models.bundle import load_bundle
+
+    torch.set_num_threads(a.threads)
+    t0 = time.perf_counter()
+    bundle = load_bundle(a.bundle)
+    load_s = time.perf_counter() - t0
+    module, cols = bundle.module, bundle.schema.columns
+    names = [c.name for c in cols]
+    center = np.array([c.center for c in cols], np.float32)
+    scale = np.array([c.scale for c in cols], np.float32)
+    chunk = inspect.signature(Scorer).parameters["chunk_rows"].default  # the model does the Scorer's work
+    out = Path(a.output)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = batches = 0
+    max_diff, check_s = None, 0.0
+    files = [Path(a.data)] if Path(a.data).is_file() else sorted(Path(a.data).glob("*.parquet"))
+    with torch.inference_mode():
+        for f in files:
+            writer = None
+            try:
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=a.batch_size, columns=names):
+                    x = np.stack([c.to_numpy() for c in batch.columns], axis=1)
+                    x = (x - center) / scale
+                    score = np.concatenate([module.score_terms(torch.from_numpy(x[i:i + chunk]))[0].double().numpy()
+                                            for i in range(0, len(x), chunk)])
+                    if max_diff is None:  # not counted in its seconds
+                        c0 = time.perf_counter()
+                        ref = Scorer(bundle).scores(pa.Table.from_batches([batch]))
+                        max_diff = float(np.max(np.abs(score - ref)))
+                        check_s = time.perf_counter() - c0
+                    table = pa.table({"anomaly_score": score})
+                    if writer is None:
+                        writer = pq.ParquetWriter(out / f.name, table.schema)
+                    writer.write_table(table)
+                    rows += len(score)
+                    batches += 1
+            finally:
+                if writer is not None:
+                    writer.close()
+    print(json.dumps({
+        "rows_in": rows, "rows_out": rows, "files": len(files), "batches": batches,
+        "seconds": time.perf_counter() - t0 - check_s, "bundle_load_seconds": load_s,
+        "import_seconds": t0 - t_start, "check_seconds": check_s,
+        "torch_threads": torch.get_num_threads(), "batch_size": a.batch_size, "chunk_rows": chunk,
+        "max_abs_diff_vs_scorer_first_batch": max_diff,
     }))
     return 0
 
@@ -254,6 +333,7 @@ class TreeSampler(threading.Thread):
         self.samples = 0
         self.rss_fallbacks = 0
         self.timeline: list[tuple[float, float]] = []
+        self.cpu_s = 0.0
         self.cpu: dict[tuple[int, float], float] = {}
         self.seen: dict[tuple[int, float], str] = {}
         self.t0 = time.perf_counter()
@@ -316,12 +396,17 @@ class TreeSampler(threading.Thread):
 
     def run(self) -> None:
         while not self.stop_event.is_set():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.thread_time()
             try:
                 self.sample()
             except Exception:  # noqa: BLE001  (a process vanishing mid-walk must not end sampling)
                 pass
-            self.stop_event.wait(max(0.0, self.interval - (time.perf_counter() - t)))
+            cost = time.thread_time() - c
+            self.cpu_s += cost
+            # Reading PSS walks each process's page tables (~10 ms for a process holding torch): the
+            # sampler takes at most CPU_SHARE of one core, so it slows the measured run by little
+            # (at 0.2 s it took a fifth of a core from Ray's dozen processes, none from a lone loop).
+            self.stop_event.wait(max(0.0, max(self.interval, cost / CPU_SHARE) - (time.perf_counter() - t)))
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -343,6 +428,7 @@ class TreeSampler(threading.Thread):
             "ray_local": any(n.startswith("raylet") for n in names),
             "cpu_seconds": round(sum(self.cpu.values()), 1),
             "samples": self.samples,
+            "sampler_cpu_seconds": round(self.cpu_s, 2),
             "rss_fallbacks": self.rss_fallbacks,
             "at_peak": self.at_peak[:15],
             "timeline_s_mib": self.timeline[::step],
@@ -493,7 +579,11 @@ def measure(runner: str, args, ucmd: list[str], env: dict, bundle: Path, data: P
     if runner == "plain":
         cmd = [sys.executable, str(Path(__file__).resolve()), "_plain", "--bundle", str(bundle),
                "--data", str(data), "--output", str(out), "--batch-size", str(args.plain_batch_size),
-               "--threads", str(args.plain_threads), "--errors", args.plain_errors]
+               "--threads", str(args.plain_threads), "--errors", args.plain_errors, "--writer", args.plain_writer]
+    elif runner == "minimal":
+        cmd = [sys.executable, str(Path(__file__).resolve()), "_minimal", "--bundle", str(bundle),
+               "--data", str(data), "--output", str(out), "--batch-size", str(args.plain_batch_size),
+               "--threads", str(args.plain_threads)]
     elif runner == "warm":
         first = data if data.is_file() else sorted(data.glob("*.parquet"))[0]
         cmd = [sys.executable, str(Path(__file__).resolve()), "_warm", "--bundle", str(bundle),
@@ -529,6 +619,9 @@ def measure(runner: str, args, ucmd: list[str], env: dict, bundle: Path, data: P
                 (s.get("rows_scored") or 0) + (s.get("rows_quarantined") or 0) == rows)
         else:
             checks["worker rows_out == rows_in"] = s.get("rows_out") == rows
+        if runner == "minimal":
+            diff = s.get("max_abs_diff_vs_scorer_first_batch")
+            checks["scores within 1e-3 of Scorer's (first batch)"] = diff is not None and diff <= 1e-3
         run["checks"] = checks
         run["rows_ok"] = all(checks.values())
         if not run["rows_ok"]:
@@ -573,7 +666,7 @@ def summarize(runs: list[dict], rows: int) -> dict | None:
 
 def markdown(record: dict) -> str:
     lines = ["| rows | files | runner | wall s | own s | rows/s (wall) | rows/s (own) | peak PSS MiB | "
-             "driver MiB | CPU s | unusual ÷ plain (wall / own) |",
+             "driver MiB | CPU s | ratio (wall / own) |",
              "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
 
     for s in record["sizes"]:
@@ -585,10 +678,13 @@ def markdown(record: dict) -> str:
                                  " | | | | | | |")
                 continue
             ratio = ""
+            if runner == "minimal" and s.get("ratio_plain_vs_minimal_wall") is not None:
+                ratio = (f"plain ÷ minimal {s['ratio_plain_vs_minimal_wall']:.3f} / "
+                         f"{_fmt(s.get('ratio_plain_vs_minimal_own'), '.3f')}")
             if runner == "unusual" and s.get("ratio_wall") is not None:
-                ratio = f"{s['ratio_wall']:.3f} / {_fmt(s.get('ratio_own'), '.3f')}"
+                ratio = f"unusual ÷ plain {s['ratio_wall']:.3f} / {_fmt(s.get('ratio_own'), '.3f')}"
             if runner == "warm" and s.get("ratio_warm_own") is not None:
-                ratio = f"- / {s['ratio_warm_own']:.3f}"
+                ratio = f"warm ÷ plain - / {s['ratio_warm_own']:.3f}"
             lines.append(
                 f"| {s['rows']:,} | {s['files']} | {runner} | {r['wall_seconds']:.1f} | "
                 f"{_fmt(r['own_seconds'], '.1f')} | "
@@ -608,6 +704,8 @@ def markdown(record: dict) -> str:
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "_plain":
         return plain_worker(sys.argv[2:])
+    if len(sys.argv) > 1 and sys.argv[1] == "_minimal":
+        return minimal_worker(sys.argv[2:])
     if len(sys.argv) > 1 and sys.argv[1] == "_warm":
         return warm_worker(sys.argv[2:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -617,6 +715,7 @@ def main() -> int:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "score_throughput.json"))
     p.add_argument("--repeat", type=int, default=1, help="runs of each runner per size (median time, max memory)")
     p.add_argument("--skip-plain", action="store_true")
+    p.add_argument("--skip-minimal", action="store_true", help="skip the minimal score-only loop")
     p.add_argument("--skip-unusual", action="store_true", help="skip the `unusual score` command runner")
     p.add_argument("--skip-warm", action="store_true", help="skip the job on an already running Ray")
     p.add_argument("--batch-size", type=int, help="passed to unusual score --batch-size when given")
@@ -625,6 +724,9 @@ def main() -> int:
     p.add_argument("--plain-threads", type=int, default=os.cpu_count() or 1, help="torch threads of the plain loop")
     p.add_argument("--plain-errors", choices=["raise", "mask"], default="raise",
                    help="Scorer errors= of the plain loop")
+    p.add_argument("--plain-writer", choices=["recommended", "default"], default="recommended",
+                   help="the plain loop's ParquetWriter options: models.tables.parquet_options (as unusual score "
+                        "writes its parts) or pyarrow's defaults")
     p.add_argument("--epochs", type=int, default=5, help="epochs of the benchmark bundle")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--check-ids", type=int, default=10_000, help="sampled ids whose scores are compared")
@@ -654,7 +756,8 @@ def main() -> int:
         "settings": {
             "rows": sizes, "rows_per_file": args.rows_per_file, "features": FEATURES, "row_group_rows": ROW_GROUP,
             "repeat": args.repeat, "plain_batch_size": args.plain_batch_size, "plain_threads": args.plain_threads,
-            "plain_errors": args.plain_errors, "unusual_command": ucmd, "unusual_batch_size": args.batch_size,
+            "plain_errors": args.plain_errors, "plain_writer": args.plain_writer, "unusual_command": ucmd,
+            "unusual_batch_size": args.batch_size,
             "unusual_concurrency": args.concurrency, "sample_interval_s": args.sample_interval,
             "ray_address_in_env": os.environ.get("RAY_ADDRESS"), "check_ids": args.check_ids,
         },
@@ -708,9 +811,10 @@ def main() -> int:
                     outputs.pop(runner, None)  # an earlier repeat's output was replaced by this one
                     failed = True
                     size["errors"][runner] = run["error"]
-        if outputs:
+        with_ids = {k: v for k, v in outputs.items() if k != "minimal"}  # minimal writes the score only
+        if with_ids:
             try:
-                size["score_check"] = score_check(files, rows, bundle, outputs, args.check_ids, args.seed)
+                size["score_check"] = score_check(files, rows, bundle, with_ids, args.check_ids, args.seed)
                 bad = [k for k, v in size["score_check"].items() if isinstance(v, dict)
                        and (v["matched"] < size["score_check"]["sampled_ids"] or (v["max_abs_diff"] or 0) > 1e-3)]
                 if bad:
@@ -721,6 +825,12 @@ def main() -> int:
                 size["errors"]["score_check"] = f"{type(e).__name__}: {e}"
         for runner in RUNNERS:
             size[runner] = summarize(size["runs"][runner], rows)
+        if size["plain"] and size["minimal"]:
+            size["ratio_plain_vs_minimal_wall"] = round(
+                size["plain"]["rows_per_s_wall"] / size["minimal"]["rows_per_s_wall"], 3)
+            if size["plain"]["rows_per_s_own"] and size["minimal"]["rows_per_s_own"]:
+                size["ratio_plain_vs_minimal_own"] = round(
+                    size["plain"]["rows_per_s_own"] / size["minimal"]["rows_per_s_own"], 3)
         if size["plain"] and size["warm"] and size["warm"]["rows_per_s_own"] and size["plain"]["rows_per_s_own"]:
             size["ratio_warm_own"] = round(size["warm"]["rows_per_s_own"] / size["plain"]["rows_per_s_own"], 3)
         if size["plain"] and size["unusual"]:

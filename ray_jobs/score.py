@@ -115,10 +115,20 @@ def run(job: ScoreJob) -> dict:
         f"{spec['model_version']} -> {job.output}"
         + (f" (resuming: {len(done)} of {spec['out_units']} units already complete)" if done else "")
     )
+    phases = {"plan": time.perf_counter() - t0}
     if pending:
+        t = time.perf_counter()
         ensure_ray(job.address)
+        phases["ray"] = time.perf_counter() - t
+        t = time.perf_counter()
         execute(job, spec, pending)
+        phases["scoring"] = time.perf_counter() - t
+    t = time.perf_counter()
     summary = summarize(out, spec, time.perf_counter() - t0, resumed=len(done))
+    phases["summary"] = time.perf_counter() - t
+    # Where the seconds went: planning, connecting to (or starting) Ray, scoring (scorers starting
+    # included), counting the parts.
+    summary["phase_seconds"] = {k: round(v, 3) for k, v in phases.items()}
     with storage_errors(job.output, "writing"):
         out.write_json(summary, JOB_DIR, SUMMARY_FILE)
     return summary

@@ -26,9 +26,10 @@ import pyarrow.parquet as pq
 
 from ..config import OUTPUT_COLUMNS, ScoreJob
 from ..models.errors import UnusualError
+from ..models.tables import parquet_options
 from .local_io import filesystem
 from .score_plan import BUCKET, ROW, UNIT, entity_buckets, output_schema
-from .storage import COUNTS, QUARANTINE_DIR, Output, part_name, write_options
+from .storage import COUNTS, QUARANTINE_DIR, Output, part_name
 
 
 def read_units(
@@ -118,7 +119,7 @@ class PartWriter:
         self.files = spec["files"]
         self.keep = spec["keep_columns"]
         self.schema = output_schema(spec)
-        self.options = write_options(self.schema)
+        self.options = parquet_options(self.schema)
         self.out = Output(output)
 
     def part(self, unit: int, start: int, stop: int, total: int) -> Part:

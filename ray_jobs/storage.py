@@ -105,41 +105,6 @@ class Output:
         return read_footers([self.join(r) for r in rel], self.pafs)
 
 
-def write_options(schema: pa.Schema) -> dict:
-    """``ParquetWriter`` options of the output parts: per column, the encoding that pays.
-
-    Text (model version, feature names, text keep columns) is dictionary encoded; numbers
-    are not (hashing each score, contribution and id into a dictionary that is given up
-    anyway made the write twice as slow). Floats are written byte-stream-split: scores and
-    contributions are float32 values widened to float64, whose zero low bytes snappy then
-    compresses (a part is about half the size). Statistics (min / max) are kept for the
-    flat columns, where readers filter, and left out inside ``top_features``.
-    Measured with benchmarks/score_throughput.py's data: about 2.5x faster than the defaults.
-    """
-    leaves = list(_leaves(schema))
-    return {
-        "use_dictionary": [p for p, t, _ in leaves if _is_text(t)],
-        "column_encoding": {p: "BYTE_STREAM_SPLIT" for p, t, _ in leaves if t in (pa.float32(), pa.float64())},
-        "write_statistics": [p for p, _, nested in leaves if not nested],
-    }
-
-
-def _leaves(fields, prefix: str = ""):
-    """(Parquet column path, type, nested) of every leaf column (nested lists named ``list.element``)."""
-    for f in fields:
-        t, path = f.type, f"{prefix}{f.name}"
-        while pa.types.is_list(t) or pa.types.is_large_list(t):
-            t, path = t.value_type, f"{path}.list.element"
-        if pa.types.is_struct(t):
-            yield from _leaves([t.field(i) for i in range(t.num_fields)], f"{path}.")
-        else:
-            yield path, t, path != f.name
-
-
-def _is_text(t: pa.DataType) -> bool:
-    return pa.types.is_dictionary(t) or pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)
-
-
 class AtomicFile:
     """Written whole or not at all: on local disks a temporary name renamed on
     commit; on object storage one upload that only becomes visible when it

@@ -1,4 +1,4 @@
-"""The encodings of the scoring job's output parts (no Ray): chosen per column, the values unchanged."""
+"""The encodings of the scoring job's output parts (``parquet_options``, no Ray): per column, values unchanged."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import io
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from unusual.models.tables import TOP_FEATURE_TYPE
-from unusual.ray_jobs.storage import write_options
+from unusual.models.tables import TOP_FEATURE_TYPE, parquet_options
 
 
 def test_output_parts_encode_each_column_as_it_pays_and_read_back_equal():
@@ -29,7 +28,7 @@ def test_output_parts_encode_each_column_as_it_pays_and_read_back_equal():
             "model_version": ["ae-0123456789ab"] * n,
         }
     )
-    opts = write_options(table.schema)
+    opts = parquet_options(table.schema)
     buf = io.BytesIO()
     with pq.ParquetWriter(buf, table.schema, **opts) as w:
         w.write_table(table)
