@@ -7,7 +7,7 @@
    (training on the first half of each, testing on all of it).
 3. Trains ``ae`` and ``vae`` on cardio and ``lstm`` on the series with Ray
    Train (2 workers), thresholds calibrated across the cluster.
-4. Batch-scores the test data with Ray Data (``unusual score``'s job).
+4. Batch-scores the test data on Ray (``unusual score``'s job).
 5. Evaluates the scores (``unusual evaluate``'s job; point-adjusted for the
    series) and writes an HTML report per model.
 6. Starts the Serve endpoint with the three bundles and sends it real
@@ -143,7 +143,7 @@ def _steps(work: Path, quick: bool, t_start: float) -> int:
         tabular = not family(kind).sequence
         data_uri = uris["cardio_test"] if tabular else uris["series_test"]
         out = f"s3://{BUCKET}/scores/{kind}"
-        _say("4/7", f"batch-scoring {data_uri} with {kind} (Ray Data) …")
+        _say("4/7", f"batch-scoring {data_uri} with {kind} on Ray …")
         keep = ["id", "label"] if tabular else ["label"]
         job = ScoreJob(checkpoint=bundles[kind], data=data_uri, output=out, keep_columns=keep, overwrite=True)
         summary = score(job)
