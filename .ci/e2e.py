@@ -2,10 +2,12 @@
 
     .venv/bin/python .ci/e2e.py
 
+0. ``unusual demo --quick`` (the quick start's command, with its own S3 endpoint and Ray): it must
+   finish with online scores equal to batch scores and leave no temporary folder;
 1. a local S3 endpoint seeded with the shipped sample data (infra/local_s3.py);
 2. ``ray start --head`` (token authentication, as Ray >= 2.60 sets up);
 3. ``ray job submit`` of the training job, then of the batch scoring job and
-   the evaluation job, all against the S3 endpoint;
+   the evaluation job, all against the S3 endpoint (and again: no temporary folder left);
 4. the Serve application (``unusual serve --address``) on that cluster, and a
    real request whose scores must equal the batch job's for the same rows;
 5. the cluster is stopped (the ``ray start --block`` process this script
@@ -84,6 +86,12 @@ def main() -> int:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token"}
     s3_port, gcs_port, dash_port, serve_port = free_port(), free_port(), free_port(), free_port()
     procs: list[subprocess.Popen] = []
+    before = temp_dirs()
+    step("unusual demo --quick (its own local S3 and Ray)")
+    out = run([str(BIN / "unusual"), "demo", "--quick", "--workdir", str(ROOT / "artifacts" / "e2e-demo")], env)
+    assert "scores equal to the batch scores" in out, out[-2000:]
+    left = temp_dirs() - before
+    assert not left, f"the demo left temporary folders behind: {sorted(left)}"
     try:
         step("local S3 endpoint with the sample data")
         s3 = subprocess.Popen(
@@ -114,7 +122,7 @@ def main() -> int:
         step("ray job submit: training (Ray Train)")
         run([*submit, "unusual.ray_jobs.train", "--model", "ae", "--data", DATA, "--exclude", "label",
              "--epochs", "5", "--output", MODEL, "--overwrite"], env)
-        step("ray job submit: batch scoring (Ray Data)")
+        step("ray job submit: batch scoring")
         run([*submit, "unusual.ray_jobs.score", "--checkpoint", MODEL, "--data", DATA, "--output", SCORES,
              "--keep-columns", "label", "--overwrite"], env)
         step("ray job submit: evaluation")
