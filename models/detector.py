@@ -22,7 +22,7 @@ import torch
 
 from .bundle import Bundle, build_manifest, load_bundle, save_bundle, seal
 from .columns import FeatureConfig
-from .errors import NotFittedError, SchemaError
+from .errors import NotFittedError
 from .features import FeatureSchema
 from .registry import DEFAULT_KIND, family
 from .scorer import Scorer
@@ -37,7 +37,7 @@ from .training import (
     fit_module,
     split_indices,
 )
-from .windows import training_windows
+from .windows import no_windows_error, training_windows
 
 log = logging.getLogger("unusual")
 
@@ -67,11 +67,7 @@ def prepare_training_data(table: pa.Table, schema: FeatureSchema, model_cfg, con
         return X
     ws = training_windows(table, schema, model_cfg.entity_column, model_cfg.time_column, context)
     if len(ws) == 0:
-        raise SchemaError(
-            f"window {model_cfg.window} is longer than every series: the longest has "
-            f"{int(ws.lengths.max())} row(s) and a training window needs {context}; "
-            "use a smaller window or more data per entity"
-        )
+        raise no_windows_error(model_cfg.window, context, int(ws.lengths.max()))
     short = int((ws.lengths < context).sum())
     if short:
         log.warning("%d series shorter than %d rows give no training windows", short, context)

@@ -113,3 +113,12 @@ def padded_windows(series: np.ndarray, context: int, history: np.ndarray | None 
     full = np.concatenate([pad, prefix[-(context - 1) :] if context > 1 and len(prefix) else prefix[:0], series])
     offset = len(full) - len(series)
     return full, np.arange(offset, offset + len(series))
+
+
+def no_windows_error(window: int, context: int, longest: int | None = None) -> SchemaError:
+    """The error for data that gives no full training window (``longest``: the longest series, when known)."""
+    longest_is = f"the longest has {longest} row(s) and " if longest is not None else ""
+    return SchemaError(
+        f"window {window} is longer than every series: {longest_is}a training window needs {context}; "
+        "use a smaller window or more data per entity"
+    )

@@ -94,28 +94,20 @@ def row_uniforms(x: np.ndarray, seed: int) -> np.ndarray:
     return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
-def _encode_rows(
-    batch: pa.Table, schema: FeatureSchema, allowed: tuple[str, ...], part: str, val_fraction: float, seed: int
-) -> dict:
+def encode_rows(batch: pa.Table, schema: FeatureSchema, allowed: tuple[str, ...], val_fraction: float, seed: int):
+    """A table's rows encoded (float32 ``x``) with their side of the split (``val``)."""
     x, _, _ = schema.transform(batch, allowed_extra=allowed)
-    is_val = row_uniforms(x, seed) < val_fraction
-    keep = is_val if part == "val" else ~is_val
-    return {"x": x[keep]}
+    return {"x": x, "val": row_uniforms(x, seed) < val_fraction}
 
 
 def encoded_rows(
-    ds: ray.data.Dataset,
-    schema: FeatureSchema,
-    part: str,
-    val_fraction: float,
-    seed: int,
-    allowed: tuple[str, ...] = (),
+    ds: ray.data.Dataset, schema: FeatureSchema, val_fraction: float, seed: int, allowed: tuple[str, ...] = ()
 ) -> ray.data.Dataset:
-    """The train or validation part of a tabular dataset as a float32 ``x`` column."""
+    """A tabular dataset encoded in Ray tasks: ``x`` and ``val`` columns (``select_part`` picks one side)."""
     return ds.map_batches(
-        _encode_rows,
+        encode_rows,
         batch_format="pyarrow",
-        fn_kwargs={"schema": schema, "allowed": allowed, "part": part, "val_fraction": val_fraction, "seed": seed},
+        fn_kwargs={"schema": schema, "allowed": allowed, "val_fraction": val_fraction, "seed": seed},
     )
 
 

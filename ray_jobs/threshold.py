@@ -42,9 +42,7 @@ def _block_x(block: pa.Table) -> torch.Tensor:
 def _score_block(batch: dict, kind: str, model_config: dict, width: int, state) -> dict:
     module = _block_module(kind, model_config, width, state)
     with torch.inference_mode():
-        # Ray Data hands read-only arrays; torch wants writable memory: copy once
-        x = batch["x"] if batch["x"].flags.writeable else np.array(batch["x"], dtype=np.float32)
-        s, _ = module.score_terms(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+        s, _ = module.score_terms(torch.tensor(batch["x"], dtype=torch.float32))  # read-only: torch gets a copy
     return {"score": s.double().numpy()}
 
 

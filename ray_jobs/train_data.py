@@ -20,13 +20,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.dataset as pads
 
-from ..models.errors import SchemaError
+from ..models.columns import resolve_columns
+from ..models.detector import prepare_training_data
 from ..models.features import FeatureSchema
 from ..models.stats import FeatureStats
-from ..models.windows import training_windows
+from ..models.windows import no_windows_error
 from . import data as rdata
 from .local_io import DataError, storage_errors
 
@@ -62,19 +62,6 @@ def input_bytes(files: list[str], pafs) -> int:
     return int(sum(max(i.size or 0, 0) for i in pafs.get_file_info(files)))
 
 
-def _encode(batch: pa.Table, schema: FeatureSchema, allowed: tuple[str, ...], val_fraction: float, seed: int) -> dict:
-    x, _, _ = schema.transform(batch, allowed_extra=allowed)
-    return {"x": x, "val": rdata.row_uniforms(x, seed) < val_fraction}
-
-
-def _no_windows(model_cfg, longest: int | None = None) -> SchemaError:
-    longest = f"the longest has {longest} row(s) and " if longest is not None else ""
-    return SchemaError(
-        f"window {model_cfg.window} is longer than every series: {longest}a training window needs "
-        f"{model_cfg.context_length} rows; use a smaller window or more data per entity"
-    )
-
-
 def _on_driver(job, files, pafs, fam, model_cfg, feat_cfg, train_cfg, reserved) -> Prepared:
     import ray
 
@@ -84,16 +71,10 @@ def _on_driver(job, files, pafs, fam, model_cfg, feat_cfg, train_cfg, reserved) 
         raise DataError("the data has no rows")
     stats = FeatureStats.from_table(table, cfg=feat_cfg, reserved=reserved, seed=train_cfg.seed)
     schema = FeatureSchema.from_stats(stats, feat_cfg)
-    allowed = tuple(c for c in reserved if c)
-    if fam.sequence:
-        context = model_cfg.context_length
-        ws = training_windows(table, schema, model_cfg.entity_column, model_cfg.time_column, context)
-        if len(ws) == 0:
-            raise _no_windows(model_cfg, int(ws.lengths.max()) if len(ws.lengths) else 0)
-        x = ws[np.arange(len(ws))]
-        arrays = {"x": x, "val": rdata.row_uniforms(x, train_cfg.seed) < train_cfg.val_fraction}
-    else:
-        arrays = _encode(table, schema, allowed, train_cfg.val_fraction, train_cfg.seed)
+    # The in-memory API's encoding (and its errors); windows are materialised for the workers.
+    data = prepare_training_data(table, schema, model_cfg, model_cfg.context_length if fam.sequence else None)
+    x = data[np.arange(len(data))] if fam.sequence else data
+    arrays = {"x": x, "val": rdata.row_uniforms(x, train_cfg.seed) < train_cfg.val_fraction}
     n = len(arrays["x"])
     return Prepared(schema, table.num_rows, n, "driver", Pieces([ray.put(arrays)], [n]))
 
@@ -115,8 +96,6 @@ def prepare(job, fam, model_cfg, feat_cfg, train_cfg, progress) -> Prepared:
     files, pafs, schema_pa = rdata.list_parquet(job.data)
     size = input_bytes(files, pafs)
     reserved = (model_cfg.entity_column, model_cfg.time_column) if fam.sequence else ()
-    from ..models.columns import resolve_columns
-
     resolve_columns(schema_pa, feat_cfg, reserved)  # bad columns fail before any work
     if job.cache is not False and size <= job.driver_read_mb * MIB:
         progress(f"reading {len(files)} file(s), {size / MIB:,.1f} MiB, from {job.data} on the driver …")
@@ -132,11 +111,7 @@ def prepare(job, fam, model_cfg, feat_cfg, train_cfg, progress) -> Prepared:
             ds, schema, model_cfg.entity_column, model_cfg.time_column, model_cfg.context_length, vf, seed
         )
     else:
-        encoded = ds.map_batches(
-            _encode,
-            batch_format="pyarrow",
-            fn_kwargs={"schema": schema, "allowed": allowed, "val_fraction": vf, "seed": seed},
-        )
+        encoded = rdata.encoded_rows(ds, schema, vf, seed, allowed)
     store = ray.cluster_resources().get("object_store_memory", 0)
     per_sample = schema.width * 4 * (model_cfg.context_length if fam.sequence else 1)
     cached = job.cache if job.cache is not None else n_rows * per_sample < 0.25 * store
@@ -145,12 +120,14 @@ def prepare(job, fam, model_cfg, feat_cfg, train_cfg, progress) -> Prepared:
         encoded = encoded.materialize()
     if cached:
         pieces = _pieces_of(encoded)
+        if pieces.total == 0 and fam.sequence:
+            raise no_windows_error(model_cfg.window, model_cfg.context_length)
         if pieces.total == 0:
-            raise _no_windows(model_cfg) if fam.sequence else DataError("the data has no rows")
+            raise DataError("the data has no rows")
         return Prepared(schema, n_rows, pieces.total, "object-store", pieces, keep=[encoded])
     n_samples = encoded.count() if fam.sequence else n_rows
     if n_samples == 0:
-        raise _no_windows(model_cfg)
+        raise no_windows_error(model_cfg.window, model_cfg.context_length)
     return Prepared(
         schema,
         n_rows,
