@@ -1,34 +1,44 @@
 """The Ray Serve application: online and bulk scoring from checkpoint bundles.
 
-One ``ModelServer`` deployment per model (autoscaled, dynamically batched, each replica scoring
-through :class:`unusual.models.Scorer`) behind one ``Gateway`` ingress deployment (FastAPI) that
-routes by model name (:mod:`.deployments` lists the routes).
+:func:`start` (``unusual serve``, the demo, the tests, the benchmarks) deploys one Serve application
+per model, its ``ModelServer`` the HTTP ingress at ``/v1/models/<name>`` (a scoring request crosses
+one hop: proxy -> model replica; each replica scores through :class:`unusual.models.Scorer`,
+batching the requests that arrive together), plus the light ``Gateway`` application at ``/`` for
+listing, readiness, the default route and jobs (:mod:`.deployments` lists the routes). On a Ray
+that ``start`` starts itself, the proxy is HAProxy straight to the replicas and Serve runs
+throughput-optimized where HAProxy exists (:mod:`.fastpath`).
 
-The application's arguments are a :class:`~unusual.config.ServeConfig`. Build it with
+The application's arguments are a :class:`~unusual.config.ServeConfig`. For Serve config files and
+KubeRay there is :func:`build_app`, Serve's typed application builder: ``serve run
+unusual.serving.app:build_app models=ae=s3://… max_batch_size=8``, ``serve deploy`` with
+``serving/serve_config.yaml``, a RayService's ``import_path: unusual.serving.app:build_app`` with
+``args``. It builds one application (the gateway in front of the model deployments: two hops).
 
-- :func:`build_app`, Serve's typed application builder: ``serve run unusual.serving.app:build_app
-  models=ae=s3://… max_batch_size=8``, ``serve deploy`` with ``serving/serve_config.yaml``, a KubeRay
-  RayService's ``import_path: unusual.serving.app:build_app`` with ``args``;
-- :func:`build` from a config in Python;
-- :func:`start`, which checks the cluster can place the replicas, starts Serve's HTTP proxy, deploys
-  the application and waits until every model is loaded (``unusual serve``, the demo, the tests and
-  the benchmarks); :func:`serve_forever` is ``unusual serve``: start, then block until Ctrl-C / SIGTERM.
-
-A new checkpoint for a model is a new ``user_config`` (deploy the changed config, or ``start`` /
-``serve.run(build(config))`` again): the live replicas swap the bundle, nothing restarts.
+A new checkpoint for a model is a new ``user_config`` (deploy the changed config, or ``start``
+again): the live replicas swap the bundle, nothing restarts.
 """
 
 # No `from __future__ import annotations` here: Serve reads build_app's annotation (a class) to
 # validate the arguments with it (ray.serve._private.api.call_user_app_builder_with_args_if_necessary).
+import os
+import socket
+import sys
 import time
 
 from ray import serve
 
 from ..config import ServeConfig, ServeJob
-from ..runtime import ResourceError, ensure_ray
+from ..models.errors import UnusualError
+from ..runtime import ResourceError, ensure_ray, progress
+from . import fastpath
 from .deployments import Gateway, ModelServer
 
 APP_NAME = "unusual"
+STOP_SECONDS = 10  # unusual serve stops within this after SIGINT / SIGTERM
+
+
+class PortInUse(UnusualError):
+    """The HTTP port is taken: refused before anything starts."""
 
 
 def as_config(args) -> ServeConfig:
@@ -85,18 +95,21 @@ def model_deployment(name: str, checkpoint: str, config: ServeConfig):
         max_ongoing_requests=max(8, 4 * config.max_batch_size),
         user_config={"checkpoint": checkpoint, "top_k": config.top_k},
         health_check_period_s=5,
+        graceful_shutdown_wait_loop_s=0.5,
+        graceful_shutdown_timeout_s=5,
+        logging_config=logging_config(config),
     ).bind(name, config.model_dump())
 
 
-def build(config: ServeConfig):
-    """The application: one ModelServer deployment per model behind the Gateway.
+def logging_config(config: ServeConfig) -> dict:
+    """The replicas' Serve logs: a line per request only with ``access_log`` (it costs throughput)."""
+    return {"enable_access_log": config.access_log, "log_level": "INFO" if config.access_log else "WARNING"}
 
-    It does not check the cluster's resources: a Serve config file or RayService may deploy it on
-    a cluster whose autoscaler adds the GPU nodes later. :func:`start` checks them
-    (:func:`check_cluster`) before it deploys."""
-    config = as_config(config)
-    handles = {name: model_deployment(name, uri, config) for name, uri in config.models.items()}
-    gateway = serve.deployment(
+
+def gateway_deployment(config: ServeConfig, models: dict):
+    """The bound ``Gateway``: ``models`` maps names to bound model deployments (one application) or
+    to ``(application, deployment)`` names (an application per model)."""
+    return serve.deployment(
         Gateway,
         name="gateway",
         ray_actor_options={"num_cpus": 0.1},
@@ -104,12 +117,50 @@ def build(config: ServeConfig):
         autoscaling_config={
             "min_replicas": 1,
             "max_replicas": config.max_replicas,
-            "target_ongoing_requests": 16,  # it only routes bytes: many requests per replica
+            "target_ongoing_requests": 16,  # it mostly lists and forwards: many requests per replica
             "upscale_delay_s": config.upscale_delay_s,
             "downscale_delay_s": config.downscale_delay_s,
         },
-    )
-    return gateway.bind(config.model_dump(), handles)  # Serve resolves the bound models inside the dict
+        graceful_shutdown_wait_loop_s=0.5,
+        graceful_shutdown_timeout_s=5,
+        logging_config=logging_config(config),
+    ).bind(config.model_dump(), models)  # Serve resolves bound models inside the dict to handles
+
+
+def model_app_name(name: str, model: str) -> str:
+    """The Serve application of ``model`` beside the gateway application ``name``."""
+    return f"{name}-{model}"
+
+
+def model_route(route_prefix: str, model: str) -> str:
+    return f"{route_prefix.rstrip('/')}/v1/models/{model}"
+
+
+def applications(config, name: str = APP_NAME, route_prefix: str = "/") -> list:
+    """What :func:`start` deploys: one application per model (``<name>-<model>`` at
+    ``<route_prefix>v1/models/<model>``, its ModelServer the ingress) and the gateway application
+    ``name`` at ``route_prefix``, as ``serve.RunTarget`` s. Nothing is checked or loaded here."""
+    config = as_config(config)
+    targets, models = [], {}
+    for model, uri in config.models.items():
+        app = model_app_name(name, model)
+        targets.append(serve.RunTarget(model_deployment(model, uri, config), name=app,
+                                       route_prefix=model_route(route_prefix, model)))
+        models[model] = (app, f"model-{model}")
+    targets.append(serve.RunTarget(gateway_deployment(config, models), name=name, route_prefix=route_prefix))
+    return targets
+
+
+def build(config: ServeConfig):
+    """One application: the Gateway in front of one ModelServer deployment per model (two hops per
+    request; Serve config files and RayServices deploy this through :func:`build_app`).
+
+    It does not check the cluster's resources: a Serve config file or RayService may deploy it on
+    a cluster whose autoscaler adds the GPU nodes later. :func:`start` checks them
+    (:func:`check_cluster`) before it deploys."""
+    config = as_config(config)
+    models = {name: model_deployment(name, uri, config) for name, uri in config.models.items()}
+    return gateway_deployment(config, models)
 
 
 def build_app(args: ServeConfig):
@@ -140,6 +191,33 @@ def wait_ready(url: str, timeout: float = 180.0) -> None:
     raise TimeoutError(f"the Serve application at {url} did not become ready in {timeout:.0f} s")
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse a port something already listens on (PortInUse, one line). Ray's proxy binds with
+    SO_REUSEPORT, so without this a second server would silently share the port with the first."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed server's TIME_WAIT is no owner
+        try:
+            s.bind((host or "0.0.0.0", port))
+        except OSError as e:
+            raise PortInUse(
+                f"port {port} on {host or '0.0.0.0'} is in use ({e.strerror}): another server (perhaps another "
+                "unusual serve) listens there; stop it or choose another port with --port"
+            ) from None
+
+
+def running_serve_port() -> int | None:
+    """The HTTP port of the Serve already running in the connected cluster, or None."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:
+        return None
+    return int(ray.get(controller.get_http_config.remote()).port)
+
+
 def start(
     config,
     *,
@@ -150,22 +228,40 @@ def start(
     route_prefix: str = "/",
     check_resources: bool = True,
     ready_timeout: float | None = 180.0,
+    fast: bool | None = None,
 ) -> str:
-    """Deploy the application of ``config`` (a ServeConfig, a ServeJob's application part, or a
-    mapping of arguments) and return its URL.
+    """Deploy the applications of ``config`` (a ServeConfig, a ServeJob's application part, or a
+    mapping of arguments) and return the gateway's URL.
 
-    Connects to Ray (``address``, else RAY_ADDRESS, else a local Ray; a connected driver stays as
-    it is), refuses a placement the cluster can never make (ResourceError, before anything starts),
-    starts Serve's HTTP proxy on ``host``:``port`` (if Serve already runs in the cluster, its HTTP
-    options stay as they are), deploys the application as ``name`` at ``route_prefix`` (again with a
-    changed config: the live replicas swap their bundles) and, unless ``ready_timeout`` is None,
-    waits until every model is loaded (TimeoutError)."""
+    Connects to Ray (``address``, else RAY_ADDRESS, else a local Ray started here: first the fast
+    path is set up for it, :mod:`.fastpath`, ``fast`` None = where HAProxy exists; a connected
+    driver stays as it is). Refuses a port in use (PortInUse) and a placement the cluster can never
+    make (ResourceError), before anything starts. Starts Serve's HTTP proxy on ``host``:``port``
+    (when Serve already runs in the cluster, on another port: PortInUse naming it), deploys the
+    applications (:func:`applications`, again with a changed config: the live replicas swap their
+    bundles) and, unless ``ready_timeout`` is None, waits until every model is loaded (TimeoutError)."""
+    import ray
+
     config = as_config(config)
+    embedded = not ray.is_initialized() and not (address or os.environ.get("RAY_ADDRESS"))
+    if embedded:
+        check_port(host, port)
+        on, line = fastpath.configure(fast)
+        progress(line)
     ray = ensure_ray(address)
     if check_resources:
         check_cluster(config, ray.cluster_resources())
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(build(config), name=name, route_prefix=route_prefix, blocking=False)
+    current = running_serve_port()
+    if current is None:
+        if not embedded:
+            check_port(host, port)
+        serve.start(http_options={"host": host, "port": port})
+    elif current != port:
+        raise PortInUse(
+            f"Serve already runs in this cluster on port {current}; it cannot move to {port}: "
+            f"use --port {current}, or stop it first (serve shutdown)"
+        )
+    serve.run_many(applications(config, name, route_prefix), wait_for_applications_running=False)
     local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     url = f"http://{local}:{port}{route_prefix.rstrip('/')}"
     if ready_timeout is not None:
@@ -173,24 +269,85 @@ def start(
     return url
 
 
+def stop(timeout: float = 6.0) -> bool:
+    """Shut Serve down in the connected cluster (its applications, proxies and HAProxy); False when
+    that did not finish within ``timeout`` s, or the local Ray this process started is dying (its
+    processes were signalled too, say by a process-group SIGTERM: the controller will not answer)."""
+    import threading
+
+    done = threading.Event()
+
+    def shutdown():
+        try:
+            serve.shutdown()
+        finally:
+            done.set()
+
+    threading.Thread(target=shutdown, name="serve-shutdown", daemon=True).start()
+    deadline = time.time() + timeout
+    while not done.wait(0.2):
+        if time.time() > deadline or not _local_raylet_alive():
+            return False
+    return True
+
+
+def _kill_local_ray() -> None:
+    """SIGKILL the processes of the Ray this process started (none when it joined a cluster)."""
+    try:
+        from ray._private.worker import _global_node
+
+        if _global_node is not None and _global_node.head:
+            _global_node.kill_all_processes(check_alive=False, allow_graceful=False, wait=True)
+    except Exception:  # noqa: BLE001 - private API moved: ray.shutdown() still stops them, slower
+        pass
+
+
+def _local_raylet_alive() -> bool:
+    """False once the raylet of a Ray this process started has exited (True when it started none)."""
+    try:
+        from ray._private import ray_constants
+        from ray._private.worker import _global_node
+
+        procs = _global_node.all_processes.get(ray_constants.PROCESS_TYPE_RAYLET, []) if _global_node else []
+        return all(p.process.poll() is None for p in procs)
+    except Exception:  # noqa: BLE001 - private API moved: assume alive, the timeout still bounds the wait
+        return True
+
+
 def serve_forever(job: ServeJob) -> int:
-    """``unusual serve``: :func:`start` the application of ``job`` (not waiting for the models to load),
-    print where it listens, and block until Ctrl-C or SIGTERM, which shut Serve down cleanly."""
+    """``unusual serve``: :func:`start` the applications of ``job`` (not waiting for the models to
+    load), print where it listens, and block until Ctrl-C or SIGTERM; then shut Serve down (and the
+    Ray it started) within :data:`STOP_SECONDS`."""
     import json
     import signal
     import threading
 
+    import ray
+
     config = job.app_config()
     start(config, host=job.host, port=job.port, address=job.address, ready_timeout=None)
-    summary = {"url": f"http://{job.host}:{job.port}", "models": config.models, "docs": "/docs"}
+    summary = {"url": f"http://{job.host}:{job.port}", "models": config.models, "docs": "/docs",
+               "fast_path": fastpath.is_on()}
     print(json.dumps(summary, indent=1), flush=True)
     # Ray's own SIGTERM handler (Kubernetes, systemd) would abort the process and leave the application running.
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        while not stop.wait(3600):
-            pass
-    except KeyboardInterrupt:
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    while not stopping.wait(3600):
         pass
-    serve.shutdown()
+    t0 = time.time()
+    progress("stopping")
+    clean = stop(STOP_SECONDS * 0.4)
+    waited = time.time() - t0
+    fastpath.cleanup()  # first: when Ray's processes were signalled too, Ray may end this process any moment
+    if not clean:
+        # Ray's own processes were signalled too (a process-group SIGTERM: systemd's default, `kill -- -PGID`)
+        # and Serve's controller no longer answers: end them; ray.shutdown() would wait seconds for the dead.
+        _kill_local_ray()
+        progress(f"stopped in {time.time() - t0:.1f} s (Serve did not answer in {waited:.0f} s: ended its processes)")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    ray.shutdown()
+    progress(f"stopped in {time.time() - t0:.1f} s")
     return 0

@@ -1,17 +1,21 @@
-"""The Serve deployments: one ``ModelServer`` per model behind one ``Gateway`` (FastAPI routes).
+"""The Serve deployments: a ``ModelServer`` per model, each the HTTP ingress of its own application
+at ``/v1/models/<name>``, and one light ``Gateway`` application at ``/`` for the rest.
 
-    GET  /healthz                       liveness
-    GET  /readyz                        every model loaded (503 until then)
-    GET  /v1/models                     models, versions, thresholds, features
-    POST /v1/score                      the default model (the only one, or default_model)
-    POST /v1/models/{name}/score        JSON rows, or a bulk Arrow IPC / Parquet body
+    GET  /healthz                       liveness                                  (gateway)
+    GET  /readyz                        every model loaded (503 until then)       (gateway)
+    GET  /v1/models                     models, versions, thresholds, features    (gateway)
+    POST /v1/score                      the default model (the only one, or default_model), forwarded
+    POST /v1/models/{name}/score        JSON rows, or a bulk Arrow IPC / Parquet body (the model's own app)
+    GET  /v1/models/{name}/             one model's version, threshold, features  (the model's own app)
     POST /v1/jobs                       submit a batch scoring job (Ray job submission)
     GET  /v1/jobs/{id}                  its status
     GET  /docs, /openapi.json           the documented API
 
-Both take the application's :class:`~unusual.config.ServeConfig` as a plain dict (``model_dump()``)
-and validate it again in the replica. What a request means is decided in :mod:`.handling`; this
-module only binds it to Serve (batching, handles, user_config) and FastAPI (routes, responses).
+A named model's scoring request crosses one hop (Serve's proxy, or HAProxy on the fast path, ->
+the model's replica); ``POST /v1/score`` takes one more (gateway -> model). Both take the
+application's :class:`~unusual.config.ServeConfig` as a plain dict (``model_dump()``) and validate
+it again in the replica. What a request means is decided in :mod:`.handling`; this module only binds
+it to Serve (handles, user_config) and FastAPI (routes, responses).
 
 A new checkpoint for a model is a new ``user_config``: Serve calls ``ModelServer.reconfigure`` on the
 live replicas, which load the new bundle and swap it in one assignment; requests in flight finish on
@@ -35,64 +39,6 @@ from .codec import ARROW_STREAM, PARQUET_TYPES, RequestError
 API_VERSION = "v1"
 log = logging.getLogger("unusual.serve")
 
-
-class ModelServer:
-    """One model: loads its bundle (``reconfigure``), scores batches of requests."""
-
-    def __init__(self, name: str, config: dict):
-        from ray.serve import metrics
-
-        self.name = name
-        self.config = ServeConfig.model_validate(config)
-        self.scorer = None
-        self.checkpoint = None
-        self.metrics = handling.ModelMetrics(metrics, name)
-        self._batched.set_max_batch_size(self.config.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
-
-    def reconfigure(self, user_config: dict) -> None:
-        """Load (or swap to) the bundle at ``user_config["checkpoint"]``."""
-        from ..models import Scorer
-
-        uri = user_config["checkpoint"]
-        device = "cuda" if self.config.use_gpu else "cpu"
-        top_k = int(user_config.get("top_k", self.config.top_k))
-        scorer = Scorer(uri, device=device, top_k=top_k, stream=False)
-        old = self.scorer.version if self.scorer else None
-        self.scorer, self.checkpoint = scorer, uri  # one assignment: requests in flight keep the old one
-        log.info("model %s: %s -> %s (%s)", self.name, old, scorer.version, uri)
-
-    def info(self) -> dict:
-        return handling.model_info(self.name, self.scorer, self.checkpoint)
-
-    async def handle(self, body: bytes, content_type: str) -> dict:
-        """A scoring request's raw body -> the HTTP answer (status, body, media type, headers).
-
-        Parsing and encoding happen here, in the model's autoscaled replicas, so the gateway
-        only routes bytes."""
-        return await handling.score_request(
-            body, content_type, name=self.name, max_rows=self.config.max_rows, score=self.score
-        )
-
-    async def score(self, table: pa.Table) -> dict:
-        """Score one request's rows; returns the output table and the version, or the error."""
-        return await handling.score_table(self.name, self.scorer, table, self._batched, self.metrics)
-
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)  # resized from the config in __init__
-    async def _batched(self, tables: list[pa.Table]) -> list:
-        scorer = self.scorer
-        self.metrics.batch(scorer, tables)
-        return scorer.score_many(tables)
-
-
-# --------------------------------------------------------------------------- the gateway
-
-app = FastAPI(
-    title="unusual",
-    version=API_VERSION,
-    description="Anomaly scoring with AE, VAE and LSTM detectors. JSON rows online, Arrow IPC or "
-    "Parquet bodies in bulk, batch jobs on the cluster. Every response names the model version.",
-)
 
 _JSON_BODY = {
     "requestBody": {
@@ -127,12 +73,120 @@ def _error(e: RequestError):
     return JSONResponse({"error": e.message}, status_code=e.status)
 
 
+model_api = FastAPI(
+    title="unusual model",
+    version=API_VERSION,
+    description="One model's scoring route: JSON rows online, Arrow IPC or Parquet bodies in bulk.",
+)
+
+
+@serve.ingress(model_api)
+class ModelServer:
+    """One model: loads its bundle (``reconfigure``), scores requests.
+
+    Its own HTTP routes (``POST …/score``, ``GET …/``) make it the ingress of a Serve application at
+    ``/v1/models/<name>`` (:func:`unusual.serving.app.applications`): a scoring request crosses one
+    hop, proxy -> this replica. The gateway reaches it through handles (``handle``, ``info``) for
+    ``POST /v1/score`` and when it is deployed inside the gateway's application (Serve config files)."""
+
+    def __init__(self, name: str, config: dict):
+        from ray.serve import metrics
+
+        self.name = name
+        self.config = ServeConfig.model_validate(config)
+        self.scorer = None
+        self.checkpoint = None
+        self.metrics = handling.ModelMetrics(metrics, name)
+        self.batcher = handling.Batcher(self._score_many, self._score_one, self.config.max_batch_size)
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Load (or swap to) the bundle at ``user_config["checkpoint"]``."""
+        from ..models import Scorer
+
+        uri = user_config["checkpoint"]
+        device = "cuda" if self.config.use_gpu else "cpu"
+        top_k = int(user_config.get("top_k", self.config.top_k))
+        scorer = Scorer(uri, device=device, top_k=top_k, stream=False)
+        old = self.scorer.version if self.scorer else None
+        self.scorer, self.checkpoint = scorer, uri  # one assignment: requests in flight keep the old one
+        log.info("model %s: %s -> %s (%s)", self.name, old, scorer.version, uri)
+
+    def info(self) -> dict:
+        return handling.model_info(self.name, self.scorer, self.checkpoint)
+
+    async def handle(self, body: bytes, content_type: str) -> dict:
+        """A scoring request's raw body -> the HTTP answer (status, body, media type, headers)."""
+        return await handling.score_request(
+            body, content_type, name=self.name, max_rows=self.config.max_rows, score=self.score
+        )
+
+    async def score(self, table: pa.Table) -> dict:
+        """Score one request's rows; returns the output table and the version, or the error."""
+        return await handling.score_table(self.name, self.scorer, table, self.batcher, self.metrics)
+
+    def _score_many(self, tables: list[pa.Table]) -> list:
+        scorer = self.scorer
+        self.metrics.batch(scorer, tables)
+        return scorer.score_many(tables)
+
+    def _score_one(self, table: pa.Table):
+        scorer = self.scorer
+        self.metrics.batch(scorer, [table])
+        try:
+            return scorer.score_table(table)
+        except Exception as e:  # noqa: BLE001 - classified by handling.rejection()
+            return e
+
+    # ----------------------------------------------------------------- its own routes
+
+    @model_api.post("/score", summary="score rows with this model", openapi_extra=_JSON_BODY)
+    async def score_http(self, request: Request):
+        from fastapi.responses import Response
+
+        try:
+            handling.check_auth(self.config.auth_token, request.headers.get("authorization"))
+            length = request.headers.get("content-length")
+            body = await handling.read_body(request.stream(), length, self.config.max_body_bytes, required=True)
+        except RequestError as e:
+            return _error(e)
+        r = await self.handle(body, request.headers.get("content-type", "application/json"))
+        return Response(r["body"], status_code=r["status"], media_type=r["media_type"], headers=r.get("headers"))
+
+    @model_api.get("/", summary="this model: version, threshold, features")
+    async def describe(self, request: Request):
+        try:
+            handling.check_auth(self.config.auth_token, request.headers.get("authorization"))
+        except RequestError as e:
+            return _error(e)
+        return handling.finite(self.info())
+
+
+# --------------------------------------------------------------------------- the gateway
+
+app = FastAPI(
+    title="unusual",
+    version=API_VERSION,
+    description="Anomaly scoring with AE, VAE and LSTM detectors. JSON rows online, Arrow IPC or "
+    "Parquet bodies in bulk, batch jobs on the cluster. Every response names the model version.",
+)
+
 @serve.ingress(app)
 class Gateway:
-    def __init__(self, config: dict, handles: dict):
+    """Listing, readiness, the default route, jobs: everything but a named model's scoring route,
+    which its own application answers (one hop). ``models`` maps each model name to its
+    ModelServer: a bound deployment of this application (Serve hands in its handle), or the
+    ``(application, deployment)`` of a model deployed as an application of its own (looked up)."""
+
+    def __init__(self, config: dict, models: dict):
         self.config = ServeConfig.model_validate(config)
-        self.handles = handles  # model name -> DeploymentHandle of its ModelServer (any name, even "config")
+        self.models = models  # model name -> DeploymentHandle, or (app, deployment); any name, even "config"
         self.jobs = None
+
+    def _handle(self, name: str):
+        target = self.models[name]
+        if isinstance(target, (tuple, list)):
+            target = self.models[name] = serve.get_deployment_handle(target[1], app_name=target[0])
+        return target
 
     def _authorize(self, request) -> None:
         handling.check_auth(self.config.auth_token, request.headers.get("authorization"))
@@ -146,16 +200,23 @@ class Gateway:
 
         try:
             self._authorize(request)
-            handling.check_model(name, self.handles)
+            handling.check_model(name, self.models)
             body = await self._body(request, required=True)
         except RequestError as e:
             return _error(e)
         ctype = request.headers.get("content-type", "application/json")
-        r = await self.handles[name].handle.remote(body, ctype)
+        r = await self._handle(name).handle.remote(body, ctype)
         return Response(r["body"], status_code=r["status"], media_type=r["media_type"], headers=r.get("headers"))
 
+    async def _info(self, name: str) -> dict:
+        try:
+            return await self._handle(name).info.remote()
+        except Exception as e:  # noqa: BLE001 - its application is not deployed (yet), or it is restarting
+            log.debug("model %s: no answer (%s: %s)", name, type(e).__name__, e)
+            return {"name": name, "ready": False}
+
     async def _infos(self) -> list[dict]:
-        return [await h.info.remote() for h in self.handles.values()]
+        return [await self._info(name) for name in self.models]
 
     @app.get("/healthz", summary="liveness")
     def healthz(self) -> dict:
@@ -180,7 +241,7 @@ class Gateway:
     @app.post(f"/{API_VERSION}/score", summary="score rows with the default model", openapi_extra=_JSON_BODY)
     async def score_default(self, request: Request):
         try:
-            name = handling.default_model(self.config.default_model, self.handles, API_VERSION)
+            name = handling.default_model(self.config.default_model, self.models, API_VERSION)
         except RequestError as e:
             return _error(e)
         return await self._score(name, request)
@@ -193,8 +254,8 @@ class Gateway:
     async def submit_job(self, request: Request):
         try:
             self._authorize(request)
-            name, fields = handling.job_request(await self._body(request), self.handles, self.config.default_model)
-            info = await self.handles[name].info.remote()
+            name, fields = handling.job_request(await self._body(request), self.models, self.config.default_model)
+            info = await self._info(name)
             cmd = handling.score_command(handling.score_job(info, fields))
         except RequestError as e:
             return _error(e)

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -134,6 +135,54 @@ class ModelMetrics:
             self.scores.observe(float(v), tags=tags)
 
 
+THREAD_ROWS = 4096  # a request of this many rows is scored in a thread: the replica keeps answering others
+
+
+class Batcher:
+    """Requests that arrive together are scored in one model call, with no fixed wait.
+
+    A request joins the queue and, if no drain is scheduled, schedules one on the next turn of the
+    event loop (``call_soon``, not a timer): a request alone is scored at once; under load, every
+    request that reached the replica meanwhile joins the same call, so batches grow with the load
+    (up to ``max_batch_size`` requests per call). Small batches are scored inline, on the loop (a
+    thread hop would cost more than the model); a request of ``thread_rows`` rows or more is scored
+    in a thread, so bulk bodies do not stall single rows and health checks.
+
+    ``score_many(tables)`` answers a list of output tables or exceptions, one per table;
+    ``score_one(table)`` answers one output table or exception."""
+
+    def __init__(self, score_many, score_one, max_batch_size: int, thread_rows: int = THREAD_ROWS):
+        self.score_many = score_many
+        self.score_one = score_one
+        self.max_batch_size = max_batch_size
+        self.thread_rows = thread_rows
+        self.pending: list = []
+        self.scheduled = False
+
+    async def __call__(self, table: pa.Table):
+        if table.num_rows >= self.thread_rows:
+            return await asyncio.to_thread(self.score_one, table)
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self.pending.append((table, future))
+        if not self.scheduled:
+            self.scheduled = True
+            loop.call_soon(self._drain)
+        return await future
+
+    def _drain(self) -> None:
+        self.scheduled = False
+        while self.pending:
+            batch, self.pending = self.pending[: self.max_batch_size], self.pending[self.max_batch_size :]
+            try:
+                results = self.score_many([t for t, _ in batch])
+            except Exception as e:  # noqa: BLE001 - the whole call failed: each request gets the error
+                results = [e] * len(batch)
+            for (_, future), result in zip(batch, results):
+                if not future.done():  # its client may have gone
+                    future.set_result(result)
+
+
 def rejection(name: str, e: Exception) -> tuple[int, str]:
     """(status, message) of a scoring call that raised: the client's fault (422, the message names
     the column or row) or ours (500, logged)."""
@@ -149,17 +198,21 @@ async def score_table(
     """One request's rows scored: ``{"table", "model_version", "threshold"}`` or ``{"error": (status, msg)}``.
 
     A sequence family's request carries whole windows of its entities, so it is scored alone; the
-    rows of a row-wise family go through ``batched`` (Serve's dynamic batching), which answers the
-    scored table or the exception of that request."""
+    rows of a row-wise family go through ``batched`` (requests that arrive together share a call), which answers the
+    scored table or the exception of that request (a :class:`Batcher`)."""
     if scorer is None:
         return {"error": (503, f"model {name} is still loading")}
     if table.num_rows == 0:
         return {"error": (422, "no rows to score")}
     if scorer.sequence:
-        try:
-            out = scorer.score_table(table)
-        except Exception as e:  # noqa: BLE001 - classified by rejection()
-            out = e
+
+        def alone():
+            try:
+                return scorer.score_table(table)
+            except Exception as e:  # noqa: BLE001 - classified by rejection()
+                return e
+
+        out = alone() if table.num_rows < THREAD_ROWS else await asyncio.to_thread(alone)
     else:
         out = await batched(table)
     if isinstance(out, Exception):

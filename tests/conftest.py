@@ -29,11 +29,15 @@ def s3_bucket(s3_endpoint) -> str:
 
 @pytest.fixture(scope="session")
 def ray_cluster(s3_endpoint):
-    """One local Ray for the whole session, 2 CPUs as on CI; its workers get the S3 settings."""
+    """One local Ray for the whole session, 2 CPUs as on CI; its workers get the S3 settings.
+    Serve runs on it as ``unusual serve`` runs on the Ray it starts: the fast path (HAProxy straight
+    to the replicas, throughput-optimized) where HAProxy exists (UNUSUAL_SERVE_FAST=0: the default proxy)."""
     import ray
+    from unusual.serving import fastpath
 
     if ray.is_initialized():
         ray.shutdown()
+    fastpath.configure()
     ray.init(
         address="local",  # never join another Ray running on the machine
         num_cpus=2,
@@ -45,3 +49,4 @@ def ray_cluster(s3_endpoint):
         yield ray
     finally:
         ray.shutdown()
+        fastpath.cleanup()

@@ -80,7 +80,6 @@ def server(ray_cluster, bundles):
         target_ongoing_requests=1,
         upscale_delay_s=1,
         downscale_delay_s=3,
-        batch_wait_timeout_s=0.01,
     )
     url = start(settings, port=port, ready_timeout=120)
     assert url == f"http://127.0.0.1:{port}"
@@ -278,7 +277,7 @@ def _running(app: str, deployment: str) -> int:
 
 def test_autoscaling_from_one_to_two_replicas_and_back(server, cardio):
     url, _ = server
-    assert _running("unusual", "model-vae") == 1
+    assert _running("unusual-vae", "model-vae") == 1
     stop, results = threading.Event(), []
 
     def worker():
@@ -292,7 +291,7 @@ def test_autoscaling_from_one_to_two_replicas_and_back(server, cardio):
         t.start()
     deadline, peak = time.time() + 90, 1
     while time.time() < deadline and peak < 2:
-        peak = max(peak, _running("unusual", "model-vae"))
+        peak = max(peak, _running("unusual-vae", "model-vae"))
         time.sleep(0.5)
     stop.set()
     for t in pool:
@@ -300,9 +299,9 @@ def test_autoscaling_from_one_to_two_replicas_and_back(server, cardio):
     assert peak == 2, "did not scale to 2 replicas under load"
     assert results and set(results) == {200}
     deadline = time.time() + 90
-    while time.time() < deadline and _running("unusual", "model-vae") > 1:
+    while time.time() < deadline and _running("unusual-vae", "model-vae") > 1:
         time.sleep(1)
-    assert _running("unusual", "model-vae") == 1, "did not scale back to 1 replica"
+    assert _running("unusual-vae", "model-vae") == 1, "did not scale back to 1 replica"
 
 
 def test_batch_job_route_submits_a_scoring_job_and_reports_its_status(server, bundles, cardio, tmp_path):

