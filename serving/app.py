@@ -185,7 +185,7 @@ def wait_ready(url: str, timeout: float = 180.0) -> None:
         try:
             if requests.get(f"{url}/readyz", timeout=5).status_code == 200:
                 return
-        except requests.ConnectionError:
+        except requests.RequestException:  # not listening yet, or busy starting
             pass
         time.sleep(0.5)
     raise TimeoutError(f"the Serve application at {url} did not become ready in {timeout:.0f} s")
@@ -267,6 +267,13 @@ def start(
     if ready_timeout is not None:
         wait_ready(url, ready_timeout)
     return url
+
+
+def remove(config, name: str = APP_NAME) -> None:
+    """Delete the applications :func:`start` deployed as ``name`` (the gateway and each model's)."""
+    for model in as_config(config).models:
+        serve.delete(model_app_name(name, model))
+    serve.delete(name)
 
 
 def stop(timeout: float = 6.0) -> bool:

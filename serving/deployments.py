@@ -208,15 +208,20 @@ class Gateway:
         r = await self._handle(name).handle.remote(body, ctype)
         return Response(r["body"], status_code=r["status"], media_type=r["media_type"], headers=r.get("headers"))
 
-    async def _info(self, name: str) -> dict:
+    async def _info(self, name: str, timeout: float = 2.0) -> dict:
+        """What the model's replica says of itself; not ready while it has no replica answering."""
+        import asyncio
+
         try:
-            return await self._handle(name).info.remote()
-        except Exception as e:  # noqa: BLE001 - its application is not deployed (yet), or it is restarting
+            return await asyncio.wait_for(self._handle(name).info.remote(), timeout)
+        except Exception as e:  # noqa: BLE001 - not deployed yet, starting, or restarting
             log.debug("model %s: no answer (%s: %s)", name, type(e).__name__, e)
             return {"name": name, "ready": False}
 
     async def _infos(self) -> list[dict]:
-        return [await self._info(name) for name in self.models]
+        import asyncio
+
+        return list(await asyncio.gather(*(self._info(name) for name in self.models)))
 
     @app.get("/healthz", summary="liveness")
     def healthz(self) -> dict:

@@ -59,7 +59,10 @@ def fast_env(folder: str) -> dict[str, str]:
         "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
         # Scoring is a pure function of the body: a request whose replica died before it answered is
         # sent to another replica (Serve's default retries only when nothing was sent).
-        "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
+        "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response junk-response response-timeout",
+        # HAProxy balances by least connections, and a dead replica has none: it is picked again on each
+        # retry until 3 observed errors mark it down. Retry past that.
+        "RAY_SERVE_HAPROXY_RETRIES": "6",
         # HAProxy runs beside the replicas, not behind a cloud load balancer that needs 30 s to
         # notice a draining node: stop in seconds.
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",

@@ -91,9 +91,12 @@ def run_demo(workdir: str, quick: bool = False) -> int:
     import ray
 
     from .ray_jobs.local_s3 import local_s3
+    from .serving import fastpath
 
     with local_s3(bucket=BUCKET, key="demo") as env:
-        # A Ray of its own, even if another runs on this machine; quiet as every job (-v: not).
+        # A Ray of its own, even if another runs on this machine; quiet as every job (-v: not); its
+        # Serve on the fast path where HAProxy exists, as `unusual serve` runs it.
+        fastpath.configure()
         ensure_ray("local", num_cpus=max(2, os.cpu_count() or 2), runtime_env={"env_vars": env})
         try:
             return _steps(work, quick, t_start)
@@ -105,6 +108,7 @@ def run_demo(workdir: str, quick: bool = False) -> int:
             except Exception:  # noqa: BLE001 - Serve never started
                 pass
             ray.shutdown()
+            fastpath.cleanup()
 
 
 def _steps(work: Path, quick: bool, t_start: float) -> int:

@@ -135,11 +135,12 @@ def test_lstm_request_carries_each_entitys_window(server, bundles, series):
     np.testing.assert_allclose(got, det.score(window), rtol=1e-5, atol=1e-8)
 
 
-@pytest.mark.parametrize("fmt", ["arrow", "parquet"])
-def test_bulk_arrow_and_parquet_bodies(server, bundles, cardio, fmt):
+@pytest.mark.parametrize("fmt,rows", [("arrow", 1000), ("parquet", 1000), ("arrow", 4500)])
+def test_bulk_arrow_and_parquet_bodies(server, bundles, cardio, fmt, rows):
+    """4,500 rows: past handling.THREAD_ROWS, scored in a thread beside the replica's event loop."""
     url, _ = server
     det = bundles[0]["ae"]
-    table = cardio.slice(0, 1000)
+    table = pa.concat_tables([cardio] * (rows // cardio.num_rows + 1)).slice(0, rows)
     sink = io.BytesIO()
     if fmt == "arrow":
         with ipc.new_stream(sink, table.schema) as w:
@@ -152,7 +153,7 @@ def test_bulk_arrow_and_parquet_bodies(server, bundles, cardio, fmt):
     assert r.status_code == 200, r.text
     assert r.headers["content-type"].startswith(ctype)
     out = ipc.open_stream(r.content).read_all() if fmt == "arrow" else pq.read_table(io.BytesIO(r.content))
-    assert out.num_rows == 1000 and r.headers["X-Model-Version"] == det.version
+    assert out.num_rows == rows and r.headers["X-Model-Version"] == det.version
     np.testing.assert_allclose(out.column("anomaly_score").to_numpy(), det.score(table), rtol=1e-6, atol=1e-9)
 
 
@@ -174,11 +175,12 @@ def test_concurrent_single_rows_are_batched_and_each_gets_its_own_score(server, 
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9)
 
 
-def test_bad_requests_get_a_4xx_naming_the_field(server, cardio):
+@pytest.mark.parametrize("route", ["/v1/score", "/v1/models/ae/score"])  # through the gateway, and one hop
+def test_bad_requests_get_a_4xx_naming_the_field(server, cardio, route):
     url, _ = server
     good = _rows(cardio.slice(0, 3))
 
-    def post(body=None, data=None, headers=None, path="/v1/score"):
+    def post(body=None, data=None, headers=None, path=route):
         r = requests.post(f"{url}{path}", json=body, data=data, headers=headers, timeout=30)
         return r.status_code, r.json()["error"]
 
@@ -209,7 +211,7 @@ def test_bad_requests_get_a_4xx_naming_the_field(server, cardio):
 
 def test_bearer_token(ray_cluster, server, bundles, cardio):
     from ray import serve
-    from unusual.serving.app import start
+    from unusual.serving.app import remove, start
 
     from unusual.config import ServeConfig
 
@@ -222,14 +224,20 @@ def test_bearer_token(ray_cluster, server, bundles, cardio):
     assert r.status_code == 401 and "bearer token" in r.json()["error"]
     r = requests.post(f"{url}/secured/v1/score", json=rows, headers={"Authorization": "Bearer s3cret"})
     assert r.status_code == 200
-    serve.delete("secured")
+    r = requests.post(f"{url}/secured/v1/models/ae/score", json=rows)  # the model's own route checks it too
+    assert r.status_code == 401 and "bearer token" in r.json()["error"]
+    r = requests.get(f"{url}/secured/v1/models/ae/", headers={"Authorization": "Bearer s3cret"})
+    assert r.status_code == 200 and r.json()["model_version"] == bundles[0]["ae"].version
+    remove(settings, "secured")
+    assert "secured" not in serve.status().applications and "secured-ae" not in serve.status().applications
 
 
-def _load(url: str, rows: list, stop: threading.Event, results: list, threads: int = 6):
+def _load(url: str, rows: list, stop: threading.Event, results: list, threads: int = 6, path: str = "/v1/score"):
     def worker():
+        session = requests.Session()  # kept-alive connections, as real clients hold them
         while not stop.is_set():
             try:
-                r = requests.post(f"{url}/v1/score", json={"rows": rows}, timeout=30)
+                r = session.post(f"{url}{path}", json={"rows": rows}, timeout=30)
                 results.append((r.status_code, r.headers.get("X-Model-Version")))
             except requests.RequestException as e:
                 results.append((0, repr(e)))
@@ -406,3 +414,103 @@ def test_gpu_replicas_share_gpus_and_impossible_placements_are_refused(ray_clust
         "unusual serve: error: 1 model(s) x 1 replica(s) x 0.25 GPU need 0.25 GPU(s); the cluster has 0. "
         "Use a smaller --gpus-per-replica, fewer models or fewer --min-replicas"
     )
+
+
+# --------------------------------------------------------------------------- ports and replica loss
+
+
+def test_a_busy_port_is_refused_in_one_line(server, bundles, tmp_path):
+    """A second `unusual serve` on the port of a running one (its HAProxy or Serve proxy listens
+    there with SO_REUSEPORT: without the check both would share it), or on a port another program
+    holds: one line naming the port and --port, exit 2, before any Ray starts."""
+    import os
+    import subprocess
+    import sys
+
+    from unusual.serving.app import PortInUse, start
+
+    from unusual.config import ServeConfig
+
+    url, settings = server
+    port = int(url.rsplit(":", 1)[1])
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cli = [sys.executable, "-m", "unusual.cli", "serve", "--checkpoint", f"ae={bundles[1]['ae']}"]
+    with socket.socket() as foreign:
+        foreign.bind(("127.0.0.1", 0))
+        foreign.listen()
+        for busy in (port, foreign.getsockname()[1]):
+            p = subprocess.run([*cli, "--port", str(busy)], env=env, capture_output=True, text=True, timeout=120)
+            assert p.returncode == 2, p.stderr
+            assert p.stderr.strip() == (
+                f"unusual serve: error: port {busy} on 127.0.0.1 is in use (Address already in use): another "
+                "server (perhaps another unusual serve) listens there; stop it or choose another port with --port"
+            )
+    # In a cluster whose Serve already listens on one port, asking for another is refused too
+    # (Serve would keep its port and print that it ignores the new one).
+    other = _free_port()
+    with pytest.raises(PortInUse) as e:
+        start(ServeConfig(models={"ae": bundles[1]["ae"]}), port=other, name="elsewhere", route_prefix="/elsewhere")
+    assert str(e.value) == (
+        f"Serve already runs in this cluster on port {port}; it cannot move to {other}: "
+        f"use --port {port}, or stop it first (serve shutdown)"
+    )
+
+
+def _replica_pids(app: str, deployment: str) -> list[int]:
+    """The processes of the running replicas of ``app``'s ``deployment`` (by their Ray process title)."""
+    import os
+
+    title = f"ServeReplica:{app}:{deployment}".encode()
+    pids = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if f.read().split(b"\0")[0].endswith(title):
+                    pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
+def test_a_replica_killed_under_load_fails_no_request(server, bundles, cardio):
+    """Two replicas of a model under load on its one-hop route; one is SIGKILLed: the requests it
+    held are sent again to the other (scoring is pure), new ones go there, Serve starts a new one."""
+    import os
+    import signal
+
+    from ray import serve
+    from unusual.serving.app import remove, start
+    from unusual.serving.fastpath import is_on
+
+    from unusual.config import ServeConfig
+
+    if not is_on():
+        pytest.skip("replica loss without failed requests needs the fast path (HAProxy retries)")
+    url, _ = server
+    port = int(url.rsplit(":", 1)[1])
+    settings = ServeConfig(models={"ae": bundles[1]["ae"]}, num_cpus=0.1, min_replicas=2, max_replicas=2)
+    start(settings, port=port, name="spare", route_prefix="/spare", ready_timeout=120)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(_replica_pids("spare-ae", "model-ae")) < 2:
+        time.sleep(0.5)
+    pids = _replica_pids("spare-ae", "model-ae")
+    assert len(pids) == 2
+    stop, results = threading.Event(), []
+    pool = _load(url, _rows(cardio.slice(0, 5)), stop, results, path="/spare/v1/models/ae/score")
+    try:
+        time.sleep(2)
+        before = len(results)
+        os.kill(pids[0], signal.SIGKILL)
+        time.sleep(5)
+        after = len(results) - before
+    finally:
+        stop.set()
+        for t in pool:
+            t.join()
+    try:
+        assert before > 0 and after > 0, (before, after)
+        failed = [r for r in results if r[0] != 200]
+        assert not failed, f"{len(failed)} of {len(results)} requests failed: {failed[:3]}"
+    finally:
+        remove(settings, "spare")
+        assert "spare-ae" not in serve.status().applications
