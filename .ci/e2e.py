@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +27,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from unusual.serving import fastpath
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -86,6 +89,7 @@ def main() -> int:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token"}
     s3_port, gcs_port, dash_port, serve_port = free_port(), free_port(), free_port(), free_port()
     procs: list[subprocess.Popen] = []
+    cleanup: list = []
     before = temp_dirs()
     step("unusual demo --quick (its own local S3 and Ray)")
     out = run([str(BIN / "unusual"), "demo", "--quick", "--workdir", str(ROOT / "artifacts" / "e2e-demo")], env)
@@ -107,7 +111,11 @@ def main() -> int:
                 break
         assert env.get("AWS_ENDPOINT_URL"), "the S3 endpoint printed no AWS_ENDPOINT_URL"
 
-        step("ray start --head")
+        step("ray start --head (Serve's fast path: HAProxy + throughput-optimized, as the README says)")
+        hap = tempfile.mkdtemp(prefix="unusual-hap-e2e-")  # HAProxy's sockets: a short path
+        cleanup.append(lambda: (fastpath.reap(hap), shutil.rmtree(hap, ignore_errors=True)))
+        if fastpath.haproxy_binary():
+            env.update(fastpath.fast_env(hap))
         head = subprocess.Popen(
             [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--port", str(gcs_port),
              "--dashboard-port", str(dash_port), "--include-dashboard", "true", "--disable-usage-stats"],
@@ -147,6 +155,8 @@ def main() -> int:
         step("stopping Serve, the Ray cluster and the S3 endpoint")
         for p in reversed(procs):
             stop(p)
+        for fn in cleanup:
+            fn()
 
 
 def check_online_equals_batch(url: str, env: dict) -> None:
