@@ -14,8 +14,9 @@ unusual.serving.app:build_app models=ae=s3://… max_batch_size=8``, ``serve dep
 ``serving/serve_config.yaml``, a RayService's ``import_path: unusual.serving.app:build_app`` with
 ``args``. It builds one application (the gateway in front of the model deployments: two hops).
 
-A new checkpoint for a model is a new ``user_config`` (deploy the changed config, or ``start``
-again): the live replicas swap the bundle, nothing restarts.
+A new checkpoint for a model: ``start`` again with the changed config (or deploy the changed config
+file). Serve replaces the replicas one by one; each old one keeps answering until HAProxy (or the
+proxy) no longer sends it requests, so no request fails (tests/serving: a swap under load).
 """
 
 # No `from __future__ import annotations` here: Serve reads build_app's annotation (a class) to
@@ -29,7 +30,7 @@ from ray import serve
 
 from ..config import ServeConfig, ServeJob
 from ..models.errors import UnusualError
-from ..runtime import ResourceError, ensure_ray, progress
+from ..runtime import ResourceError, embedded, ensure_ray, progress
 from . import fastpath
 from .deployments import Gateway, ModelServer
 
@@ -78,8 +79,9 @@ def check_cluster(config: ServeConfig, resources: dict) -> None:
 # --------------------------------------------------------------------------- building the application
 
 
-def model_deployment(name: str, checkpoint: str, config: ServeConfig):
-    """The bound ``ModelServer`` of one model; its checkpoint is the ``user_config`` (swapped live)."""
+def model_deployment(name: str, checkpoint: str, config: ServeConfig, args: dict | None = None):
+    """The bound ``ModelServer`` of one model; its checkpoint is the ``user_config`` (swapped live).
+    ``args``: the config its replicas get (default ``config``'s)."""
     return serve.deployment(
         ModelServer,
         name=f"model-{name}",
@@ -98,7 +100,7 @@ def model_deployment(name: str, checkpoint: str, config: ServeConfig):
         graceful_shutdown_wait_loop_s=0.5,
         graceful_shutdown_timeout_s=5,
         logging_config=logging_config(config),
-    ).bind(name, config.model_dump())
+    ).bind(name, args if args is not None else config.model_dump())
 
 
 def logging_config(config: ServeConfig) -> dict:
@@ -141,13 +143,17 @@ def applications(config, name: str = APP_NAME, route_prefix: str = "/") -> list:
     ``<route_prefix>v1/models/<model>``, its ModelServer the ingress) and the gateway application
     ``name`` at ``route_prefix``, as ``serve.RunTarget`` s. Nothing is checked or loaded here."""
     config = as_config(config)
+    # The replicas' arguments name each model's application, not its checkpoint (the user_config): a new
+    # checkpoint leaves the gateway's arguments as they were.
+    apps = {m: model_app_name(name, m) for m in config.models}
+    args = ServeConfig.model_validate({**config.model_dump(), "models": apps})
     targets, models = [], {}
     for model, uri in config.models.items():
         app = model_app_name(name, model)
-        targets.append(serve.RunTarget(model_deployment(model, uri, config), name=app,
-                                       route_prefix=model_route(route_prefix, model)))
+        bound = model_deployment(model, uri, config, args.model_dump())
+        targets.append(serve.RunTarget(bound, name=app, route_prefix=model_route(route_prefix, model)))
         models[model] = (app, f"model-{model}")
-    targets.append(serve.RunTarget(gateway_deployment(config, models), name=name, route_prefix=route_prefix))
+    targets.append(serve.RunTarget(gateway_deployment(args, models), name=name, route_prefix=route_prefix))
     return targets
 
 
@@ -238,13 +244,13 @@ def start(
     driver stays as it is). Refuses a port in use (PortInUse) and a placement the cluster can never
     make (ResourceError), before anything starts. Starts Serve's HTTP proxy on ``host``:``port``
     (when Serve already runs in the cluster, on another port: PortInUse naming it), deploys the
-    applications (:func:`applications`, again with a changed config: the live replicas swap their
-    bundles) and, unless ``ready_timeout`` is None, waits until every model is loaded (TimeoutError)."""
+    applications (:func:`applications`; again with a changed config, Serve rolls the replicas
+    over to it) and, unless ``ready_timeout`` is None, waits until every model is loaded (TimeoutError)."""
     import ray
 
     config = as_config(config)
-    embedded = not ray.is_initialized() and not (address or os.environ.get("RAY_ADDRESS"))
-    if embedded:
+    own_ray = not ray.is_initialized() and not (address or os.environ.get("RAY_ADDRESS"))
+    if own_ray:
         check_port(host, port)
         on, line = fastpath.configure(fast)
         progress(line)
@@ -253,7 +259,7 @@ def start(
         check_cluster(config, ray.cluster_resources())
     current = running_serve_port()
     if current is None:
-        if not embedded:
+        if not own_ray:
             check_port(host, port)
         serve.start(http_options={"host": host, "port": port})
     elif current != port:
@@ -278,24 +284,35 @@ def remove(config, name: str = APP_NAME) -> None:
 
 def stop(timeout: float = 6.0) -> bool:
     """Shut Serve down in the connected cluster (its applications, proxies and HAProxy); False when
-    that did not finish within ``timeout`` s, or the local Ray this process started is dying (its
-    processes were signalled too, say by a process-group SIGTERM: the controller will not answer)."""
+    that did not finish within ``timeout`` s (then it goes on in the background)."""
+    return _within(serve.shutdown, timeout)
+
+
+def _within(fn, timeout: float) -> bool:
+    """Run ``fn()`` in a thread; whether it returned within ``timeout`` s."""
     import threading
 
     done = threading.Event()
 
-    def shutdown():
+    def run():
         try:
-            serve.shutdown()
+            fn()
         finally:
             done.set()
 
-    threading.Thread(target=shutdown, name="serve-shutdown", daemon=True).start()
-    deadline = time.time() + timeout
-    while not done.wait(0.2):
-        if time.time() > deadline or not _local_raylet_alive():
-            return False
-    return True
+    threading.Thread(target=run, daemon=True).start()
+    return done.wait(timeout)
+
+
+def _exit_now(t0: float, why: str) -> None:
+    """End this process now: the Ray it started is half gone, and ray.shutdown() would wait seconds
+    for the dead; its processes are ended first, then our HAProxy and folder."""
+    _kill_local_ray()
+    fastpath.cleanup()
+    progress(f"stopped in {time.time() - t0:.1f} s ({why})")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _kill_local_ray() -> None:
@@ -307,18 +324,6 @@ def _kill_local_ray() -> None:
             _global_node.kill_all_processes(check_alive=False, allow_graceful=False, wait=True)
     except Exception:  # noqa: BLE001 - private API moved: ray.shutdown() still stops them, slower
         pass
-
-
-def _local_raylet_alive() -> bool:
-    """False once the raylet of a Ray this process started has exited (True when it started none)."""
-    try:
-        from ray._private import ray_constants
-        from ray._private.worker import _global_node
-
-        procs = _global_node.all_processes.get(ray_constants.PROCESS_TYPE_RAYLET, []) if _global_node else []
-        return all(p.process.poll() is None for p in procs)
-    except Exception:  # noqa: BLE001 - private API moved: assume alive, the timeout still bounds the wait
-        return True
 
 
 def serve_forever(job: ServeJob) -> int:
@@ -344,17 +349,19 @@ def serve_forever(job: ServeJob) -> int:
         pass
     t0 = time.time()
     progress("stopping")
-    clean = stop(STOP_SECONDS * 0.4)
-    waited = time.time() - t0
-    fastpath.cleanup()  # first: when Ray's processes were signalled too, Ray may end this process any moment
-    if not clean:
-        # Ray's own processes were signalled too (a process-group SIGTERM: systemd's default, `kill -- -PGID`)
-        # and Serve's controller no longer answers: end them; ray.shutdown() would wait seconds for the dead.
-        _kill_local_ray()
-        progress(f"stopped in {time.time() - t0:.1f} s (Serve did not answer in {waited:.0f} s: ended its processes)")
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    if embedded():
+        # Our own Ray: nothing outlives it, so no graceful Serve shutdown (its replicas drain for seconds):
+        # HAProxy first (the port is free at once), then Ray and its processes.
+        fastpath.reap_haproxy()
+        if not _within(ray.shutdown, STOP_SECONDS * 0.4):
+            # Ray's own processes were signalled too (a process-group SIGTERM: systemd's default,
+            # `kill -- -PGID`) and are shutting down on their own, slowly: end them.
+            _exit_now(t0, "Ray's processes were signalled too: ended them")
+        fastpath.cleanup()
+        progress(f"stopped in {time.time() - t0:.1f} s")
+        return 0
+    if not stop(STOP_SECONDS * 0.8):
+        progress(f"Serve did not answer within {STOP_SECONDS * 0.8:.0f} s; its applications may still run")
     ray.shutdown()
     progress(f"stopped in {time.time() - t0:.1f} s")
     return 0

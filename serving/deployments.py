@@ -17,9 +17,10 @@ application's :class:`~unusual.config.ServeConfig` as a plain dict (``model_dump
 it again in the replica. What a request means is decided in :mod:`.handling`; this module only binds
 it to Serve (handles, user_config) and FastAPI (routes, responses).
 
-A new checkpoint for a model is a new ``user_config``: Serve calls ``ModelServer.reconfigure`` on the
-live replicas, which load the new bundle and swap it in one assignment; requests in flight finish on
-the bundle they started with, and every response names the model version that scored it.
+A model's checkpoint is its deployment's ``user_config``: ``ModelServer.reconfigure`` loads the bundle
+and swaps it in one assignment (requests in flight finish on the bundle they started with), whether
+Serve calls it on a live replica (a config file changing only the checkpoint) or on the new replicas
+of a redeploy; every response names the model version that scored it.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route signatures

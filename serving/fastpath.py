@@ -64,9 +64,10 @@ def fast_env(folder: str) -> dict[str, str]:
         # HAProxy balances by least connections, and a dead replica has none: it is picked again on each
         # retry until 3 observed errors mark it down. Retry past that.
         "RAY_SERVE_HAPROXY_RETRIES": "6",
-        # HAProxy runs beside the replicas, not behind a cloud load balancer that needs 30 s to
-        # notice a draining node: stop in seconds.
-        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+        # A replica being replaced (a new checkpoint, a redeploy) keeps answering this long after it is
+        # taken out of HAProxy's backends: 1 s lost requests under load while HAProxy reloaded; Serve's
+        # 30 s is for cloud load balancers. (unusual serve's own stop does not wait for it.)
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
         # Serve's default of 4 HAProxy threads contends with the replicas on a small machine (2 cores: p50
         # at one request in flight 8.6 -> 5.8 ms with 1 thread, measured with wrk).
         "RAY_SERVE_HAPROXY_NBTHREAD": str(max(1, min(4, (os.cpu_count() or 2) // 2))),
@@ -126,6 +127,12 @@ def cleanup() -> None:
     if folder is not None:
         reap(folder.name)
         folder.cleanup()
+
+
+def reap_haproxy() -> None:
+    """End any HAProxy running on this process's folder, keeping the folder (see :func:`cleanup`)."""
+    if _state["dir"] is not None:
+        reap(_state["dir"].name)
 
 
 def _using(folder: str) -> list[int]:

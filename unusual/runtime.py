@@ -178,6 +178,11 @@ def ensure_ray(address: str | None = None, **init_kwargs):
     return ray
 
 
+def embedded() -> bool:
+    """Whether this process started the local Ray it is connected to (:func:`ensure_ray`)."""
+    return bool(_state["embedded"])
+
+
 def quick_ray_train() -> None:
     """Ray Train settings for a run: its controller polls the workers every 0.5 s, not 2 s
     (seconds of fixed cost at the start and end of every run). On the local Ray a job started

@@ -84,7 +84,8 @@ def test_unusual_serve_answers_then_stops_within_10_s_of_a_group_sigterm(tmp_pat
     assert summary["url"] == f"http://127.0.0.1:{port}" and summary["models"] == {"ae": bundle}
     lines = err.strip().splitlines()
     assert lines[-1].startswith("[unusual] stopped in "), err
-    assert not _listening(port), f"something still listens on {port}"
+    listeners = subprocess.run(["ss", "-ltnp"], capture_output=True, text=True).stdout if _listening(port) else ""
+    assert not _listening(port), f"something still listens on {port}: {listeners}\n{err}"
     if summary["fast_path"]:
         assert lines[0].startswith("[unusual] fast path: HAProxy"), err
         assert len(folders) == 1, folders  # its HAProxy folder existed while it ran ...
