@@ -164,7 +164,7 @@ def test_a_bad_value_is_one_line_naming_the_flag(argv, message, capsys):
 
 
 def test_an_unknown_argument_names_itself():
-    with pytest.raises(ConfigError, match=r"^unknown argument 'replicas'; known: \['auth_token', "):
+    with pytest.raises(ConfigError, match=r"^unknown argument 'replicas'; known: \['access_log', 'auth_token', "):
         ServeConfig.validated({"models": "a=s3://x", "replicas": 2})
 
 
