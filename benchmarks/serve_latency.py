@@ -991,6 +991,12 @@ def run_scenario_wrk(server: Server, args, kind: str, conc: int, rows: int) -> d
            "error_samples": [], "client_cpu_seconds": round(client_cpu, 2), "body_bytes": len(bodies[0]),
            "bodies": 1, "wrk_cmd": [Path(cmd[0]).name] + cmd[1:-3] + ["<lua>", "<url>"],
            "wrk_text": parsed["text"]}
+    return _with_server_side(res, cpu0, cpu1, wall, sampler, replicas)
+
+
+def _with_server_side(res: dict, cpu0, cpu1, wall: float, sampler, replicas: list) -> dict:
+    """A scenario's result with what the server spent: CPU per process and per request, the measured
+    wall time, the load average after, and (when sampled) the replicas it ran."""
     per = _cpu_delta(cpu0, cpu1)
     res["server_cpu_seconds"] = round(sum(per.values()), 2)
     res["server_cpu_ms_per_request"] = round(1000 * res["server_cpu_seconds"] / max(res["ok"], 1), 2)
@@ -1076,16 +1082,7 @@ def run_scenario_aiohttp(server: Server, args, kind: str, conc: int, rows: int, 
     if problem or proc.returncode != 0 or res is None:
         return {"kind": kind, "concurrency": conc, "rows_per_request": rows if bulk else 1,
                 "error": problem or f"load generator exit {proc.returncode}", "stderr_tail": _tail(stderr, 30)}
-    per = _cpu_delta(cpu0, cpu1)
-    res["server_cpu_seconds"] = round(sum(per.values()), 2)
-    res["server_cpu_ms_per_request"] = round(1000 * res["server_cpu_seconds"] / max(res["ok"], 1), 2)
-    res["server_cpu_by_process"] = per
-    res["measured_wall_seconds"] = round(wall, 2)
-    res["load_average_after"] = loadavg()
-    if sampler:
-        res["replicas_max"] = max(replicas) if replicas else None
-        res["replicas_end"] = replicas[-1] if replicas else None
-    return res
+    return _with_server_side(res, cpu0, cpu1, wall, sampler, replicas)
 
 
 # =========================================================================== checks

@@ -135,7 +135,7 @@ def reap_haproxy() -> None:
         reap(_state["dir"].name)
 
 
-def _using(folder: str) -> list[int]:
+def processes_using(folder: str) -> list[int]:
     """The processes whose command line names ``folder`` (HAProxy runs with its config file there)."""
     pids = []
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
@@ -155,7 +155,7 @@ def reap(folder: str, grace: float = 2.0) -> list[int]:
     import signal
     import time
 
-    pids = _using(folder)
+    pids = processes_using(folder)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
             try:

@@ -19,6 +19,7 @@ import pytest
 import requests
 from unusual.models import Detector
 from unusual.ray_jobs import sample_data
+from unusual.serving.fastpath import processes_using
 
 STOP_SECONDS = 10
 
@@ -32,18 +33,6 @@ def _free_port() -> int:
 def _listening(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _using(folder: str) -> list[int]:
-    pids = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if folder.encode() in f.read():
-                    pids.append(int(entry))
-        except OSError:
-            continue
-    return pids
 
 
 @pytest.mark.slow
@@ -89,5 +78,5 @@ def test_unusual_serve_answers_then_stops_within_10_s_of_a_group_sigterm(tmp_pat
     if summary["fast_path"]:
         assert lines[0].startswith("[unusual] fast path: HAProxy"), err
         assert len(folders) == 1, folders  # its HAProxy folder existed while it ran ...
-        assert not os.path.exists(folders[0]) and not _using(folders[0])  # ... and is gone, with its HAProxy
+        assert not os.path.exists(folders[0]) and not processes_using(folders[0])  # ... and is gone, with its HAProxy
     assert not glob.glob(f"/tmp/unusual-*-{proc.pid}-*")
