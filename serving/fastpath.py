@@ -25,6 +25,10 @@ import socket
 
 FAST_ENV = "UNUSUAL_SERVE_FAST"  # 1: fast path, 0: Serve's default proxy, unset / auto: fast where HAProxy exists
 SWITCHES = ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED")
+# The pid of the process whose configure() wrote the per-instance variables. A child process (a test's
+# `unusual serve`, a script run by one) inherits them; were it to keep them, its Ray's HAProxy would
+# take over the parent's files and sockets (the parent's HAProxy reloaded onto the child's port).
+OWNER_ENV = "UNUSUAL_SERVE_HAPROXY_OWNER"
 
 _state: dict = {"dir": None}
 
@@ -93,7 +97,8 @@ def configure(fast: bool | None = None) -> tuple[bool, str]:
     """Set this process's environment for the Ray it is about to start: the fast path when ``fast``
     (or ``$UNUSUAL_SERVE_FAST``) asks for it or, by default, when an HAProxy binary exists; else
     Serve's default proxy. Returns (fast path on, a line saying which and why). Variables the user
-    set already are kept. Call it before ``ray.init``; it has no effect on a running cluster."""
+    set already are kept; those another unusual process set (inherited from a parent) are replaced.
+    Call it before ``ray.init``; it has no effect on a running cluster."""
     want = wanted(fast)
     if want is False:
         for key in SWITCHES:
@@ -111,11 +116,13 @@ def configure(fast: bool | None = None) -> tuple[bool, str]:
         from ..runtime import temp_dir
 
         _state["dir"] = temp_dir("hap")  # short: HAProxy's socket paths (+ a node id) must fit 97 bytes
+    inherited = os.environ.get(OWNER_ENV, str(os.getpid())) != str(os.getpid())
     for key, value in fast_env(_state["dir"].name).items():
-        if key in SWITCHES:
+        if key in SWITCHES or inherited:
             os.environ[key] = value
         else:
             os.environ.setdefault(key, value)
+    os.environ[OWNER_ENV] = str(os.getpid())
     return True, f"fast path: HAProxy ({binary}) straight to the model replicas, throughput-optimized Serve"
 
 

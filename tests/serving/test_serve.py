@@ -238,7 +238,8 @@ def _load(url: str, rows: list, stop: threading.Event, results: list, threads: i
         while not stop.is_set():
             try:
                 r = session.post(f"{url}{path}", json={"rows": rows}, timeout=30)
-                results.append((r.status_code, r.headers.get("X-Model-Version")))
+                ok = r.status_code == 200
+                results.append((r.status_code, r.headers.get("X-Model-Version") if ok else r.text[:300]))
             except requests.RequestException as e:
                 results.append((0, repr(e)))
 
