@@ -21,6 +21,7 @@ _EXPORTS = {
     "NotFittedError": "unusual.models.errors",
     "UnusualError": "unusual.models.errors",
     "SchemaError": "unusual.models.errors",
+    "ScoreError": "unusual.models.errors",
     "kinds": "unusual.models.registry",
     "register": "unusual.models.registry",
     "Scorer": "unusual.models.scorer",

@@ -35,3 +35,12 @@ class BundleVersionError(BundleError):
 
 class NotFittedError(UnusualError, RuntimeError):
     """A method that needs a fitted detector was called before ``fit``."""
+
+
+class ScoreError(UnusualError, ValueError):
+    """The model's score of a row is not finite. Scaled inputs are clipped, so this is not expected
+    from any input the schema accepts; it names the first such row (``rows`` holds them all)."""
+
+    def __init__(self, message: str, rows: list[int] | None = None):
+        super().__init__(message)
+        self.rows = rows or []

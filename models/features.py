@@ -10,8 +10,11 @@ per data block and merge the results without collecting data on one machine:
 2. :meth:`FeatureSchema.from_stats` turns merged statistics into the frozen
    schema that is stored in the checkpoint bundle and applied to every batch.
 
-The matrix layout is: every numeric column scaled to ``(x - center) / scale``,
-then every categorical column one-hot encoded over its vocabulary plus one
+The matrix layout is: every numeric column scaled to ``(x - center) / scale``
+(computed in float64 and clipped to ``±Z_LIMIT`` before it is stored as float32,
+so that no finite input, 1e308 included, can overflow the model into a NaN score:
+a value that far out is scored as if it were ``Z_LIMIT`` scales away, which is
+far past any threshold), then every categorical column one-hot encoded over its vocabulary plus one
 final "other" bucket (categories unseen at fit time, or too rare to keep).
 """
 
@@ -35,6 +38,9 @@ from .errors import SchemaError
 from .stats import FeatureStats
 
 OTHER_BUCKET = "__other__"
+# Scaled values are clipped to this many scales from the center: a row that far out is anomalous
+# whatever the model, and its squared errors (~1e12) stay finite in float32 (max ~3.4e38).
+Z_LIMIT = 1e6
 
 
 # --------------------------------------------------------------------------- the schema
@@ -183,9 +189,12 @@ class FeatureSchema:
             if c.kind == "numeric":
                 # (x - center) / scale in float64 in one reused buffer, then stored
                 # as float32; float columns are read without a copy of their own.
-                _centered(col, c.center, tmp)
-                if np.isfinite(np.add.reduce(tmp)):  # no NaN/inf/null (or an overflow): checked no further
-                    out[:, a] = np.divide(tmp, c.scale, out=tmp)
+                with np.errstate(over="ignore", invalid="ignore"):  # NaN / inf / overflow: looked at below
+                    _centered(col, c.center, tmp)
+                    total = np.add.reduce(tmp)
+                if np.isfinite(total):  # no NaN/inf/null (or an overflow): checked no further
+                    np.divide(tmp, c.scale, out=tmp)
+                    out[:, a] = np.clip(tmp, -Z_LIMIT, Z_LIMIT, out=tmp)
                     continue
                 x = as_float(col)
                 nonfinite = ~np.isfinite(x)
@@ -202,7 +211,8 @@ class FeatureSchema:
                             "NaN/inf/null",
                         )
                     x = np.where(nonfinite, c.center, x)
-                out[:, a] = (x - c.center) / c.scale
+                with np.errstate(over="ignore"):  # (x - center) / scale past float64's range: inf, clipped
+                    out[:, a] = np.clip((x - c.center) / c.scale, -Z_LIMIT, Z_LIMIT)
             else:
                 out[:, a:b] = 0.0
                 col = as_string(col)

@@ -14,6 +14,11 @@ Output columns, one row per input row, in input order:
 - ``error`` (string, only with ``errors="mask"``): why a row could not be scored
   (its other columns are null), for quarantine
 
+A score is never a silent NaN: inputs are clipped so that any finite value scores
+finite (:data:`unusual.models.features.Z_LIMIT`), and a row whose score is still not
+finite is an error (:class:`~unusual.models.errors.ScoreError` with ``errors="raise"``,
+quarantined with a reason with ``errors="mask"``).
+
 Sequence models (LSTM): rows are grouped per entity and ordered by time within
 a batch, and scored with the window of rows before them. With ``stream=True``
 (the default) the scorer remembers the last ``window`` rows of each entity of
@@ -29,6 +34,7 @@ import pyarrow as pa
 import torch
 
 from .bundle import Bundle, load_bundle
+from .errors import ScoreError
 from .registry import family
 from .tables import TOP_FEATURE_TYPE, to_table
 from .training import resolve_device
@@ -119,8 +125,15 @@ class Scorer:
         return results
 
     def scores(self, data) -> np.ndarray:
-        """Just the anomaly scores, shape (n,)."""
-        return self._score(to_table(data))[0]
+        """Just the anomaly scores, shape (n,); a score that is not finite raises :class:`ScoreError`
+        with ``errors="raise"`` (with ``errors="mask"`` a bad row's score is NaN)."""
+        scores, _, bad, _ = self._score(to_table(data))
+        nonfinite = ~np.isfinite(scores)
+        if bad is None and nonfinite.any():
+            _not_finite(scores, nonfinite, None, None)
+        if bad is not None:
+            scores = np.where(bad | nonfinite, np.nan, scores)
+        return scores
 
     # ----------------------------------------------------------------- internals
     @torch.inference_mode()
@@ -189,6 +202,11 @@ class Scorer:
 
     def _output(self, scores, terms, bad, reasons) -> pa.Table:
         n = scores.size
+        nonfinite = ~np.isfinite(scores)
+        if bad is not None:
+            nonfinite &= ~bad  # imputed rows are quarantined already
+        if nonfinite.any():
+            bad, reasons = _not_finite(scores, nonfinite, bad, reasons)
         contrib = terms if self._group is None else terms @ self._group  # (n, n_features)
         k = min(self.top_k, contrib.shape[1])
         idx, vals = top_k(contrib, k)
@@ -221,6 +239,18 @@ class Scorer:
                 n, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(v * n)
             )
         return self._version_col.slice(0, n)
+
+
+def _not_finite(scores: np.ndarray, rows: np.ndarray, bad, reasons):
+    """Rows whose score is NaN / inf: an error with ``errors="raise"`` (``bad is None``), else quarantined."""
+    at = np.flatnonzero(rows)
+    why = f"the model's score is not finite ({scores[at[0]]}); the row's values overflow the model"
+    if bad is None:
+        raise ScoreError(f"row {int(at[0])}: {why} ({at.size} row(s) in all)", at[:100].tolist())
+    bad = bad | rows
+    for r in at:
+        reasons[r] = f"{reasons[r]}; score: not finite" if reasons[r] else f"score: {why}"
+    return bad, reasons
 
 
 def _errors(bad: np.ndarray, reasons: list[str]) -> pa.Array:

@@ -164,6 +164,27 @@ def test_bad_rows_and_bad_files_go_to_the_quarantine_with_the_reason(ae, cardio,
     assert whole[0].column("source_file")[0].as_py().endswith("part-009.parquet")
 
 
+def test_extreme_finite_values_are_scored_and_flagged_not_lost(ae, cardio, s3_bucket):
+    """1e30 / 1e308 / the largest float64: finite, so scored (a finite, very high score) and flagged;
+    none quarantined, none NaN."""
+    t = cardio.slice(0, 300)
+    f03 = t.column("f03").to_numpy().copy()
+    extreme = {10: 1e30, 20: -1e30, 30: 1e308, 40: float(np.finfo(np.float64).max)}
+    for row, value in extreme.items():
+        f03[row] = value
+    t = t.set_column(t.column_names.index("f03"), "f03", pa.array(f03))
+    uri = put_shards(s3_bucket, "score/extreme", t, 2, row_group=100)
+    out = f"s3://{s3_bucket}/score/out/extreme"
+    summary = run(ScoreJob(checkpoint=ae[0], data=uri, output=out, keep_columns=["id"]))
+    assert summary["rows_in"] == summary["rows_scored"] == t.num_rows and summary["rows_quarantined"] == 0
+    scored = _read(out).sort_by("id")
+    scores = scored.column("anomaly_score").to_numpy()
+    assert np.isfinite(scores).all()
+    flagged = scored.column("is_anomaly").to_numpy(zero_copy_only=False)
+    assert flagged[list(extreme)].all()
+    assert scores[list(extreme)].min() > 1000 * ae[1].threshold_
+
+
 def test_lstm_scores_equal_in_memory_whatever_the_block_size(s3_bucket, ray_cluster):
     parts = []
     for name in ("nab_ec2_request_latency", "nab_machine_temperature"):
