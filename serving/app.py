@@ -28,11 +28,12 @@ import time
 
 from ray import serve
 
-from ..config import ServeConfig, ServeJob
+from ..config import ServeConfig, ServeJob, loopback
 from ..models.errors import UnusualError
 from ..runtime import ResourceError, embedded, ensure_ray, progress
 from . import fastpath
 from .deployments import Gateway, ModelServer
+from .handling import token_digest
 
 APP_NAME = "unusual"
 STOP_SECONDS = 10  # unusual serve stops within this after SIGINT / SIGTERM
@@ -100,7 +101,16 @@ def model_deployment(name: str, checkpoint: str, config: ServeConfig, args: dict
         graceful_shutdown_wait_loop_s=0.5,
         graceful_shutdown_timeout_s=5,
         logging_config=logging_config(config),
-    ).bind(name, args if args is not None else config.model_dump())
+    ).bind(name, args if args is not None else replica_args(config))
+
+
+def replica_args(config: ServeConfig) -> dict:
+    """What a replica is given: the config with its bearer token as a digest (the Ray dashboard shows
+    every deployment's arguments; the replicas compare digests, :func:`.handling.check_auth`)."""
+    args = config.model_dump()
+    if args.get("auth_token"):
+        args["auth_token"] = token_digest(args["auth_token"])
+    return args
 
 
 def logging_config(config: ServeConfig) -> dict:
@@ -126,7 +136,7 @@ def gateway_deployment(config: ServeConfig, models: dict):
         graceful_shutdown_wait_loop_s=0.5,
         graceful_shutdown_timeout_s=5,
         logging_config=logging_config(config),
-    ).bind(config.model_dump(), models)  # Serve resolves bound models inside the dict to handles
+    ).bind(replica_args(config), models)  # Serve resolves bound models inside the dict to handles
 
 
 def model_app_name(name: str, model: str) -> str:
@@ -150,7 +160,7 @@ def applications(config, name: str = APP_NAME, route_prefix: str = "/") -> list:
     targets, models = [], {}
     for model, uri in config.models.items():
         app = model_app_name(name, model)
-        bound = model_deployment(model, uri, config, args.model_dump())
+        bound = model_deployment(model, uri, config, replica_args(args))
         targets.append(serve.RunTarget(bound, name=app, route_prefix=model_route(route_prefix, model)))
         models[model] = (app, f"model-{model}")
     targets.append(serve.RunTarget(gateway_deployment(args, models), name=name, route_prefix=route_prefix))
@@ -337,6 +347,8 @@ def serve_forever(job: ServeJob) -> int:
     import ray
 
     config = job.app_config()
+    if job.insecure and not config.auth_token and not loopback(job.host):
+        progress(f"no token on {job.host} (--insecure): anyone who reaches port {job.port} can score")
     start(config, host=job.host, port=job.port, address=job.address, ready_timeout=None)
     summary = {"url": f"http://{job.host}:{job.port}", "models": config.models, "docs": "/docs",
                "fast_path": fastpath.is_on()}

@@ -27,6 +27,9 @@ class RequestError(Exception):
         self.message = message
 
 
+NESTED = "malformed JSON: nested deeper than the parser allows"
+
+
 def rows_to_table(body: bytes) -> pa.Table:
     """``{"rows": [{"column": value, ...}, ...]}`` -> an Arrow table, or a RequestError."""
 
@@ -39,6 +42,8 @@ def rows_to_table(body: bytes) -> pa.Table:
         raise
     except (ValueError, UnicodeDecodeError) as e:
         raise RequestError(400, f"malformed JSON: {e}") from None
+    except RecursionError:
+        raise RequestError(400, NESTED) from None
     if not isinstance(doc, dict) or "rows" not in doc:
         raise RequestError(422, 'the body must be a JSON object with a "rows" field: {"rows": [{...}, ...]}')
     rows = doc["rows"]
@@ -62,6 +67,8 @@ def rows_to_table(body: bytes) -> pa.Table:
     for k, values in columns.items():
         try:
             arrays[k] = pa.array(values)
+        except RecursionError:
+            raise RequestError(422, f"column {k!r} holds nested values; send numbers or strings") from None
         except (pa.ArrowInvalid, pa.ArrowTypeError):
             types = sorted({type(v).__name__ for v in values if v is not None})
             raise RequestError(422, f"column {k!r} mixes value types {types}; send one type per column") from None

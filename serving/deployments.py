@@ -260,9 +260,10 @@ class Gateway:
     async def submit_job(self, request: Request):
         try:
             self._authorize(request)
+            handling.check_jobs_allowed(self.config.auth_token, self.config.jobs_uri_prefixes)
             name, fields = handling.job_request(await self._body(request), self.models, self.config.default_model)
             info = await self._info(name)
-            cmd = handling.score_command(handling.score_job(info, fields))
+            cmd = handling.score_command(handling.score_job(info, fields, self.config.jobs_uri_prefixes))
         except RequestError as e:
             return _error(e)
         try:

@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
 import math
@@ -24,7 +26,7 @@ import pyarrow as pa
 
 from ..config import ConfigError, ScoreJob
 from ..models.errors import UnusualError
-from .codec import RequestError, body_to_table, media_type, scored_rows, table_to_body
+from .codec import NESTED, RequestError, body_to_table, media_type, scored_rows, table_to_body
 
 log = logging.getLogger("unusual.serve")
 
@@ -60,10 +62,51 @@ def error_answer(status: int, message: str) -> dict:
 # --------------------------------------------------------------------------- the gateway's checks
 
 
+DIGEST = "sha256:"
+
+
+def _sha256(text: str) -> str:
+    return DIGEST + hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def token_digest(token: str) -> str:
+    """``sha256:<hex>`` of a configured bearer token (a digest stays as it is): what the replicas are
+    given, so the token itself is in no deployment's arguments (the Ray dashboard shows them), and what
+    a Serve config file may hold instead of the token."""
+    return token if token.startswith(DIGEST) else _sha256(token)
+
+
 def check_auth(token: str | None, authorization: str | None) -> None:
-    """401 unless no token is configured or ``authorization`` is ``Bearer <token>``."""
-    if token and (authorization or "") != f"Bearer {token}":
+    """401 unless no token is configured or ``authorization`` is ``Bearer <token>``. ``token`` is the
+    token or its :func:`token_digest`; the presented token is always hashed (a digest presented as the
+    token does not pass) and the digests are compared in constant time."""
+    if not token:
+        return
+    scheme, _, given = (authorization or "").partition(" ")
+    presented = _sha256(given) if scheme == "Bearer" and given else ""
+    if not hmac.compare_digest(presented.encode(), token_digest(token).encode()):
         raise RequestError(401, UNAUTHORIZED)
+
+
+JOBS_NEED = (
+    "POST /v1/jobs is off: a job reads and writes storage with the cluster's credentials, so it needs a "
+    "token (--token) and the URI prefixes jobs may use (--jobs-uri-prefixes)"
+)
+
+
+def check_jobs_allowed(token: str | None, prefixes: Collection[str]) -> None:
+    """403 unless jobs are on: a token and at least one allowed URI prefix are configured."""
+    if not token or not prefixes:
+        raise RequestError(403, JOBS_NEED)
+
+
+def check_uri(field: str, uri: str, prefixes: Collection[str]) -> None:
+    """403 unless ``uri`` is one of ``prefixes`` or lies under one (a prefix is a folder: ``s3://b/x``
+    does not admit ``s3://b/x-other``; no ``..`` step out of it)."""
+    parts = uri.replace("\\", "/").split("/")
+    inside = any(uri == p.rstrip("/") or uri.startswith(p.rstrip("/") + "/") for p in prefixes)
+    if ".." in parts or not inside:
+        raise RequestError(403, f"field {field!r}: {uri!r} is outside the allowed URI prefixes {sorted(prefixes)}")
 
 
 def check_model(name: str, names: Collection[str]) -> None:
@@ -289,8 +332,10 @@ def job_request(body: bytes, names: Collection[str], default: str | None) -> tup
     """``{"model": name, "data": URI, "output": URI, ...}`` -> (the model's name, the scoring job's fields)."""
     try:
         doc = json.loads(body or b"null")
-    except ValueError as e:
+    except (ValueError, UnicodeDecodeError) as e:
         raise RequestError(400, f"malformed JSON: {e}") from None
+    except RecursionError:
+        raise RequestError(400, NESTED) from None
     if not isinstance(doc, dict):
         raise RequestError(422, 'send {"model": name, "data": URI, "output": URI, "keep_columns": [...]}')
     unknown = sorted(set(doc) - set(JOB_FIELDS))
@@ -303,8 +348,9 @@ def job_request(body: bytes, names: Collection[str], default: str | None) -> tup
     return name, fields
 
 
-def score_job(info: dict, fields: dict) -> ScoreJob:
-    """The scoring job of a request's ``fields`` on the model described by ``info`` (:func:`model_info`)."""
+def score_job(info: dict, fields: dict, prefixes: Collection[str] = ()) -> ScoreJob:
+    """The scoring job of a request's ``fields`` on the model described by ``info`` (:func:`model_info`);
+    its ``data`` and ``output`` must lie under one of ``prefixes``."""
     if not info.get("ready"):
         raise RequestError(503, f"model {info['name']} is still loading")
     try:
@@ -314,6 +360,7 @@ def score_job(info: dict, fields: dict) -> ScoreJob:
     for key in ("data", "output"):
         if not getattr(request, key).strip():
             raise RequestError(422, f"field {key!r}: a Parquet URI is needed; got ''")
+        check_uri(key, getattr(request, key), prefixes)
     return request
 
 

@@ -29,7 +29,8 @@ REQUIRED = {
     "demo": [],
 }
 # Flags that only make sense together with another one.
-COMPANIONS = {("evaluate", "entity_column"): ["--time-column", "ts"], ("serve", "default_model"): ["--models", "b=s3://b/b"]}
+COMPANIONS = {("evaluate", "entity_column"): ["--time-column", "ts"], ("serve", "default_model"): ["--models", "b=s3://b/b"],
+              ("serve", "host"): ["--insecure"]}
 
 
 def other_value(cls, name: str, tmp_path: Path) -> tuple[list[str], object]:
@@ -153,9 +154,12 @@ def test_every_field_is_read_by_its_job(command):
          "unusual serve: error: --checkpoint: two models named 'a' (s3://x and s3://y); name them NAME=URI"),
         (["serve", "--checkpoint", "/nonexistent/bundle"],
          "unusual serve: error: --checkpoint: no bundle at /nonexistent/bundle: manifest.json not found"),
+        (["serve", "--checkpoint", "a=s3://x", "--host", "0.0.0.0"],
+         "unusual serve: error: --host 0.0.0.0 is reachable beyond this machine and no token is set: anyone who "
+         "reaches it could score with your models. Set --token (or $UNUSUAL_SERVE_TOKEN), or pass --insecure"),
     ],
     ids=["range", "clash", "entity-needs-time", "config-file", "param", "model-name", "param-yaml", "same-name",
-         "no-bundle"],
+         "no-bundle", "host-without-token"],
 )
 def test_a_bad_value_is_one_line_naming_the_flag(argv, message, capsys):
     assert cli.main(argv) == 2

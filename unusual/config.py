@@ -221,6 +221,12 @@ class ServeConfig(JobConfig):
     ray_address: str | None = opt(
         None, "dashboard address for POST /v1/jobs (default: $RAY_DASHBOARD_ADDRESS, else this cluster)"
     )
+    jobs_uri_prefixes: CSV = opt(
+        [],
+        "URI prefixes POST /v1/jobs may read from and write to, e.g. s3://bucket/scoring/ (with a token; "
+        "none: POST /v1/jobs is off)",
+        metavar="A,B",
+    )
 
     @field_validator("models")
     @classmethod
@@ -245,12 +251,34 @@ class ServeConfig(JobConfig):
         return self
 
 
+def loopback(host: str) -> bool:
+    """Whether ``host`` is this machine only (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: it may resolve anywhere
+        return False
+
+
 class ServeJob(ServeConfig):
     """Start the Ray Serve endpoint (online JSON + bulk Arrow / Parquet scoring)."""
 
     host: str = opt("127.0.0.1", "bind address")
     port: int = opt(8000, "HTTP port", ge=1, le=65535)
     address: str | None = opt(None, "Ray cluster address (default: RAY_ADDRESS, or start a local Ray)")
+    insecure: bool = opt(False, "allow a --host beyond this machine without a token")
+
+    @model_validator(mode="after")
+    def _reachable_only_with_a_token(self):
+        if not self.auth_token and not self.insecure and not loopback(self.host):
+            raise ValueError(
+                f"--host {self.host} is reachable beyond this machine and no token is set: anyone who reaches "
+                f"it could score with your models. Set --token (or ${TOKEN_ENV}), or pass --insecure"
+            )
+        return self
 
     def app_config(self) -> ServeConfig:
         """The application's own arguments (what a Serve config file would pass)."""

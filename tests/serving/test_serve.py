@@ -9,6 +9,7 @@ the endpoint, the batch job and the Python API share one ``Scorer``.
 from __future__ import annotations
 
 import io
+import json
 import socket
 import threading
 import time
@@ -19,6 +20,8 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import pytest
 import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from unusual.models import Detector
 from unusual.ray_jobs import sample_data
 
@@ -103,6 +106,20 @@ def test_health_readiness_and_model_listing(server, bundles):
     versions = {m["name"]: m["model_version"] for m in listing["models"]}
     assert versions == {"ae": dets["ae"].version, "vae": dets["vae"].version, "lstm": dets["lstm"].version}
     assert requests.get(f"{url}/openapi.json").json()["info"]["version"] == "v1"
+
+
+@pytest.mark.parametrize("kind", ["ae", "vae"])
+def test_extreme_finite_values_are_flagged_online(server, bundles, cardio, kind):
+    url, _ = server
+    det = bundles[0][kind]
+    rows = _rows(cardio.slice(0, 4))
+    for row, value in zip(rows, (1e30, -1e30, 1e308, float(np.finfo(np.float64).max))):
+        row["f02"] = value
+    r = requests.post(f"{url}/v1/models/{kind}/score", json={"rows": rows})
+    assert r.status_code == 200, r.text
+    out = r.json()["rows"]
+    assert all(o["is_anomaly"] is True and o["anomaly_score"] > 1000 * det.threshold_ for o in out), out
+    assert [o["top_features"][0]["feature"] for o in out] == ["f02"] * 4
 
 
 @pytest.mark.parametrize("kind", ["ae", "vae"])
@@ -207,6 +224,9 @@ def test_bad_requests_get_a_4xx_naming_the_field(server, cardio, route):
     assert code == 404 and "no model named 'nope'" in msg
     code, msg = post(data=b"abc", headers={"Content-Type": "text/csv"})
     assert code == 415 and "unsupported Content-Type 'text/csv'" in msg
+    deep = b"[" * 5000 + b"]" * 5000
+    assert post(data=deep, headers={"Content-Type": "application/json"}) == (
+        400, "malformed JSON: nested deeper than the parser allows")
 
 
 def test_bearer_token(ray_cluster, server, bundles, cardio):
@@ -330,30 +350,70 @@ def test_autoscaling_from_one_to_two_replicas_and_back(server, cardio):
     assert _running("unusual-vae", "model-vae") == 1, "did not scale back to 1 replica"
 
 
-def test_batch_job_route_submits_a_scoring_job_and_reports_its_status(server, bundles, cardio, tmp_path):
+def test_batch_job_route_is_off_without_a_token_and_uri_prefixes(server, tmp_path):
     url, _ = server
-    data = tmp_path / "data.parquet"
-    pq.write_table(cardio.append_column("id", pa.array(np.arange(cardio.num_rows))), data)
-    out = tmp_path / "scores"
-    r = requests.post(
-        f"{url}/v1/jobs", json={"model": "vae", "data": str(data), "output": str(out), "keep_columns": ["id"]}
-    )
-    assert r.status_code == 200, r.text
-    job = r.json()
-    assert job["model_version"] == bundles[0]["vae"].version
-    deadline, status = time.time() + 180, None
-    while time.time() < deadline:
-        status = requests.get(f"{url}/v1/jobs/{job['job_id']}").json()["status"]
-        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
-            break
-        time.sleep(1)
-    assert status == "SUCCEEDED", requests.get(f"{url}/v1/jobs/{job['job_id']}").json()
-    assert pq.read_table(out).num_rows == cardio.num_rows
-    assert requests.get(f"{url}/v1/jobs/raysubmit_nope").status_code == 404
-    r = requests.post(f"{url}/v1/jobs", json={"model": "vae", "output": str(out)})
-    assert r.status_code == 422 and r.json()["error"] == "field 'data': Field required"
-    r = requests.post(f"{url}/v1/jobs", json={"model": ["vae"], "data": str(data), "output": str(out)})
-    assert r.status_code == 422 and r.json()["error"].startswith("field 'model': no model named ['vae']; models: [")
+    r = requests.post(f"{url}/v1/jobs", json={"model": "vae", "data": str(tmp_path), "output": str(tmp_path / "o")})
+    assert r.status_code == 403 and r.json()["error"].startswith("POST /v1/jobs is off: a job reads and writes")
+
+
+def test_batch_job_route_submits_a_scoring_job_under_its_prefixes(server, bundles, cardio, tmp_path):
+    from unusual.serving.app import remove, start
+
+    from unusual.config import ServeConfig
+
+    url, _ = server
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    settings = ServeConfig(models={"vae": bundles[1]["vae"]}, auth_token="j0bs", jobs_uri_prefixes=[str(allowed)],
+                           num_cpus=0.1, max_replicas=1)
+    port = int(url.rsplit(":", 1)[1])
+    jobs = start(settings, port=port, name="jobs", route_prefix="/jobs", ready_timeout=120)
+    auth = {"Authorization": "Bearer j0bs"}
+    try:
+        data = allowed / "data.parquet"
+        pq.write_table(cardio.append_column("id", pa.array(np.arange(cardio.num_rows))), data)
+        out = allowed / "scores"
+        body = {"model": "vae", "data": str(data), "output": str(out), "keep_columns": ["id"]}
+        assert requests.post(f"{jobs}/v1/jobs", json=body).status_code == 401
+        for field, uri in (("data", str(tmp_path / "other.parquet")), ("output", f"{allowed}-x/out"),
+                           ("output", f"{allowed}/../escaped")):
+            r = requests.post(f"{jobs}/v1/jobs", json={**body, field: uri}, headers=auth)
+            assert r.status_code == 403, r.text
+            assert r.json()["error"] == f"field {field!r}: {uri!r} is outside the allowed URI prefixes {[str(allowed)]}"
+        r = requests.post(f"{jobs}/v1/jobs", json=body, headers=auth)
+        assert r.status_code == 200, r.text
+        job = r.json()
+        assert job["model_version"] == bundles[0]["vae"].version
+        deadline, status = time.time() + 180, None
+        while time.time() < deadline:
+            status = requests.get(f"{jobs}/v1/jobs/{job['job_id']}", headers=auth).json()["status"]
+            if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+                break
+            time.sleep(1)
+        assert status == "SUCCEEDED", requests.get(f"{jobs}/v1/jobs/{job['job_id']}", headers=auth).json()
+        assert pq.read_table(out).num_rows == cardio.num_rows
+        assert requests.get(f"{jobs}/v1/jobs/raysubmit_nope", headers=auth).status_code == 404
+        r = requests.post(f"{jobs}/v1/jobs", json={"model": "vae", "output": str(out)}, headers=auth)
+        assert r.status_code == 422 and r.json()["error"] == "field 'data': Field required"
+        r = requests.post(f"{jobs}/v1/jobs", json={**body, "model": ["vae"]}, headers=auth)
+        assert r.status_code == 422 and r.json()["error"].startswith("field 'model': no model named ['vae']; models: [")
+    finally:
+        remove(settings, "jobs")
+
+
+def test_the_token_is_in_no_deployment_argument():
+    """The replicas get the token's digest: their arguments are kept by Serve's controller and shown
+    for config-file applications by the dashboard. A config file may hold the digest itself."""
+    from unusual.serving.app import applications, build
+    from unusual.serving.handling import token_digest
+
+    from unusual.config import ServeConfig
+
+    settings = ServeConfig(models={"ae": "/nowhere/ae", "vae": "/nowhere/vae"}, auth_token="s3cret-t0ken")
+    bound = [t.target._bound_deployment for t in applications(settings, "tok", "/tok")]
+    bound.append(build(settings)._bound_deployment)
+    args = repr([b._replica_config.init_args for b in bound])
+    assert "s3cret-t0ken" not in args and args.count(token_digest("s3cret-t0ken")) == len(bound)
 
 
 def test_prometheus_metrics_count_rows_by_model_version(server, bundles, cardio):
@@ -535,3 +595,57 @@ def test_a_replica_killed_under_load_fails_no_request(server, bundles, cardio):
     finally:
         remove(settings, "spare")
         assert "spare-ae" not in serve.status().applications
+
+
+# --------------------------------------------------------------------------- fuzzing
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5),
+    max_leaves=30,
+)
+_CTYPES = st.sampled_from(["application/json", "application/json; charset=utf-8", "", "text/plain",
+                           "application/vnd.apache.arrow.stream", "application/vnd.apache.parquet",
+                           "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"])
+
+
+def _bodies(cardio: pa.Table):
+    row = _rows(cardio.slice(0, 1))[0]
+    names = list(row)
+    rows_like = st.fixed_dictionaries({"rows": st.lists(
+        st.dictionaries(st.sampled_from(names + ["zz", ""]), _JSON, max_size=len(names) + 1), max_size=4)})
+    mutated = st.fixed_dictionaries({"rows": st.lists(st.builds(
+        lambda k, v: {**row, k: v}, st.sampled_from(names), _JSON), min_size=1, max_size=3)})
+    as_json = st.one_of(_JSON, rows_like, mutated).map(lambda d: json.dumps(d).encode())
+    return st.one_of(as_json, st.binary(max_size=300),
+                     st.integers(1, 20_000).map(lambda n: b"[" * n + b"]" * n),
+                     st.integers(1, 20_000).map(lambda n: b'{"rows":' + b"[" * n))
+
+
+@pytest.mark.parametrize("path", ["/v1/models/ae/score", "/v1/score", "/v1/models/lstm/score", "/v1/jobs"])
+def test_fuzzed_bodies_and_content_types_never_get_a_5xx_or_hang(server, cardio, path):
+    url, _ = server
+    session = requests.Session()
+    seen = {}
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(body=_bodies(cardio), ctype=_CTYPES, extra=st.dictionaries(
+        st.sampled_from(["Content-Encoding", "Authorization", "X-Foo", "Accept"]),
+        st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=20), max_size=2))
+    def check(body, ctype, extra):
+        headers = {"Content-Type": ctype, **extra}
+        t0 = time.perf_counter()
+        try:
+            r = session.post(f"{url}{path}", data=body, headers=headers, timeout=20)
+        except requests.RequestException as e:  # a header the client itself refuses to send is not ours
+            assert "Content-Encoding" in extra, repr(e)
+            return
+        took = time.perf_counter() - t0
+        seen[r.status_code] = seen.get(r.status_code, 0) + 1
+        assert r.status_code < 500, (r.status_code, r.text[:300], body[:200], headers)
+        assert took < 10, took
+        if r.status_code >= 400:
+            assert "error" in r.json() or r.status_code in (404, 405), r.text[:300]
+
+    check()
+    assert seen, "no request was sent"
