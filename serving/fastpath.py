@@ -132,7 +132,7 @@ def cleanup() -> None:
     remove the folder."""
     folder, _state["dir"] = _state["dir"], None
     if folder is not None:
-        reap(folder.name)
+        reap(folder.name, environ=True)
         folder.cleanup()
 
 
@@ -142,27 +142,35 @@ def reap_haproxy() -> None:
         reap(_state["dir"].name)
 
 
-def processes_using(folder: str) -> list[int]:
-    """The processes whose command line names ``folder`` (HAProxy runs with its config file there)."""
-    pids = []
+def processes_using(folder: str, environ: bool = False) -> list[int]:
+    """The processes that name ``folder`` in their command line (HAProxy runs with its config file
+    there) or, with ``environ``, in their environment (every process of the Ray this process started
+    inherited the folder's paths: a worker that outlived its raylet could still write HAProxy files
+    there after the folder was removed)."""
+    pids, needle = [], folder.encode()
+    parts = ("cmdline", "environ") if environ else ("cmdline",)
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if entry.isdigit() and int(entry) != os.getpid():
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        for part in parts:
             try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if folder.encode() in f.read():
+                with open(f"/proc/{entry}/{part}", "rb") as f:
+                    if needle in f.read():
                         pids.append(int(entry))
+                        break
             except OSError:
-                continue
+                break
     return pids
 
 
-def reap(folder: str, grace: float = 2.0) -> list[int]:
+def reap(folder: str, grace: float = 2.0, environ: bool = False) -> list[int]:
     """SIGTERM, then SIGKILL after ``grace`` s, the processes using ``folder`` (ours: the folder is
-    this process's own temporary folder); returns their pids."""
+    this process's own temporary folder; ``environ``: see :func:`processes_using`); returns the pids
+    still there."""
     import signal
     import time
 
-    pids = processes_using(folder)
+    pids = processes_using(folder, environ)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
             try:
