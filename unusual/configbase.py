@@ -192,16 +192,52 @@ def describe(cls: type[JobConfig], e: ValidationError) -> str:
     return "; ".join(parts)
 
 
+USER_ERRORS = (UnusualError, FileNotFoundError, ValueError, TypeError)
+
+
+def remote_cause(e: BaseException) -> BaseException | None:
+    """The error a Ray task or actor raised, for the error Ray raises in the driver (a ``RayTaskError``,
+    whose text is the whole remote traceback); None for any other error. (No Ray import: by name.)"""
+    if any(k.__name__ == "RayTaskError" for k in type(e).__mro__):
+        cause = getattr(e, "cause", None)
+        return cause if isinstance(cause, BaseException) else None
+    return None
+
+
+def one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+STORAGE_MODULES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "adlfs", "urllib3", "requests", "aiohttp")
+
+
+def infrastructure(e: BaseException) -> bool:
+    """An error of the storage or the network (an outage, a timeout), not of the job's code."""
+    return isinstance(e, (OSError, TimeoutError)) or type(e).__module__.split(".")[0] in STORAGE_MODULES
+
+
 def guarded(command: str, fn) -> int:
-    """Run ``fn()``; an error of the user's making is one line on stderr and exit status 2, not a traceback."""
+    """Run ``fn()``; an error of the user's making is one line on stderr and exit status 2, not a
+    traceback; so is one a Ray task or actor raised. An error of the storage or the network (an outage
+    mid-job), here or in a Ray worker, is one line naming what failed, with exit status 1. Anything
+    else is a bug: its traceback."""
     try:
         return fn()
-    except (UnusualError, FileNotFoundError, ValueError, TypeError) as e:
-        print(f"unusual {command}: error: {e}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # `unusual info … | head`: the reader left; no traceback for that
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as e:
+        cause = remote_cause(e)
+        if cause is None and isinstance(e, USER_ERRORS):
+            print(f"unusual {command}: error: {e}", file=sys.stderr)
+            return 2
+        err, where = (cause, "in a Ray worker: ") if cause is not None else (e, "")
+        if infrastructure(err) or isinstance(err, USER_ERRORS):  # else a bug: its traceback
+            kind = "" if isinstance(err, UnusualError) else f"{type(err).__name__}: "
+            print(f"unusual {command}: error: {where}{kind}{one_line(err)}", file=sys.stderr)
+            return 2 if isinstance(err, USER_ERRORS) and not infrastructure(err) else 1
+        raise
 
 
 VERBOSE_HELP = "show Ray's own log lines and detailed progress (default: only unusual's progress and result)"

@@ -27,8 +27,12 @@ _state = {"verbose": None, "embedded": False}
 
 
 def set_verbose(on: bool | None) -> None:
-    """``-v``: Ray's own lines are shown (True) or filtered (False); None follows ``UNUSUAL_VERBOSE``."""
+    """``-v``: Ray's own lines are shown (True) or filtered (False); None follows ``UNUSUAL_VERBOSE``.
+    Quiet, the driver does not log the tracebacks of failed tasks nobody waited for (a job that fails
+    says why in one line; Ray logged every other failed task of it, each with its remote traceback)."""
     _state["verbose"] = on
+    if not verbose():
+        os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
 
 
 def verbose() -> bool:

@@ -196,13 +196,6 @@ def test_score_while_connections_stall(jobs, proxy, bundle, data_uri, cardio, s3
         resume_clean(bundle, data_uri, out, cardio.num_rows)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: a storage error inside a scoring actor reaches the driver as a RayTaskError (wrapping "
-    "botocore's EndpointConnectionError, or a misleading FileNotFoundError for a file that exists), which "
-    "`unusual score` prints as a traceback (22-170 lines) instead of one line "
-    "(the outage itself is handled: no summary, whole parts, the rerun resumes)",
-)
 def test_score_through_an_outage_fails_in_one_line_and_commits_nothing(
     jobs, proxy, bundle, data_uri, cardio, s3_bucket
 ):
@@ -223,9 +216,9 @@ def test_score_through_an_outage_fails_in_one_line_and_commits_nothing(
         assert json.loads(meta.metadata[b"unusual"])["scored"] == meta.num_rows, p
     lines = logs.splitlines()
     print(f"\nscore, outage: FAILED after {seconds:.1f} s, {len(lines)} log lines, {faults(proxy)}; last: {lines[-1]}")
-    resume_clean(bundle, data_uri, out, cardio.num_rows)
     outcome = check_score_outcome(out, status, logs, cardio.num_rows, proxy)
     print(f"\nscore, outage: {outcome}; {faults(proxy)}; {seconds:.1f} s")
+    resume_clean(bundle, data_uri, out, cardio.num_rows)
 
 
 def test_train_while_connections_are_reset(jobs, proxy, data_uri, cardio, s3_bucket):
