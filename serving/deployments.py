@@ -206,8 +206,23 @@ class Gateway:
         except RequestError as e:
             return _error(e)
         ctype = request.headers.get("content-type", "application/json")
-        r = await self._handle(name).handle.remote(body, ctype)
+        r = await self._forward(name, body, ctype)
         return Response(r["body"], status_code=r["status"], media_type=r["media_type"], headers=r.get("headers"))
+
+    async def _forward(self, name: str, body: bytes, ctype: str, tries: int = 5) -> dict:
+        """The model's answer to a request. ``handle`` answers every request, bad ones included, so a
+        call that raises met a replica that stopped (a swap rolling the replicas, a scale-down) or died:
+        scoring has no side effects, so it is sent again, then a 503 (never a 500)."""
+        import asyncio
+
+        for attempt in range(tries):
+            try:
+                return await self._handle(name).handle.remote(body, ctype)
+            except Exception as e:  # noqa: BLE001 - Ray's errors for a replica gone
+                last = e
+                await asyncio.sleep(0.05 * 2**attempt)
+        log.warning("model %s: no replica answered (%s: %s)", name, type(last).__name__, last)
+        return handling.error_answer(503, f"model {name} is unavailable right now ({type(last).__name__}); retry")
 
     async def _info(self, name: str, timeout: float = 2.0) -> dict:
         """What the model's replica says of itself; not ready while it has no replica answering."""
