@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import s3fs
@@ -15,3 +16,11 @@ def put_shards(bucket: str, prefix: str, table: pa.Table, n: int, row_group: int
         with fs.open(f"{bucket}/{prefix}/part-{i:03d}.parquet", "wb") as f:
             pq.write_table(table.slice(i * step, step), f, row_group_size=row_group)
     return f"s3://{bucket}/{prefix}"
+
+
+def cardio_with_ids() -> pa.Table:
+    """The shipped cardio data with an int64 ``id`` column (0..n-1): the batch tests' input."""
+    from unusual.ray_jobs import sample_data
+
+    t = sample_data.load("cardio")
+    return t.append_column("id", pa.array(np.arange(t.num_rows, dtype=np.int64)))

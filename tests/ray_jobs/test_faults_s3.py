@@ -25,9 +25,8 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 from faultproxy import FaultProxy
-from s3kit import put_shards
+from s3kit import cardio_with_ids, put_shards
 from unusual.models import BundleError, Detector
-from unusual.ray_jobs import sample_data
 from unusual.ray_jobs.score import ScoreJob, run
 
 JOB_DEADLINE_S = 90  # a job that has not ended by then is stopped and the test fails (a hang)
@@ -40,8 +39,7 @@ STALL_S = 10.0  # 5x that read timeout: a stalled connection ends when the clien
 
 @pytest.fixture(scope="module")
 def cardio() -> pa.Table:
-    t = sample_data.load("cardio")
-    return t.append_column("id", pa.array(np.arange(t.num_rows, dtype=np.int64)))
+    return cardio_with_ids()
 
 
 @pytest.fixture(scope="module")

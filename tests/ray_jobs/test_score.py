@@ -17,7 +17,7 @@ import pyarrow.compute  # noqa: F401
 import pyarrow.parquet as pq
 import pytest
 import s3fs
-from s3kit import put_shards
+from s3kit import cardio_with_ids, put_shards
 from unusual.models import Detector, SchemaError
 from unusual.models.errors import UnusualError
 from unusual.models.metrics import roc_auc
@@ -37,8 +37,7 @@ def _read(uri: str) -> pa.Table:
 
 @pytest.fixture(scope="module")
 def cardio() -> pa.Table:
-    t = sample_data.load("cardio")
-    return t.append_column("id", pa.array(np.arange(t.num_rows, dtype=np.int64)))
+    return cardio_with_ids()
 
 
 @pytest.fixture(scope="module")
