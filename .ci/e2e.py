@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,17 +29,13 @@ from pathlib import Path
 
 from unusual.serving import fastpath
 
+from unusual.runtime import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 MODEL = "s3://unusual/e2e/models/ae"
 SCORES = "s3://unusual/e2e/scores/ae"
 DATA = "s3://unusual/sample/cardio"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def temp_dirs() -> set[str]:

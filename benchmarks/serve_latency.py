@@ -52,7 +52,6 @@ import os
 import queue
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -570,12 +569,6 @@ def batch_worker(argv: list[str]) -> int:
 
 
 # =========================================================================== process management (harness)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tail(text: str, n: int) -> str:
@@ -1564,7 +1557,9 @@ def main() -> int:
         run_loop("before")
 
     for name in servers:
-        port = _free_port()
+        from unusual.runtime import free_port
+
+        port = free_port()
         cmd = server_cmd(name, args, bundle, port)
         srv_rec: dict = {"app": SERVERS[name][0] if SERVERS[name] else None,
                          "fast_path_requested": SERVERS[name][1] if SERVERS[name] else None,

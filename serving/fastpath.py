@@ -21,7 +21,8 @@ ports, so two ``unusual serve`` on one machine never share Serve's fixed default
 from __future__ import annotations
 
 import os
-import socket
+
+from ..runtime import free_port
 
 FAST_ENV = "UNUSUAL_SERVE_FAST"  # 1: fast path, 0: Serve's default proxy, unset / auto: fast where HAProxy exists
 SWITCHES = ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED")
@@ -41,12 +42,6 @@ def haproxy_binary() -> str | None:
         return _resolve_haproxy_binary()
     except Exception:  # noqa: BLE001 - FileNotFoundError, or a Ray without HAProxy support
         return None
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def fast_env(folder: str) -> dict[str, str]:

@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ import pyarrow.compute as pc
 
 from .models.registry import family
 from .ray_jobs import sample_data
-from .runtime import ensure_ray
+from .runtime import ensure_ray, free_port
 
 BUCKET = "unusual-demo"
 SERIES = ("nab_ec2_request_latency", "nab_machine_temperature")
@@ -38,12 +37,6 @@ SERIES = ("nab_ec2_request_latency", "nab_machine_temperature")
 
 def _say(step: str, msg: str) -> None:
     print(f"[demo {step}] {msg}", file=sys.stderr, flush=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _put(fs, prefix: str, table: pa.Table, shards: int) -> str:
@@ -180,7 +173,7 @@ def _serve_and_request(bundles: dict, data: dict, scored: dict) -> dict:
     from .ray_jobs.local_io import filesystem
     from .serving.app import start
 
-    url = start(ServeConfig(models=bundles, default_model="ae", num_cpus=0.2), port=_free_port(), ready_timeout=180)
+    url = start(ServeConfig(models=bundles, default_model="ae", num_cpus=0.2), port=free_port(), ready_timeout=180)
 
     def batch_scores(kind: str) -> pa.Table:
         pafs, path, _ = filesystem(scored[kind][0])

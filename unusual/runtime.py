@@ -199,6 +199,40 @@ def quick_ray_train() -> None:
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
+# --------------------------------------------------------------------------- ports
+
+
+def free_port(host: str = "0.0.0.0") -> int:
+    """A TCP port nothing listens on now, for a server started a moment later (an HAProxy stats port,
+    a test's ``unusual serve``).
+
+    Chosen at random *below* the kernel's ephemeral range (``net.ipv4.ip_local_port_range``) and above
+    Ray's worker ports (10002-19999): a port the kernel handed out for ``bind(0)`` would be free now
+    but could be handed out again (to one of the many gRPC servers and clients a Ray starts) before
+    our server binds it, which CI met as HAProxy's "cannot bind socket (Address already in use)".
+    Falls back to the kernel's choice where the range leaves no room."""
+    import random
+    import socket
+
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.SystemRandom()  # not the seeded global generator: two processes must not agree
+    for _ in range(200 if low - 1 > 20000 else 0):
+        port = rng.randrange(20000, low)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 # --------------------------------------------------------------------------- temporary folders
 
 

@@ -21,13 +21,9 @@ from unusual.models import Detector
 from unusual.ray_jobs import sample_data
 from unusual.serving.fastpath import processes_using
 
+from unusual.runtime import free_port as _free_port
+
 STOP_SECONDS = 10
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _listening(port: int) -> bool:

@@ -25,13 +25,9 @@ from hypothesis import strategies as st
 from unusual.models import Detector
 from unusual.ray_jobs import sample_data
 
+from unusual.runtime import free_port as _free_port
+
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
