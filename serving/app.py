@@ -15,8 +15,12 @@ unusual.serving.app:build_app models=ae=s3://… max_batch_size=8``, ``serve dep
 ``args``. It builds one application (the gateway in front of the model deployments: two hops).
 
 A new checkpoint for a model: ``start`` again with the changed config (or deploy the changed config
-file). Serve replaces the replicas one by one; each old one keeps answering until HAProxy (or the
-proxy) no longer sends it requests, so no request fails (tests/serving: a swap under load).
+file). The checkpoint is the model deployment's ``user_config``: its running replicas load the new
+bundle in place (``ModelServer.reconfigure``) and keep answering, so no request fails (tests/serving:
+a swap under load). Every deployment ``start`` deploys carries a version made of its code and its
+arguments (:func:`pinned`), so a deployment whose code and arguments did not change (the gateway,
+the other models) is left running; Serve's imperative API would otherwise roll every replica of
+every application on each ``start``, and requests met the gateway draining with no successor up.
 """
 
 # No `from __future__ import annotations` here: Serve reads build_app's annotation (a class) to
@@ -80,16 +84,53 @@ def check_cluster(config: ServeConfig, resources: dict) -> None:
 # --------------------------------------------------------------------------- building the application
 
 
+def _code_digest() -> str:
+    """A digest of the code the replicas run (this package's models and serving modules)."""
+    import hashlib
+    import pathlib
+
+    if not _CODE:
+        h = hashlib.sha256()
+        root = pathlib.Path(__file__).resolve().parents[1]
+        for path in sorted([*root.joinpath("serving").glob("*.py"), *root.joinpath("models").glob("*.py")]):
+            h.update(path.name.encode() + b"\0" + path.read_bytes())
+        _CODE.append(h.hexdigest())
+    return _CODE[0]
+
+
+_CODE: list = []
+
+
+def pinned(deployment, *args):
+    """``deployment`` with a version of its own: the code it runs and its arguments ``args``.
+
+    Serve rolls a deployment's replicas over when its version changes and reconfigures them in place
+    when only the ``user_config`` (a model's checkpoint) or autoscaling changed. Serve's imperative
+    API (``serve.run``) gives each deployment a random version on every call, so every ``start``
+    restarted every replica; config files (``serve deploy``) set a version of their own over this."""
+    import hashlib
+    import json
+
+    key = json.dumps([deployment.func_or_class.__qualname__, _code_digest(), args], sort_keys=True, default=repr)
+    version = hashlib.sha256(key.encode()).hexdigest()[:16]
+    try:
+        return deployment.options(version=version, _internal=True)
+    except (TypeError, ValueError):  # a Serve without it: every start rolls the replicas, as before
+        return deployment
+
+
 def model_deployment(name: str, checkpoint: str, config: ServeConfig, args: dict | None = None):
     """The bound ``ModelServer`` of one model; its checkpoint is the ``user_config`` (swapped live).
     ``args``: the config its replicas get (default ``config``'s)."""
-    return serve.deployment(
+    deployment = serve.deployment(
         ModelServer,
         name=f"model-{name}",
         ray_actor_options=replica_resources(config),
         autoscaling_config={
             "min_replicas": config.min_replicas,
-            "initial_replicas": max(1, config.min_replicas),
+            # Only where it scales to zero: Serve resets the target to initial_replicas on every
+            # changed config (a new checkpoint), which scaled a busy model back down mid-swap.
+            **({"initial_replicas": 1} if config.min_replicas == 0 else {}),
             "max_replicas": config.max_replicas,
             "target_ongoing_requests": config.target_ongoing_requests,
             "upscale_delay_s": config.upscale_delay_s,
@@ -101,7 +142,9 @@ def model_deployment(name: str, checkpoint: str, config: ServeConfig, args: dict
         graceful_shutdown_wait_loop_s=0.5,
         graceful_shutdown_timeout_s=5,
         logging_config=logging_config(config),
-    ).bind(name, args if args is not None else replica_args(config))
+    )
+    args = args if args is not None else replica_args(config)
+    return pinned(deployment, name, args).bind(name, args)
 
 
 def replica_args(config: ServeConfig) -> dict:
@@ -120,8 +163,9 @@ def logging_config(config: ServeConfig) -> dict:
 
 def gateway_deployment(config: ServeConfig, models: dict):
     """The bound ``Gateway``: ``models`` maps names to bound model deployments (one application) or
-    to ``(application, deployment)`` names (an application per model)."""
-    return serve.deployment(
+    to ``(application, deployment)`` names (an application per model). Serve resolves bound models
+    inside the dict to handles."""
+    deployment = serve.deployment(
         Gateway,
         name="gateway",
         ray_actor_options={"num_cpus": 0.1},
@@ -136,7 +180,8 @@ def gateway_deployment(config: ServeConfig, models: dict):
         graceful_shutdown_wait_loop_s=0.5,
         graceful_shutdown_timeout_s=5,
         logging_config=logging_config(config),
-    ).bind(replica_args(config), models)  # Serve resolves bound models inside the dict to handles
+    )
+    return pinned(deployment, replica_args(config), models).bind(replica_args(config), models)
 
 
 def model_app_name(name: str, model: str) -> str:
