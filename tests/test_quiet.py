@@ -103,3 +103,22 @@ def test_detector_progress_bar_follows_verbose(capsys):
     Detector("ae", verbose=True, epochs=2, hidden=[8], latent=2).fit(x)
     err = capsys.readouterr().err
     assert "fit ae" in err and "2/2" in err and "val_loss=" in err
+
+
+def test_sigusr1_prints_the_stacks_and_the_command_goes_on():
+    """Where a command that seems stuck waits: ``kill -USR1 <pid>`` (a job's driver, too)."""
+    code = (
+        "import os, signal, sys, time\n"
+        "from unusual.configbase import stacks_on_sigusr1\n"
+        "from unusual.runtime import filter_native_stderr\n"
+        "filter_native_stderr()\n"
+        "stacks_on_sigusr1()\n"
+        "def waiting_here():\n"
+        "    os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "    time.sleep(0.5)\n"
+        "waiting_here()\n"
+        "print('still running')\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout == "still running\n", p.stderr
+    assert "Current thread" in p.stderr and "in waiting_here" in p.stderr, p.stderr

@@ -240,6 +240,19 @@ def guarded(command: str, fn) -> int:
         raise
 
 
+def stacks_on_sigusr1() -> None:
+    """``kill -USR1 <pid>`` of a running command (a job's driver) prints every thread's stack on its
+    stderr (a job's log) and the command goes on: where a job that seems stuck is waiting."""
+    import faulthandler
+    import signal
+
+    if hasattr(signal, "SIGUSR1"):
+        try:
+            faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+        except (AttributeError, OSError, RuntimeError, ValueError):  # a stderr without a file descriptor
+            pass
+
+
 VERBOSE_HELP = "show Ray's own log lines and detailed progress (default: only unusual's progress and result)"
 
 
@@ -252,5 +265,6 @@ def run_parsed(command: str, cls: type[JobConfig], ns: argparse.Namespace, run) 
 
     set_verbose(ns.verbose)
     filter_native_stderr()
+    stacks_on_sigusr1()
     logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING, format="%(message)s")
     return guarded(command, lambda: run(cls.from_namespace(ns)))

@@ -14,8 +14,11 @@ proxy really injected faults, and its assertion messages say how many.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shlex
+import signal
 import sys
 import time
 
@@ -84,12 +87,17 @@ def submit(jobs, module: str, args: list[str], env: dict) -> tuple[str, str, flo
             time.sleep(0.5)
     while not (status := jobs.get_job_status(job_id)).is_terminal():
         if time.monotonic() - t0 > JOB_DEADLINE_S:
+            driver = getattr(jobs.get_job_info(job_id), "driver_info", None)
+            if driver is not None and driver.pid:  # where it waits: the driver prints its stacks
+                with contextlib.suppress(OSError, ValueError):
+                    os.kill(int(driver.pid), signal.SIGUSR1)
+                    time.sleep(2)
             jobs.stop_job(job_id)
             end = time.monotonic() + 15
             while not jobs.get_job_status(job_id).is_terminal() and time.monotonic() < end:
                 time.sleep(0.2)
             logs = jobs.get_job_logs(job_id)
-            pytest.fail(f"{module} job hung: still running after {JOB_DEADLINE_S} s; logs:\n{logs[-4000:]}")
+            pytest.fail(f"{module} job hung: still running after {JOB_DEADLINE_S} s; logs:\n{logs[-12000:]}")
         time.sleep(0.2)
     return str(status.value), jobs.get_job_logs(job_id), time.monotonic() - t0
 
