@@ -116,12 +116,13 @@ def run(job: ScoreJob) -> dict:
         + (f" (resuming: {len(done)} of {spec['out_units']} units already complete)" if done else "")
     )
     phases = {"plan": time.perf_counter() - t0}
+    lost = 0
     if pending:
         t = time.perf_counter()
         ensure_ray(job.address)
         phases["ray"] = time.perf_counter() - t
         t = time.perf_counter()
-        execute(job, spec, pending)
+        lost = execute(job, spec, pending)
         phases["scoring"] = time.perf_counter() - t
     t = time.perf_counter()
     summary = summarize(out, spec, time.perf_counter() - t0, resumed=len(done))
@@ -129,6 +130,7 @@ def run(job: ScoreJob) -> dict:
     # Where the seconds went: planning, connecting to (or starting) Ray, scoring (scorers starting
     # included), counting the parts.
     summary["phase_seconds"] = {k: round(v, 3) for k, v in phases.items()}
+    summary["actors_lost"] = lost  # scoring actors that died (with their node) and were replaced
     with storage_errors(job.output, "writing"):
         out.write_json(summary, JOB_DIR, SUMMARY_FILE)
     return summary
@@ -147,10 +149,11 @@ def clean(out: Output) -> set[int]:
     return done
 
 
-def execute(job: ScoreJob, spec: dict, pending: list[int]) -> None:
+def execute(job: ScoreJob, spec: dict, pending: list[int]) -> int:
     """Score the ``pending`` output units on the cluster: plain actors that read their
     units (tabular on CPUs), or Ray Data read tasks feeding an actor pool (GPUs) or a
-    group-by of entity buckets (sequences)."""
+    group-by of entity buckets (sequences). Returns the scoring actors lost (plain actors;
+    Ray Data replaces its own)."""
     import ray
 
     mode = read_mode(job, spec["kind"])
@@ -175,15 +178,14 @@ def execute(job: ScoreJob, spec: dict, pending: list[int]) -> None:
             quarantine_units, batch_size=1, num_cpus=0.25, fn_kwargs={"spec": spec, "output": job.output}
         ).materialize()
     if not read:
-        return
+        return 0
     items = [
         {"unit": u, "path": spec["files"][units[u]["file"]], "rg0": units[u]["rg"][0], "rg1": units[u]["rg"][1]}
         for u in read
     ]
     actor_kwargs = {"job": job, "spec": spec, "threads": res["threads"]}
     if mode == "actors":
-        score_units(items, actor_kwargs, res)
-        return
+        return score_units(items, actor_kwargs, res)
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         read_units,
         batch_size=1,
@@ -219,49 +221,98 @@ def execute(job: ScoreJob, spec: dict, pending: list[int]) -> None:
         for u in todo:
             if u not in seen:
                 writer.write_empty(u, dict.fromkeys(COUNTS, 0))
+    return 0
 
 
-def score_units(items: list[dict], actor_kwargs: dict, res: dict, queued: int = 2) -> None:
-    """Each actor streams whole units from storage into their parts (``read_mode`` "actors").
+def score_units(items: list[dict], actor_kwargs: dict, res: dict, queued: int = 2) -> int:
+    """Each actor streams whole units from storage into their parts (``read_mode`` "actors");
+    returns how many actors were lost on the way.
 
     Plain Ray actors, not Ray Data's actor pool: they start on the workers Ray keeps idle
     after it starts, seconds before a pool's actors would (in new processes) on a small
     cluster. The driver hands out units as they finish, ``queued`` per actor so that none
-    waits for its next one; an actor that dies is restarted and its unit scored again
-    (parts are written whole or not at all); an error in a unit ends the job (a rerun resumes).
+    waits for its next one; an error in a unit ends the job (a rerun resumes).
+
+    An actor that dies (its process, or its node with it) is not restarted in place by Ray:
+    its units go back to the queue for the actors still alive (parts are written whole or not
+    at all under deterministic names, so a unit scored again rewrites the same part), and a
+    replacement is asked for that gets units once it has started. A replacement that cannot be
+    placed (the node is gone and none came in its place) holds no units, so the survivors finish
+    the job; Ray's own restart would queue the lost units on an actor that never starts, or fail
+    them as "temporarily unavailable". Up to 2 losses per actor, as ``max_restarts=2`` allowed.
     """
     import ray
+    from ray.exceptions import RayActorError
 
     cls = ray.remote(ScoreActor).options(
-        num_cpus=res["num_cpus"], num_gpus=res["num_gpus"], max_restarts=2, max_task_retries=2
+        num_cpus=res["num_cpus"], num_gpus=res["num_gpus"], max_restarts=0, max_task_retries=0
     )
     todo = collections.deque(items)
     actors = [cls.remote(**actor_kwargs) for _ in range(min(res["concurrency"], len(items)))]
-    running: dict = {}
+    max_lost = 2 * len(actors)
+    running: dict = {}  # unit call -> (actor, unit)
+    starting: dict = {}  # replacement's readiness -> replacement
+    lost: set = set()
 
     def give(actor) -> None:
         if todo:
             u = todo.popleft()
-            running[actor.unit.remote(u["unit"], u["path"], u["rg0"], u["rg1"])] = actor
+            running[actor.unit.remote(u["unit"], u["path"], u["rg0"], u["rg1"])] = (actor, u)
+
+    def replace(actor, error: RayActorError) -> None:
+        lost.add(actor)
+        if len(lost) > max_lost:
+            raise error
+        progress(f"a scoring actor was lost ({type(error).__name__}); its units go to the others, a replacement starts")
+        ray.kill(actor, no_restart=True)  # an unreachable one may still be running: stop it for good
+        new = cls.remote(**actor_kwargs)
+        actors.append(new)
+        starting[new.__ray_ready__.remote()] = new
 
     try:
         for _ in range(queued):
             for a in actors:
                 give(a)
-        while running:
-            [ref], _ = ray.wait(list(running), num_returns=1)
-            actor = running.pop(ref)
-            ray.get(ref)  # raises the unit's error
+        while running or (todo and starting):
+            [ref], _ = ray.wait([*running, *starting], num_returns=1)
+            if ref in starting:
+                actor = starting.pop(ref)
+                try:
+                    ray.get(ref)
+                except RayActorError as e:
+                    if e.actor_init_failed:
+                        raise
+                    replace(actor, e)
+                    continue
+                for _ in range(queued):
+                    give(actor)
+                continue
+            actor, u = running.pop(ref)
+            try:
+                ray.get(ref)  # raises the unit's error
+            except RayActorError as e:
+                if e.actor_init_failed:
+                    raise
+                todo.appendleft(u)
+                if actor not in lost:
+                    replace(actor, e)
+                busy = {a for a, _ in running.values()}
+                for a in [a for a in actors if a not in lost and a not in busy and a not in starting.values()]:
+                    give(a)  # an idle survivor takes the unit back at once
+                continue
             give(actor)
     finally:
         for a in actors:
             ray.kill(a)
+    return len(lost)
 
 
 def summarize(out: Output, spec: dict, seconds: float, resumed: int = 0) -> dict:
     """Count every part from its footer and check rows in = scored + quarantined."""
 
     listing = out.listing()
+    # What an actor lost mid-part (its node died) left behind; every writer of this job has stopped.
+    out.remove([r for r in listing if is_temporary(r)])
     parts = part_files(listing)
     done = complete_units(parts)
     missing = [u for u in range(spec["out_units"]) if u not in done]
