@@ -17,6 +17,7 @@ raises :class:`unusual.models.errors.BundleError` / :class:`BundleVersionError`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -29,7 +30,7 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 
-from .errors import BundleError, BundleVersionError
+from .errors import BundleError, BundleVersionError, storage_problem
 from .features import FeatureSchema
 from .registry import family
 
@@ -111,6 +112,20 @@ def build_manifest(kind: str, model_config: dict, schema: FeatureSchema, thresho
     }
 
 
+@contextlib.contextmanager
+def _storage(uri: str, doing: str):
+    """Missing credentials or access denied: a BundleError in one line naming the URI and what to set."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        problem = storage_problem(e, uri, doing)
+        if problem is None:
+            raise
+        raise BundleError(problem) from None
+
+
 def _fs(uri: str):
     fs, path = fsspec.core.url_to_fs(str(uri))
     return fs, path.rstrip("/")
@@ -134,15 +149,18 @@ def seal(manifest: dict, module: torch.nn.Module) -> tuple[dict, bytes]:
 def save_bundle(uri: str, manifest: dict, module: torch.nn.Module, overwrite: bool = False) -> dict:
     """Write a bundle; returns the final manifest (with hash and model version)."""
     fs, root = _fs(uri)
-    if fs.exists(f"{root}/{MANIFEST}") and not overwrite:
+    with _storage(uri, "saving the bundle to"):
+        exists = fs.exists(f"{root}/{MANIFEST}")
+    if exists and not overwrite:
         raise BundleError(f"a bundle already exists at {uri}; pass overwrite=True to replace it")
     manifest, weights = seal(manifest, module)
-    fs.makedirs(root, exist_ok=True)
-    # Weights first, manifest last: a reader never sees a manifest whose weights are missing.
-    with fs.open(f"{root}/{WEIGHTS}", "wb") as f:
-        f.write(weights)
-    with fs.open(f"{root}/{MANIFEST}", "wb") as f:
-        f.write(json.dumps(manifest, indent=1, sort_keys=True, default=float).encode())
+    with _storage(uri, "saving the bundle to"):
+        fs.makedirs(root, exist_ok=True)
+        # Weights first, manifest last: a reader never sees a manifest whose weights are missing.
+        with fs.open(f"{root}/{WEIGHTS}", "wb") as f:
+            f.write(weights)
+        with fs.open(f"{root}/{MANIFEST}", "wb") as f:
+            f.write(json.dumps(manifest, indent=1, sort_keys=True, default=float).encode())
     return manifest
 
 
@@ -151,7 +169,7 @@ def read_bundle(uri: str) -> tuple[dict, bytes]:
     content hash checked; needs no PyTorch (e.g. a job's driver planning work)."""
     fs, root = _fs(uri)
     try:
-        with fs.open(f"{root}/{MANIFEST}", "rb") as f:
+        with _storage(uri, "reading the bundle at"), fs.open(f"{root}/{MANIFEST}", "rb") as f:
             raw = f.read()
     except FileNotFoundError:
         raise BundleError(f"no bundle at {uri}: {MANIFEST} not found") from None
@@ -168,7 +186,7 @@ def read_bundle(uri: str) -> tuple[dict, bytes]:
             f"understands ({FORMAT_VERSION}); upgrade unusual to load it"
         )
     try:
-        with fs.open(f"{root}/{WEIGHTS}", "rb") as f:
+        with _storage(uri, "reading the bundle at"), fs.open(f"{root}/{WEIGHTS}", "rb") as f:
             weights = f.read()
     except FileNotFoundError:
         raise BundleError(f"bundle at {uri} is incomplete: {WEIGHTS} not found") from None

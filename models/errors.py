@@ -44,3 +44,22 @@ class ScoreError(UnusualError, ValueError):
     def __init__(self, message: str, rows: list[int] | None = None):
         super().__init__(message)
         self.rows = rows or []
+
+
+CREDENTIALS = (
+    "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), and AWS_ENDPOINT_URL for an "
+    "S3-compatible store such as MinIO (README: Object storage)"
+)
+
+
+def storage_problem(e: BaseException, uri: str, doing: str) -> str | None:
+    """One line for an object-storage error a user can fix (no credentials, access denied), naming
+    the URI and what to set; None for any other error. By class name: botocore is optional."""
+    names = {k.__name__ for k in type(e).__mro__}
+    if names & {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}:
+        return f"no object-storage credentials {doing} {uri}: {CREDENTIALS}"
+    denied = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden")
+    if isinstance(e, PermissionError) or ("ClientError" in names and any(d in str(e) for d in denied)):
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return f"access denied {doing} {uri}: check the credentials ({first})"
+    return None

@@ -14,6 +14,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
+from ..models.errors import storage_problem
+
 
 def filesystem(uri: str) -> tuple[pa.fs.FileSystem, str, fsspec.AbstractFileSystem]:
     """(pyarrow filesystem, path, fsspec filesystem) for a local path or URI.
@@ -34,12 +36,15 @@ def storage_errors(uri: str, doing: str = "reading"):
     """Turn object-storage failures into a :class:`DataError` naming the URI."""
     try:
         yield
-    except PermissionError as e:
-        raise DataError(f"access denied {doing} {uri}: check the credentials ({e})") from None
     except FileNotFoundError as e:
         raise DataError(f"no data at {uri}: {e}") from None
-    except OSError as e:  # s3fs maps bad credentials and missing buckets to OSError subclasses
-        raise DataError(f"cannot access {uri}: {e}") from None
+    except Exception as e:
+        problem = storage_problem(e, uri, doing)  # no credentials, access denied
+        if problem is not None:
+            raise DataError(problem) from None
+        if isinstance(e, OSError):  # s3fs maps missing buckets and other failures to OSError subclasses
+            raise DataError(f"cannot access {uri}: {e}") from None
+        raise
 
 
 def _hidden(rel: str) -> bool:

@@ -304,6 +304,7 @@ def start(
     import ray
 
     config = as_config(config)
+    check_checkpoints(config)
     own_ray = not ray.is_initialized() and not (address or os.environ.get("RAY_ADDRESS"))
     if own_ray:
         check_port(host, port)
@@ -328,6 +329,23 @@ def start(
     if ready_timeout is not None:
         wait_ready(url, ready_timeout)
     return url
+
+
+def check_checkpoints(config: ServeConfig) -> None:
+    """Every model's bundle is there and sound before anything starts: a BundleError naming the model
+    and the URI (the replicas would fail one after another, and Serve end in "Failed to update the
+    deployments" after a page of tracebacks). Registry URIs (``models:/``, ``runs:/``) are resolved
+    by the replicas."""
+    from ..models.bundle import read_bundle
+    from ..models.errors import BundleError
+
+    for model, uri in config.models.items():
+        if str(uri).startswith(("models:/", "runs:/")):
+            continue
+        try:
+            read_bundle(uri)
+        except BundleError as e:
+            raise BundleError(f"--checkpoint {model}={uri}: {e}") from None
 
 
 def remove(config, name: str = APP_NAME) -> None:
