@@ -1,0 +1,50 @@
+"""The README's first-hour walk-through, run as written (a bash block): fit, train, info, score,
+evaluate, serve and curl on the shipped sample data, in a temporary folder and on a free port."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from unusual.runtime import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def first_hour_block() -> str:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## The first hour, on local files") :]
+    return re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+
+
+@pytest.mark.slow
+def test_the_first_hour_walk_through_runs_as_written(tmp_path):
+    block = first_hour_block()
+    port = free_port()
+    script = (
+        block.replace("source .venv/bin/activate\n", "")
+        .replace("W=artifacts/first-hour", f"W={tmp_path}")
+        .replace("--epochs 20", "--epochs 3")  # the walk-through's commands, a shorter training
+        .replace("xdg-open ", "test -s ")
+        .replace("localhost:8000", f"localhost:{port}")
+        .replace("--port 8000", f"--port {port}")
+        .replace("curl -s localhost", "until curl -sf localhost", 1)
+    )
+    script = script.replace("# 200 once every model is loaded", "")
+    script = re.sub(r"(until curl -sf localhost:\d+/readyz)\s*\n", r"\1 >/dev/null; do sleep 1; done\n", script)
+    out = tmp_path / "answer.json"
+    script = f"set -euo pipefail\n{script.rstrip()} > {out}\nkill %1\nwait\n"
+    env = {**os.environ, "PATH": f"{Path(os.sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    p = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, f"{p.stderr[-4000:]}\n--- script:\n{script}"
+    answer = json.loads(out.read_text())
+    assert answer["model"] == "ae" and len(answer["rows"]) == 3
+    assert all(isinstance(r["anomaly_score"], float) for r in answer["rows"])
+    metrics = json.loads((tmp_path / "eval" / "ae" / "metrics.json").read_text())
+    assert metrics["rows"] == 1831 and metrics["positives"] == 176
