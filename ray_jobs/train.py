@@ -66,7 +66,18 @@ def remove_run(storage: str, run_name: str, defaulted: bool) -> None:
 
 
 def run(job: TrainJob) -> dict:
-    """Train and write the bundle; returns its manifest."""
+    """Train and write the bundle; returns its manifest. With ``job.mlflow``, inside an MLflow run that
+    logs the parameters, the per-epoch losses and the bundle, registered as a model
+    (:func:`unusual.tracking.track_training`; the manifest then has an ``"mlflow"`` record)."""
+    if job.mlflow:
+        from ..tracking import track_training
+
+        refuse_existing_bundle(job.output, job.overwrite)  # before an MLflow run is opened
+        return track_training(job, _train)
+    return _train(job)
+
+
+def _train(job: TrainJob) -> dict:
     refuse_existing_bundle(job.output, job.overwrite)
     sweep_temp_dirs()
     kind, params = job.detector()
@@ -187,6 +198,7 @@ def command(job: TrainJob) -> int:
                 "best_val_loss": min(t["val_loss"]),
                 "samples_per_s": round(t["samples_per_s"], 1),
                 "wall_seconds": round(t["wall_seconds"], 1),
+                **({"mlflow": manifest["mlflow"]} if "mlflow" in manifest else {}),
             },
             indent=1,
         )

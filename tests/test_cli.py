@@ -30,7 +30,8 @@ REQUIRED = {
 }
 # Flags that only make sense together with another one.
 COMPANIONS = {("evaluate", "entity_column"): ["--time-column", "ts"], ("serve", "default_model"): ["--models", "b=s3://b/b"],
-              ("serve", "host"): ["--insecure"]}
+              ("serve", "host"): ["--insecure"],
+              **{("train", f"mlflow_{x}"): ["--mlflow"] for x in ("tracking_uri", "experiment", "model_name")}}
 
 
 def other_value(cls, name: str, tmp_path: Path) -> tuple[list[str], object]:
@@ -113,7 +114,7 @@ def test_the_config_file_and_the_flags_merge_in_order(tmp_path):
 # Where each job's config is read: every field must appear as ``.field`` in that code.
 READERS = {
     "fit": ["ray_jobs/fit.py"],
-    "train": ["ray_jobs/train*.py"],
+    "train": ["ray_jobs/train*.py", "unusual/tracking.py"],
     "score": ["ray_jobs/score*.py"],
     "evaluate": ["ray_jobs/evaluate*.py"],
     "serve": ["serving/*.py"],

@@ -20,16 +20,29 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import field_validator, model_validator
+from pydantic import AfterValidator, field_validator, model_validator
 
 from .configbase import CSV, TOKEN_ENV, VERBOSE_HELP, ConfigError, JobConfig, KeyValues, NameURIs, opt, run_parsed  # noqa: F401
 from .models.registry import DEFAULT_KIND, kinds
+from .tracking import INSTALL as MLFLOW_INSTALL
+from .tracking import available as mlflow_available
+from .tracking import is_mlflow_uri, resolve_checkpoint
 
 # Columns every scored output has; --keep-columns must not clash with them.
 OUTPUT_COLUMNS = ("anomaly_score", "is_anomaly", "top_features", "model_version")
+
+
+def _resolved(uri):
+    """An MLflow model URI (``models:/…``, ``runs:/…``) as its bundle's location, MLflow imported only
+    then (:func:`unusual.tracking.resolve_checkpoint`); any other URI as it is."""
+    return resolve_checkpoint(uri) if is_mlflow_uri(uri) else uri
+
+
+# A checkpoint: a bundle URI, or an MLflow model URI that becomes its bundle's location.
+Checkpoint = Annotated[str, AfterValidator(_resolved)]
 
 
 # --------------------------------------------------------------------------- detector parameters
@@ -131,13 +144,39 @@ class TrainJob(ModelSpec):
     driver_read_mb: float = opt(
         64.0, "inputs up to this many MiB of Parquet are read and encoded by the driver, not Ray Data tasks", ge=0
     )
+    mlflow: bool = opt(
+        False,
+        "log the run to MLflow (parameters, per-epoch losses, the bundle) and register the bundle as an "
+        'MLflow model (needs pip install "unusual[mlflow]")',
+    )
+    mlflow_tracking_uri: str | None = opt(
+        None, "with --mlflow: the tracking URI (default: $MLFLOW_TRACKING_URI, else MLflow's default)", metavar="URI"
+    )
+    mlflow_experiment: str | None = opt(
+        None, "with --mlflow: the experiment (default: $MLFLOW_EXPERIMENT_NAME, else MLflow's default)", metavar="NAME"
+    )
+    mlflow_model_name: str | None = opt(
+        None, "with --mlflow: the registered model's name (default: unusual-<model>)", metavar="NAME"
+    )
     fail_at_epoch: int | None = opt(None, "testing: one worker process dies at this epoch, once", cli=False)
+
+    @model_validator(mode="after")
+    def _mlflow_options(self):
+        given = [f for f in ("mlflow_tracking_uri", "mlflow_experiment", "mlflow_model_name") if getattr(self, f)]
+        if given and not self.mlflow:
+            flag = self.flags_of(given[0])[0]
+            raise ValueError(f"{flag} is given without --mlflow: add --mlflow to log the run")
+        if self.mlflow and not mlflow_available():
+            raise ValueError(f"--mlflow needs MLflow: {MLFLOW_INSTALL}")
+        return self
 
 
 class ScoreJob(JobConfig):
     """Batch-score Parquet data with Ray Data; writes scores and a quarantine."""
 
-    checkpoint: str = opt(help="bundle URI written by unusual train / fit")
+    checkpoint: Checkpoint = opt(
+        help="bundle URI written by unusual train / fit, or an MLflow model: models:/NAME/VERSION, models:/NAME@ALIAS"
+    )
     data: str = opt(help="Parquet file, folder or prefix of shards (local, s3://, gs://)")
     output: str = opt(help="output prefix for the scored Parquet parts")
     keep_columns: CSV = opt([], "comma-separated input columns copied to the output (ids, labels)", metavar="A,B")
@@ -227,6 +266,23 @@ class ServeConfig(JobConfig):
         "none: POST /v1/jobs is off)",
         metavar="A,B",
     )
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _mlflow_models(cls, v):
+        """``[NAME=]models:/…`` becomes the bundle's location before the models are named and checked."""
+        from .configbase import _split_csv
+
+        if isinstance(v, dict):
+            return {k: _resolved(u) for k, u in v.items()}
+        parts = _split_csv(v) if isinstance(v, (str, list, tuple)) else v
+        if not isinstance(parts, list):
+            return v
+        out = []
+        for part in parts:
+            name, sep, uri = part.partition("=") if "=" in part and not is_mlflow_uri(part) else ("", "", part)
+            out.append(f"{name}{sep}{_resolved(uri.strip())}")
+        return out
 
     @field_validator("models")
     @classmethod
