@@ -38,6 +38,7 @@ from ..runtime import ResourceError, embedded, ensure_ray, progress
 from . import fastpath
 from .deployments import Gateway, ModelServer
 from .handling import token_digest
+from .versions import pinned
 
 APP_NAME = "unusual"
 STOP_SECONDS = 10  # unusual serve stops within this after SIGINT / SIGTERM
@@ -82,41 +83,6 @@ def check_cluster(config: ServeConfig, resources: dict) -> None:
 
 
 # --------------------------------------------------------------------------- building the application
-
-
-def _code_digest() -> str:
-    """A digest of the code the replicas run (this package's models and serving modules)."""
-    import hashlib
-    import pathlib
-
-    if not _CODE:
-        h = hashlib.sha256()
-        root = pathlib.Path(__file__).resolve().parents[1]
-        for path in sorted([*root.joinpath("serving").glob("*.py"), *root.joinpath("models").glob("*.py")]):
-            h.update(path.name.encode() + b"\0" + path.read_bytes())
-        _CODE.append(h.hexdigest())
-    return _CODE[0]
-
-
-_CODE: list = []
-
-
-def pinned(deployment, *args):
-    """``deployment`` with a version of its own: the code it runs and its arguments ``args``.
-
-    Serve rolls a deployment's replicas over when its version changes and reconfigures them in place
-    when only the ``user_config`` (a model's checkpoint) or autoscaling changed. Serve's imperative
-    API (``serve.run``) gives each deployment a random version on every call, so every ``start``
-    restarted every replica; config files (``serve deploy``) set a version of their own over this."""
-    import hashlib
-    import json
-
-    key = json.dumps([deployment.func_or_class.__qualname__, _code_digest(), args], sort_keys=True, default=repr)
-    version = hashlib.sha256(key.encode()).hexdigest()[:16]
-    try:
-        return deployment.options(version=version, _internal=True)
-    except (TypeError, ValueError):  # a Serve without it: every start rolls the replicas, as before
-        return deployment
 
 
 def model_deployment(name: str, checkpoint: str, config: ServeConfig, args: dict | None = None):
