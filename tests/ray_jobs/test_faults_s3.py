@@ -82,7 +82,7 @@ def submit(jobs, module: str, args: list[str], env: dict) -> tuple[str, str, flo
             job_id = jobs.submit_job(entrypoint=cmd, runtime_env={"env_vars": env})
             break
         except RuntimeError as e:  # the dashboard's agent is still starting just after ray.init
-            if "No available agent" not in str(e) or time.monotonic() - t0 > 60:
+            if "No available agent" not in str(e) or time.monotonic() - t0 > 150:
                 raise
             time.sleep(0.5)
     while not (status := jobs.get_job_status(job_id)).is_terminal():
