@@ -85,6 +85,7 @@ def submit(jobs, module: str, args: list[str], env: dict) -> tuple[str, str, flo
             if "No available agent" not in str(e) or time.monotonic() - t0 > 150:
                 raise
             time.sleep(0.5)
+    t0 = time.monotonic()  # the job's own time, from its submission
     while not (status := jobs.get_job_status(job_id)).is_terminal():
         if time.monotonic() - t0 > JOB_DEADLINE_S:
             driver = getattr(jobs.get_job_info(job_id), "driver_info", None)
