@@ -3,7 +3,8 @@ aggregation API (:class:`unusual.ray_jobs.aggregates.MergeAggregate`).
 
 1. :func:`summarise`: one :class:`ScoreSummary` of every row (counts, a reservoir sample
    and the range of the scores, the model's flagged / unflagged score range, the model
-   versions); :func:`bin_edges` puts the histogram bins at the sample's quantiles.
+   versions, how often each feature is among the rows' ``top_features``: :class:`TopFeatures`);
+   :func:`bin_edges` puts the histogram bins at the sample's quantiles.
 2. :func:`histogram`: one :class:`unusual.models.metrics.ScoreHistogram` of the labelled
    scores over those edges.
 3. :func:`series_histograms`: the same as scored and point-adjusted. Rows are grouped by
@@ -27,9 +28,10 @@ import pyarrow.compute as pc
 from ..models.columns import as_float
 from ..models.metrics import ScoreHistogram, adjusted_scores, label_segments, point_adjust, quantile_edges
 from ..models.stats import NumStats
+from ..models.tables import TOP_FEATURE_TYPE
 from .aggregates import MergeAggregate, aggregate, merged
 
-SCORE, FLAG, VERSION = "anomaly_score", "is_anomaly", "model_version"
+SCORE, FLAG, VERSION, TOP = "anomaly_score", "is_anomaly", "model_version", "top_features"
 # columns of the labelled series rows (point adjustment)
 LABEL = "__label__"
 
@@ -59,6 +61,59 @@ def _rows(batch: pa.Table, label: str) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 
 @dataclass
+class TopFeatures:
+    """Mergeable counts of the features the scorer named in the rows' ``top_features`` (their
+    top-k attributions): per feature, the rows it is among the top-k of, the sum of its
+    contributions there and the flagged rows among them."""
+
+    rows: int = 0  # rows with top features
+    flagged: int = 0  # of which the model flagged
+    counts: dict = field(default_factory=dict)  # feature -> (rows, contribution sum, flagged rows)
+
+    @classmethod
+    def of(cls, col, flag: np.ndarray) -> TopFeatures:
+        """The counts of one block's ``top_features`` column, ``flag`` its rows' ``is_anomaly``."""
+        listed = np.asarray(pc.is_valid(col).to_numpy(zero_copy_only=False), bool)
+        lengths = np.asarray(pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False), np.int64)
+        flat = pc.list_flatten(col)
+        entries = pa.table(
+            {
+                "feature": pc.struct_field(flat, "feature"),
+                "contribution": pc.struct_field(flat, "contribution"),
+                "flagged": np.repeat(flag.astype(np.int64), lengths),
+            }
+        )
+        g = entries.group_by("feature").aggregate([("flagged", "count"), ("contribution", "sum"), ("flagged", "sum")])
+        cols = (g.column(k).to_pylist() for k in ("feature", "flagged_count", "contribution_sum", "flagged_sum"))
+        counts = {name: (n, c or 0.0, f) for name, n, c, f in zip(*cols) if name is not None}
+        return cls(int(listed.sum()), int((listed & flag).sum()), counts)
+
+    def merge(self, o: TopFeatures) -> TopFeatures:
+        counts = dict(self.counts)
+        for name, (n, c, f) in o.counts.items():
+            n0, c0, f0 = counts.get(name, (0, 0.0, 0))
+            counts[name] = (n0 + n, c0 + c, f0 + f)
+        return TopFeatures(self.rows + o.rows, self.flagged + o.flagged, counts)
+
+    def ranked(self, n: int = 10) -> list[dict]:
+        """The ``n`` features with the largest contribution to the scores, summed over every row
+        they are among the top-k of: the feature, those rows (count and share), the flagged rows
+        among them (count and share of the flagged rows) and the mean contribution."""
+        order = sorted(self.counts.items(), key=lambda kv: (-kv[1][1], -kv[1][0], kv[0]))
+        return [
+            {
+                "feature": name,
+                "rows": rows,
+                "share": rows / self.rows if self.rows else math.nan,
+                "flagged": flagged,
+                "flagged_share": flagged / self.flagged if self.flagged else math.nan,
+                "mean_contribution": total / rows if rows else math.nan,
+            }
+            for name, (rows, total, flagged) in order[:n]
+        ]
+
+
+@dataclass
 class ScoreSummary:
     """Mergeable counts of scored rows and statistics of their labelled scores."""
 
@@ -73,6 +128,7 @@ class ScoreSummary:
     unflag_max: float = -math.inf  # largest score it did not
     versions: set = field(default_factory=set)
     stats: NumStats = field(default_factory=NumStats)  # of the finite labelled scores
+    top: TopFeatures = field(default_factory=TopFeatures)  # of every row's top_features
 
     @classmethod
     def of(cls, batch: pa.Table, label: str) -> ScoreSummary:
@@ -95,6 +151,8 @@ class ScoreSummary:
             out.unflag_max = float(score[~flag & scored].max())
         if VERSION in batch.column_names:
             out.versions = {v for v in pc.unique(batch.column(VERSION)).to_pylist() if v is not None}
+        if TOP in batch.column_names and batch.schema.field(TOP).type.equals(TOP_FEATURE_TYPE):
+            out.top = TopFeatures.of(batch.column(TOP), flag)
         return out
 
     def merge(self, o: ScoreSummary) -> ScoreSummary:
@@ -110,6 +168,7 @@ class ScoreSummary:
             max(self.unflag_max, o.unflag_max),
             self.versions | o.versions,
             self.stats.merge(o.stats),
+            self.top.merge(o.top),
         )
 
 

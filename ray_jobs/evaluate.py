@@ -28,8 +28,11 @@ Nothing is collected on the driver but merged summaries
    without a label are left out before the runs are found.
 
 The metrics are written as ``metrics.json`` and a self-contained
-``report.html`` (:mod:`unusual.ray_jobs.report`: inline SVG, no scripts) to
-``--output`` (default ``<scores>/_evaluation``).
+``report.html`` (:mod:`unusual.ray_jobs.report`: inline SVG charts, no scripts) to
+``--output`` (default ``<scores>/_evaluation``). The report's model card comes from the
+scoring job's spec (``_unusual/job.json``: the checkpoint, the data it scored), the
+bundle's ``manifest.json`` at that checkpoint when it can be read, and the features the
+rows' ``top_features`` name most.
 """
 
 from __future__ import annotations
@@ -45,14 +48,33 @@ from ..config import EvaluateJob, main_for
 from ..models.errors import SchemaError
 from ..models.metrics import ScoreHistogram
 from ..runtime import ensure_ray, progress
-from .eval_stats import FLAG, SCORE, VERSION, ScoreSummary, bin_edges, histogram, series_histograms, summarise
+from .eval_stats import (
+    FLAG,
+    SCORE,
+    TOP,
+    VERSION,
+    ScoreSummary,
+    bin_edges,
+    histogram,
+    series_histograms,
+    summarise,
+)
 from .local_io import DataError, filesystem, list_parquet_files, read_footers, storage_errors
-from .report import report_html
+from .report import ModelCard, report_html
 from .storage import JOB_DIR, SPEC_FILE, Output
 
-__all__ = ["EvaluateJob", "command", "list_score_files", "main", "report_html", "run", "write_outputs"]
-
-
+__all__ = [
+    "EvaluateJob",
+    "ModelCard",
+    "command",
+    "evaluation_metrics",
+    "list_score_files",
+    "main",
+    "model_card",
+    "report_html",
+    "run",
+    "write_outputs",
+]
 
 # --------------------------------------------------------------------------- input
 
@@ -92,7 +114,7 @@ def _check_schema(uri: str, files: list[str], pafs, job: EvaluateJob) -> list[st
                     "(positive = true / non-zero)",
                     column=job.label_column,
                 )
-            optional = [VERSION] if VERSION in names else []
+            optional = [c for c in (VERSION, TOP) if c in names]
             needed = list(dict.fromkeys([SCORE, FLAG, job.label_column, *optional]))
             needed += [c for c in (job.entity_column, job.time_column) if c and c not in needed]
             continue
@@ -108,13 +130,42 @@ def _check_schema(uri: str, files: list[str], pafs, job: EvaluateJob) -> list[st
 # --------------------------------------------------------------------------- the job
 
 
-def _job_threshold(uri: str) -> float | None:
-    """The threshold the scoring job recorded in its spec (``_unusual/job.json``), if there is one."""
+def _job_spec(uri: str) -> dict | None:
+    """The scoring job's spec (``_unusual/job.json``: checkpoint, model version, threshold, data), if there is one."""
     try:
         spec = Output(uri).read_json(JOB_DIR, SPEC_FILE)
     except (OSError, ValueError):
         return None
-    return None if spec is None else spec.get("threshold")
+    return spec if isinstance(spec, dict) else None
+
+
+def _manifest(checkpoint: str | None) -> dict | None:
+    """The bundle's ``manifest.json`` at ``checkpoint`` (not its weights), or None when it cannot be read:
+    the report then has a shorter model card, and the evaluation goes on."""
+    if not checkpoint:
+        return None
+    try:
+        _, path, fs = filesystem(checkpoint)
+        with fs.open(f"{path.rstrip('/')}/manifest.json", "r") as f:
+            manifest = json.load(f)
+    except Exception as e:  # missing, moved, no credentials: any of them only shortens the report
+        progress(f"no model card in the report: cannot read the bundle manifest at {checkpoint} ({e})")
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def model_card(spec: dict | None, summary: ScoreSummary) -> ModelCard:
+    """What the report says about the model: the scoring job's spec, the manifest of the bundle it
+    names and the features the rows' ``top_features`` name most."""
+    spec = spec or {}
+    return ModelCard(
+        manifest=_manifest(spec.get("checkpoint")),
+        checkpoint=spec.get("checkpoint"),
+        data=spec.get("data"),
+        kind=spec.get("kind"),
+        top_features=summary.top.ranked(),
+        top_rows=summary.top.rows,
+    )
 
 
 def _finite(v):
@@ -140,6 +191,45 @@ def _metrics_of(h: ScoreHistogram, prefix: str = "") -> dict:
     out[f"{prefix}best_f1"] = best["f1"]
     out[f"{prefix}best_f1_threshold"] = best["threshold"]
     return out
+
+
+def evaluation_metrics(
+    job: EvaluateJob,
+    summary: ScoreSummary,
+    edges: np.ndarray,
+    exact: bool,
+    hist: ScoreHistogram,
+    pa_hist: ScoreHistogram | None = None,
+    spec: dict | None = None,
+) -> dict:
+    """The metrics (``metrics.json``) of the merged summary and histograms; the threshold is the one
+    in the scoring job's ``spec``, else the smallest score the model flagged."""
+    threshold, source = (spec or {}).get("threshold"), "job.json"
+    if threshold is None and summary.flag_min < math.inf:
+        threshold, source = summary.flag_min, "smallest flagged score"
+    elif threshold is None:
+        source = None
+    metrics = {
+        "scores": job.scores,
+        "label_column": job.label_column,
+        "rows": summary.rows,
+        "rows_without_label": summary.no_label,
+        "rows_without_score": summary.no_score,
+        "positives": summary.positives,
+        "negatives": summary.negatives,
+        "threshold": threshold,
+        "threshold_source": source,
+        **_metrics_of(hist),
+        "bins": int(edges.size),
+        "exact": exact,
+        "model_versions": sorted(summary.versions),
+    }
+    if pa_hist is not None:
+        metrics.update(_metrics_of(pa_hist, "pa_"))
+        metrics["segments"] = pa_hist.segments
+        metrics["entity_column"] = job.entity_column
+        metrics["time_column"] = job.time_column
+    return {k: _finite(v) for k, v in metrics.items()}
 
 
 def run(job: EvaluateJob) -> dict:
@@ -170,34 +260,9 @@ def run(job: EvaluateJob) -> dict:
         partitions = min(200, max(2 * int(ray.cluster_resources().get("CPU", 1)), len(files)))
         hist, pa_hist = series_histograms(ds, label, job.entity_column, job.time_column, edges, partitions)
 
-    threshold, source = _job_threshold(job.scores), "job.json"
-    if threshold is None and summary.flag_min < math.inf:
-        threshold, source = summary.flag_min, "smallest flagged score"
-    elif threshold is None:
-        source = None
-    metrics = {
-        "scores": job.scores,
-        "label_column": label,
-        "rows": summary.rows,
-        "rows_without_label": summary.no_label,
-        "rows_without_score": summary.no_score,
-        "positives": summary.positives,
-        "negatives": summary.negatives,
-        "threshold": threshold,
-        "threshold_source": source,
-        **_metrics_of(hist),
-        "bins": int(edges.size),
-        "exact": exact,
-        "model_versions": sorted(summary.versions),
-    }
-    if pa_hist is not None:
-        metrics.update(_metrics_of(pa_hist, "pa_"))
-        metrics["segments"] = pa_hist.segments
-        metrics["entity_column"] = job.entity_column
-        metrics["time_column"] = job.time_column
-
-    metrics = {k: _finite(v) for k, v in metrics.items()}
-    write_outputs(job.output_uri, metrics, hist, pa_hist)
+    spec = _job_spec(job.scores)
+    metrics = evaluation_metrics(job, summary, edges, exact, hist, pa_hist, spec)
+    write_outputs(job.output_uri, metrics, hist, pa_hist, model_card(spec, summary))
     return metrics
 
 
@@ -220,8 +285,14 @@ def _check_labels(summary: ScoreSummary, job: EvaluateJob) -> None:
         )
 
 
-def write_outputs(output: str, metrics: dict, hist: ScoreHistogram, pa_hist: ScoreHistogram | None = None) -> None:
-    """``metrics.json`` and ``report.html`` under the output URI (local or fsspec)."""
+def write_outputs(
+    output: str,
+    metrics: dict,
+    hist: ScoreHistogram,
+    pa_hist: ScoreHistogram | None = None,
+    card: ModelCard | None = None,
+) -> None:
+    """``metrics.json`` and ``report.html`` (with the model ``card``) under the output URI (local or fsspec)."""
     _, path, fs = filesystem(output)
     root = path.rstrip("/")
     with storage_errors(output, "writing"):
@@ -229,7 +300,7 @@ def write_outputs(output: str, metrics: dict, hist: ScoreHistogram, pa_hist: Sco
         with fs.open(f"{root}/metrics.json", "w") as f:
             f.write(json.dumps(metrics, indent=1, allow_nan=False) + "\n")
         with fs.open(f"{root}/report.html", "w") as f:
-            f.write(report_html(metrics, hist, pa_hist))
+            f.write(report_html(metrics, hist, pa_hist, card))
 
 
 # --------------------------------------------------------------------------- entrypoints

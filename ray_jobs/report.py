@@ -1,142 +1,550 @@
-"""The evaluation's self-contained HTML report: the metrics, the score distribution per label
-with the threshold, and the PR and ROC curves (as scored and point-adjusted), as inline SVG
-(no scripts, nothing fetched)."""
+"""The evaluation's report: one self-contained HTML page a person reads.
+
+Sections, top to bottom: the headline (model, data, rows and the five numbers that matter at
+the model's threshold, in plain words), the confusion matrix at the threshold, the threshold and
+how it was chosen, the model card (from the bundle's manifest and the rows' ``top_features``),
+the charts (ROC, precision-recall, the score distribution of normal and anomalous rows with the
+threshold) and every metric of ``metrics.json`` with a human label.
+
+The charts are drawn with matplotlib (Agg, no display) as inline SVG: text stays text, no dates
+or random ids, so the same evaluation gives the same file. The page has no script, fetches
+nothing (a Content-Security-Policy says so) and reflows down to a phone's width; every string
+from the data (column names, URIs, feature names) is HTML-escaped.
+"""
 
 from __future__ import annotations
 
 import html
+import io
 import math
+import re
+from dataclasses import dataclass, field
 
+import matplotlib
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from ..models.metrics import ScoreHistogram
 
-_POS, _NEG, _PA = "#d62728", "#1f77b4", "#ff7f0e"
-_W, _H, _M = 460, 300, 48  # plot size and margin (px)
+# chart colours, used nowhere else on the page (the screenshot test looks for them)
+NORMAL, ANOMALY, ADJUSTED = "#1f77b4", "#d62728", "#ff7f0e"
+_RC = {
+    "svg.fonttype": "none",  # text as <text>, in the page's font
+    "svg.hashsalt": "unusual-report",  # deterministic ids
+    "font.size": 10,
+    "font.family": "sans-serif",
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.color": "#e5e5e5",
+    "grid.linewidth": 0.6,
+    "legend.frameon": False,
+}
+
+KINDS = {"ae": "autoencoder", "vae": "variational autoencoder", "lstm": "LSTM sequence model"}
+
+# every key of metrics.json: its label in the report (pa_*: point-adjusted, inflated)
+METRIC_LABELS = {
+    "scores": "Scores evaluated",
+    "label_column": "Label column",
+    "rows": "Rows",
+    "rows_without_label": "Rows without a label (left out)",
+    "rows_without_score": "Rows without a score (left out)",
+    "positives": "Anomalies (labelled positive)",
+    "negatives": "Normal rows (labelled negative)",
+    "threshold": "Threshold",
+    "threshold_source": "Threshold taken from",
+    "roc_auc": "ROC-AUC",
+    "pr_auc": "AUC-PR (average precision)",
+    "precision": "Precision at the threshold",
+    "recall": "Recall at the threshold",
+    "f1": "F1 at the threshold",
+    "tp": "Anomalies flagged (true positives)",
+    "fp": "False alarms (false positives)",
+    "fn": "Anomalies missed (false negatives)",
+    "tn": "Normal rows not flagged (true negatives)",
+    "best_f1": "Best F1 at any threshold",
+    "best_f1_threshold": "Threshold of the best F1",
+    "bins": "Score bins",
+    "exact": "Metrics exact (one bin per distinct score)",
+    "model_versions": "Model versions in the scores",
+    "pa_roc_auc": "PA ROC-AUC (point-adjusted, inflated)",
+    "pa_pr_auc": "PA AUC-PR (point-adjusted, inflated)",
+    "pa_precision": "PA precision at the threshold (point-adjusted, inflated)",
+    "pa_recall": "PA recall at the threshold (point-adjusted, inflated)",
+    "pa_f1": "PA-F1 at the threshold (point-adjusted, inflated)",
+    "pa_best_f1": "PA best F1 at any threshold (point-adjusted, inflated)",
+    "pa_best_f1_threshold": "Threshold of the PA best F1",
+    "segments": "Labelled anomaly segments",
+    "entity_column": "Entity column",
+    "time_column": "Time column",
+}
+
+_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
+_CSS = """
+*{box-sizing:border-box}
+body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1c1c1c;background:#fff;
+margin:0 auto;padding:16px;max-width:1180px;overflow-wrap:break-word}
+h1{font-size:1.5em;margin:.2em 0 .3em}h2{font-size:1.2em;margin:1.6em 0 .5em;border-bottom:1px solid #ddd}
+h3{font-size:1em;margin:1em 0 .3em}
+code{font:.9em ui-monospace,Menlo,Consolas,monospace;background:#f3f3f3;padding:0 .25em;border-radius:3px;
+overflow-wrap:anywhere}
+.lede{color:#444;margin:.2em 0 1em}.note{color:#555;font-size:.9em}
+.kpis{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,190px),1fr));gap:10px}
+.kpi{border:1px solid #ddd;border-radius:8px;padding:10px 12px}
+.kpi .v{font-size:2.1em;font-weight:600;line-height:1.1}.kpi .k{font-weight:600}.kpi .d{color:#555;font-size:.85em}
+.pa{margin-top:10px;padding:8px 12px;border-left:4px solid #b8860b;background:#fdf8e8}
+.cols{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,420px),1fr));gap:0 28px}
+table{border-collapse:collapse;margin:.4em 0;max-width:100%}
+th,td{text-align:left;padding:4px 10px;border-bottom:1px solid #e3e3e3;vertical-align:top}
+th{font-weight:600}td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
+.cm td{text-align:center;min-width:5em}.cm .good{background:#eaf6ec}.cm .bad{background:#fbeaea}
+.cm small{display:block;color:#555}
+dl{display:grid;grid-template-columns:minmax(7em,max-content) 1fr;gap:4px 14px;margin:.4em 0}
+dt{color:#555}dd{margin:0}
+details summary{cursor:pointer;color:#333}
+.charts{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,340px),1fr));gap:16px}
+figure{margin:0}figcaption{color:#555;font-size:.85em}
+svg.chart{display:block;width:100%;max-width:100%;height:auto}
+.all code{font-size:.8em;color:#555}td.s{overflow-wrap:anywhere}
+"""
+
+
+@dataclass
+class ModelCard:
+    """What the report says about the model beyond the metrics: the bundle's manifest (None when it
+    could not be read), where the bundle and the scored data are (from the scoring job's spec), and
+    the features the rows' ``top_features`` name most
+    (:meth:`unusual.ray_jobs.eval_stats.TopFeatures.ranked`, of ``top_rows`` rows)."""
+
+    manifest: dict | None = None
+    checkpoint: str | None = None
+    data: str | None = None
+    kind: str | None = None
+    top_features: list[dict] = field(default_factory=list)
+    top_rows: int = 0
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _e(v) -> str:
+    return html.escape(str(v))
 
 
 def _fmt(v) -> str:
+    """A value as text: counts with thousands separators, floats to 4 significant digits."""
     if v is None:
         return "–"
     if isinstance(v, bool):
         return "yes" if v else "no"
     if isinstance(v, float):
-        return f"{v:.4g}"
+        return "–" if math.isnan(v) else f"{v:.4g}"
     if isinstance(v, int):
         return f"{v:,}"
-    if isinstance(v, list):
-        return ", ".join(map(str, v)) or "–"
+    if isinstance(v, list | tuple):
+        return ", ".join(_fmt(x) for x in v) or "–"
+    if isinstance(v, dict):
+        return ", ".join(f"{k}={_fmt(x)}" for k, x in v.items()) or "–"
     return str(v)
 
 
-def _axes(title: str, xlabel: str, ylabel: str, xticks, yticks, legend) -> list[str]:
-    """SVG frame, ticks, labels and a legend above the plot; ticks are (position in px, text),
-    the legend (name, colour)."""
-    out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{_W + 2 * _M}" height="{_H + 2 * _M}" '
-        f'viewBox="0 0 {_W + 2 * _M} {_H + 2 * _M}" font-family="sans-serif" font-size="11">',
-        f'<text x="{_M + _W / 2}" y="16" text-anchor="middle" font-size="13">{html.escape(title)}</text>',
-        f'<rect x="{_M}" y="{_M}" width="{_W}" height="{_H}" fill="none" stroke="#444"/>',
-        f'<text x="{_M + _W / 2}" y="{_H + 2 * _M - 8}" text-anchor="middle">{html.escape(xlabel)}</text>',
-        f'<text x="14" y="{_M + _H / 2}" text-anchor="middle" transform="rotate(-90 14 {_M + _H / 2})">'
-        f"{html.escape(ylabel)}</text>",
-    ]
-    x = _M
-    for name, colour in legend:
-        out.append(f'<rect x="{x}" y="{_M - 18}" width="10" height="10" fill="{colour}"/>')
-        out.append(f'<text x="{x + 14}" y="{_M - 9}" fill="{colour}">{html.escape(name)}</text>')
-        x += 28 + 7 * len(name)
-    for x, t in xticks:
-        out.append(f'<line x1="{x:.1f}" y1="{_M + _H}" x2="{x:.1f}" y2="{_M + _H + 4}" stroke="#444"/>')
-        out.append(f'<text x="{x:.1f}" y="{_M + _H + 16}" text-anchor="middle">{html.escape(t)}</text>')
-    for y, t in yticks:
-        out.append(f'<line x1="{_M - 4}" y1="{y:.1f}" x2="{_M}" y2="{y:.1f}" stroke="#444"/>')
-        out.append(f'<text x="{_M - 6}" y="{y + 4:.1f}" text-anchor="end">{html.escape(t)}</text>')
-    return out
+def _pct(v) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}%"
 
 
-def _unit_ticks():
-    ts = [0.0, 0.25, 0.5, 0.75, 1.0]
-    return [(_M + t * _W, f"{t:g}") for t in ts], [(_M + _H - t * _H, f"{t:g}") for t in ts]
+def _ratio(a: int | None, b: int | None) -> float | None:
+    return a / b if a is not None and b else None
 
 
-def _curve_svg(title: str, xlabel: str, ylabel: str, curves, diagonal: bool = False) -> str:
-    """Curves in the unit square: (name, x, y, colour)."""
-    xt, yt = _unit_ticks()
-    out = _axes(title, xlabel, ylabel, xt, yt, [(name, colour) for name, _, _, colour in curves])
-    if diagonal:
-        out.append(f'<line x1="{_M}" y1="{_M + _H}" x2="{_M + _W}" y2="{_M}" stroke="#aaa" stroke-dasharray="4 3"/>')
-    for _, x, y, colour in curves:
-        pts = " ".join(f"{_M + a * _W:.1f},{_M + _H - b * _H:.1f}" for a, b in zip(x, y))
-        out.append(f'<polyline points="{pts}" fill="none" stroke="{colour}" stroke-width="1.8"/>')
-    out.append("</svg>")
-    return "\n".join(out)
+def _label(key: str) -> str:
+    return METRIC_LABELS.get(key) or key.replace("_", " ").capitalize()
 
 
-def _density_svg(hist: ScoreHistogram, threshold: float | None) -> str:
-    """Overlaid step histograms of the scores of each label, with the threshold."""
-    d = hist.density(60)
-    edges, pos, neg = d["edges"], np.asarray(d["positive"]), np.asarray(d["negative"])
-    g, log = len(pos), d["scale"] == "log"
-    top = max(float(pos.max(initial=0)), float(neg.max(initial=0)), 1e-12) * 1.05
-    step = _W / g
-    xticks = [(_M + j * step, f"{edges[j]:.3g}") for j in range(0, g + 1, max(g // 5, 1))]
-    yticks = [(_M + _H - t * _H, f"{t * top:.2g}") for t in (0.0, 0.5, 1.0)]
-    title = f"score distribution per label ({'log' if log else 'linear'} axis)"
-    legend = [("label negative", _NEG), ("label positive", _POS)]
-    out = _axes(title, "anomaly score", "fraction of the label's rows", xticks, yticks, legend)
-    for values, colour in ((neg, _NEG), (pos, _POS)):
-        pts = [f"{_M:.1f},{_M + _H:.1f}"]
-        for j, v in enumerate(values):
-            y = _M + _H - v / top * _H
-            pts += [f"{_M + j * step:.1f},{y:.1f}", f"{_M + (j + 1) * step:.1f},{y:.1f}"]
-        pts.append(f"{_M + _W:.1f},{_M + _H:.1f}")
-        style = f'fill="{colour}" fill-opacity="0.35" stroke="{colour}" stroke-width="1"'
-        out.append(f'<polygon points="{" ".join(pts)}" {style}/>')
-    if threshold is not None and math.isfinite(threshold):
-        lo, hi = edges[0], edges[-1]
-        if log:
-            frac = (math.log(threshold) - math.log(lo)) / (math.log(hi) - math.log(lo)) if threshold > 0 else 0.0
-        else:
-            frac = (threshold - lo) / (hi - lo)
-        x = _M + min(max(frac, 0.0), 1.0) * _W
-        out.append(f'<line x1="{x:.1f}" y1="{_M}" x2="{x:.1f}" y2="{_M + _H}" stroke="#000" stroke-dasharray="5 3"/>')
-        anchor = "end" if frac > 0.7 else "start"
-        tx = x - 4 if anchor == "end" else x + 4
-        out.append(f'<text x="{tx:.1f}" y="{_M + 14}" text-anchor="{anchor}">threshold {threshold:.4g}</text>')
-    out.append("</svg>")
-    return "\n".join(out)
+# --------------------------------------------------------------------------- charts
 
 
-def report_html(metrics: dict, hist: ScoreHistogram, pa_hist: ScoreHistogram | None = None) -> str:
-    """A self-contained HTML report: the metrics, the score distribution per label
-    with the threshold, and the PR and ROC curves (point-adjusted ones too)."""
-    rows = "\n".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(_fmt(v))}</td></tr>" for k, v in metrics.items())
-    pr = [("as scored", *hist.pr_curve(), _NEG)]
-    roc = [("as scored", *hist.roc_curve(), _NEG)]
+def _svg(fig: Figure, title: str) -> str:
+    """The figure as inline SVG that scales with its container (``svg.chart``), without the XML
+    prologue, dates or random ids."""
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", metadata={"Date": None})
+    svg = buf.getvalue()
+    svg = svg[svg.index("<svg") :]
+    head, rest = svg.split(">", 1)
+    head = re.sub(r'\s(width|height)="[^"]*"', "", head)
+    return f'{head} class="chart" role="img" aria-label="{_e(title)}">{rest.strip()}'
+
+
+def _figure() -> tuple[Figure, object]:
+    """A figure on the Agg canvas (no display, no pyplot state) with constrained layout, so that
+    labels never overlap the ticks."""
+    fig = Figure(figsize=(4.6, 3.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def _unit_axes(ax, title: str, xlabel: str, ylabel: str) -> None:
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel, xlim=(-0.01, 1.01), ylim=(-0.01, 1.02))
+    ax.set_xticks(np.linspace(0, 1, 6))
+    ax.set_yticks(np.linspace(0, 1, 6))
+
+
+def _pr_points(h: ScoreHistogram) -> tuple[np.ndarray, np.ndarray]:
+    """The PR curve from the highest threshold down, as steps whose area is the average precision:
+    the thresholds that catch no anomaly are dropped (their precision says nothing), and the curve
+    starts at recall 0 with the precision of the first threshold that catches one."""
+    recall, precision = h.pr_curve()
+    keep = recall > 0
+    recall, precision = recall[keep], precision[keep]
+    if recall.size == 0:
+        return recall, precision
+    return np.concatenate([[0.0], recall]), np.concatenate([[precision[0]], precision])
+
+
+def _roc_chart(metrics: dict, hist: ScoreHistogram, pa_hist: ScoreHistogram | None = None) -> str:
+    """The ROC curve (and the point-adjusted one), with the model's operating point."""
+    fig, ax = _figure()
+    ax.plot([0, 1], [0, 1], color="#999", ls="--", lw=1, label="chance")
+    ax.plot(*hist.roc_curve(), color=NORMAL, lw=2, label=f"as scored (AUC {_fmt(metrics.get('roc_auc'))})")
     if pa_hist is not None:
-        pr.append(("point-adjusted", *pa_hist.pr_curve(), _PA))
-        roc.append(("point-adjusted", *pa_hist.roc_curve(), _PA))
-    exact = "exact" if metrics.get("exact") else f"from {metrics.get('bins')} score bins"
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>unusual evaluation</title>
-<style>
-body {{ font-family: sans-serif; margin: 24px; color: #222; }}
-table {{ border-collapse: collapse; margin-bottom: 24px; }}
-th, td {{ text-align: left; padding: 3px 12px; border-bottom: 1px solid #ddd; font-size: 13px; }}
-th {{ font-weight: normal; color: #555; }}
-.plots svg {{ margin: 0 12px 12px 0; }}
-</style></head><body>
-<h1>unusual evaluation</h1>
-<p>Scores at <code>{html.escape(str(metrics.get("scores")))}</code>, labels from
-<code>{html.escape(str(metrics.get("label_column")))}</code>; metrics {html.escape(exact)}.</p>
-<table>
-{rows}
+        auc = _fmt(metrics.get("pa_roc_auc"))
+        ax.plot(*pa_hist.roc_curve(), color=ADJUSTED, lw=1.6, label=f"point-adjusted (AUC {auc})")
+    fpr = _ratio(metrics.get("fp"), (metrics.get("fp") or 0) + (metrics.get("tn") or 0))
+    tpr = metrics.get("recall")
+    if fpr is not None and tpr is not None:
+        ax.plot([fpr], [tpr], "o", color="#222", ms=6, label="at the threshold")
+    _unit_axes(ax, "ROC curve", "false positive rate (normal rows flagged)", "true positive rate (recall)")
+    ax.legend(loc="lower right", fontsize=8.5)
+    return _svg(fig, "ROC curve")
+
+
+def _pr_chart(metrics: dict, hist: ScoreHistogram, pa_hist: ScoreHistogram | None = None) -> str:
+    """The precision-recall curve as steps (the area under them is the average precision), with the
+    share of anomalies (a random ranking's precision) and the model's operating point."""
+    fig, ax = _figure()
+    base = _ratio(metrics.get("positives"), (metrics.get("positives") or 0) + (metrics.get("negatives") or 0))
+    if base is not None:
+        ax.axhline(base, color="#999", ls="--", lw=1, label=f"random ({base:.3g})")
+    r, p = _pr_points(hist)
+    ax.plot(r, p, color=NORMAL, lw=2, drawstyle="steps-pre", label=f"as scored (AP {_fmt(metrics.get('pr_auc'))})")
+    if pa_hist is not None:
+        r, p = _pr_points(pa_hist)
+        ap = _fmt(metrics.get("pa_pr_auc"))
+        ax.plot(r, p, color=ADJUSTED, lw=1.6, drawstyle="steps-pre", label=f"point-adjusted (AP {ap})")
+    if metrics.get("recall") is not None and metrics.get("precision") is not None:
+        ax.plot([metrics["recall"]], [metrics["precision"]], "o", color="#222", ms=6, label="at the threshold")
+    _unit_axes(ax, "Precision-recall curve", "recall (anomalies caught)", "precision (flags that are right)")
+    ax.legend(loc="best", fontsize=8.5)
+    return _svg(fig, "Precision-recall curve")
+
+
+def _distribution_chart(hist: ScoreHistogram, threshold: float | None) -> str:
+    """The score distribution of normal and anomalous rows (each as a share of its class) with the
+    threshold; a log axis for scores spanning decades (:meth:`ScoreHistogram.density`)."""
+    d = hist.density(60)
+    edges = np.asarray(d["edges"])
+    fig, ax = _figure()
+    for values, colour, name in ((d["negative"], NORMAL, "normal rows"), (d["positive"], ANOMALY, "anomalies")):
+        ax.stairs(values, edges, fill=True, color=colour, alpha=0.3, lw=0)
+        ax.stairs(values, edges, color=colour, lw=1.8, label=name)
+    if d["scale"] == "log":
+        ax.set_xscale("log")
+    if threshold is not None and math.isfinite(threshold):
+        ax.axvline(threshold, color="#222", ls="--", lw=1.4, label=f"threshold {threshold:.4g}")
+        lo, hi = min(edges[0], threshold), max(edges[-1], threshold)
+        if d["scale"] == "log":
+            ax.set_xlim(lo / 1.1 if lo > 0 else edges[0], hi * 1.1)
+        else:
+            pad = 0.02 * (hi - lo)
+            ax.set_xlim(lo - pad, hi + pad)
+    ax.set(title="Score distribution", xlabel="anomaly score", ylabel="share of the class's rows")
+    ax.set_ylim(bottom=0)
+    fig.legend(loc="outside lower center", ncols=3, fontsize=8.5)
+    return _svg(fig, "Score distribution of normal rows and anomalies")
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _kpi(value: str, name: str, what: str) -> str:
+    """One headline number: the value in large type, its name and what it means (HTML)."""
+    return (
+        f'<div class="kpi"><div class="v">{_e(value)}</div><div class="k">{_e(name)}</div>'
+        f'<div class="d">{what}</div></div>'
+    )
+
+
+def _model_name(metrics: dict, card: ModelCard) -> tuple[str, str]:
+    """(kind in words, version) from the manifest, else the scoring job's spec and the scores."""
+    m = card.manifest or {}
+    kind = m.get("kind") or card.kind
+    version = m.get("model_version") or ", ".join(metrics.get("model_versions") or []) or "unknown version"
+    words = f"{KINDS.get(kind, kind)} ({kind})" if kind else "model"
+    return words, version
+
+
+def _headline(metrics: dict, card: ModelCard) -> str:
+    kind, version = _model_name(metrics, card)
+    pos, neg = metrics.get("positives") or 0, metrics.get("negatives") or 0
+    tp, fp, fn = (metrics.get(k) or 0 for k in ("tp", "fp", "fn"))
+    data = f" (the scoring job read <code>{_e(card.data)}</code>)" if card.data else ""
+    exact = "exact" if metrics.get("exact") else f"computed over {_fmt(metrics.get('bins'))} score bins"
+    kpis = [
+        _kpi(
+            _fmt(metrics.get("roc_auc")),
+            "ROC-AUC",
+            "How well the scores rank anomalies above normal rows: "
+            "the chance a random anomaly scores higher than a random normal row (0.5 = coin flip, 1 = perfect).",
+        ),
+        _kpi(
+            _fmt(metrics.get("pr_auc")),
+            "AUC-PR (average precision)",
+            "Precision averaged over every recall "
+            f"level; a random ranking scores the share of anomalies, {_pct(_ratio(pos, pos + neg))}.",
+        ),
+        _kpi(
+            _fmt(metrics.get("f1")),
+            "F1 at the threshold",
+            "The balance of precision and recall of the "
+            "model's own flags (harmonic mean; 1 = every anomaly flagged and nothing else).",
+        ),
+        _kpi(
+            _pct(metrics.get("precision")),
+            "Precision",
+            f"Of the {tp + fp:,} rows the model flagged, the share that are real anomalies ({tp:,}).",
+        ),
+        _kpi(
+            _pct(metrics.get("recall")),
+            "Recall",
+            f"Of the {tp + fn:,} real anomalies, the share the model flagged ({tp:,}).",
+        ),
+    ]
+    pa = ""
+    if "pa_f1" in metrics:
+        pa = (
+            '<p class="pa"><strong>Time series, point-adjusted (inflated):</strong> '
+            f"PA-F1 {_e(_fmt(metrics['pa_f1']))}, PA ROC-AUC {_e(_fmt(metrics.get('pa_roc_auc')))}, "
+            f"PA AUC-PR {_e(_fmt(metrics.get('pa_pr_auc')))} over {_e(_fmt(metrics.get('segments')))} labelled "
+            "segments. Point adjustment counts a whole labelled segment as caught when any one of its rows is "
+            "flagged, so these numbers flatter every model (even random scores); compare models on the "
+            "unadjusted numbers above.</p>"
+        )
+    return f"""<header>
+<h1>Evaluation of the {_e(kind)} <code>{_e(version)}</code></h1>
+<p class="lede">{_fmt(metrics.get("rows"))} scored rows at <code>{_e(metrics.get("scores"))}</code>{data};
+labels from column <code>{_e(metrics.get("label_column"))}</code>: {pos:,} anomalies
+({_pct(_ratio(pos, pos + neg))}) and {neg:,} normal rows. Metrics {_e(exact)}.</p>
+<div class="kpis">{"".join(kpis)}</div>
+{pa}
+</header>"""
+
+
+def _confusion(metrics: dict) -> str:
+    tp, fp, fn, tn = (metrics.get(k) or 0 for k in ("tp", "fp", "fn", "tn"))
+
+    def row(name: str, a: int, a_what: str, b: int, b_what: str, a_good: bool) -> str:
+        cls = ("good", "bad") if a_good else ("bad", "good")
+        cells = "".join(
+            f'<td class="{c}"><strong>{n:,}</strong><small>{_pct(_ratio(n, a + b))} {what}</small></td>'
+            for n, what, c in ((a, a_what, cls[0]), (b, b_what, cls[1]))
+        )
+        return f'<tr><th>{name}</th>{cells}<td class="n">{a + b:,}</td></tr>'
+
+    return f"""<section><h2>Confusion matrix at the threshold</h2>
+<table class="cm">
+<tr><th></th><th>flagged</th><th>not flagged</th><th class="n">total</th></tr>
+{row("anomaly", tp, "caught", fn, "missed", True)}
+{row("normal", fp, "false alarms", tn, "left alone", False)}
+<tr><th>total</th><td>{tp + fp:,}</td><td>{fn + tn:,}</td><td class="n">{tp + fp + fn + tn:,}</td></tr>
 </table>
-<div class="plots">
-{_density_svg(hist, metrics.get("threshold"))}
-{_curve_svg("precision-recall", "recall", "precision", pr)}
-{_curve_svg("ROC", "false positive rate", "true positive rate", roc, diagonal=True)}
-</div>
+<p class="note">Labelled rows with a score; a row is flagged when the model marked it <code>is_anomaly</code>.</p>
+</section>"""
+
+
+def _threshold_rule(record: dict) -> str:
+    """How the bundle's threshold was fit, in words (its ``threshold`` record)."""
+    rule, c = record.get("threshold"), record.get("contamination")
+    n, on = record.get("n_scores"), record.get("fit_on", "validation")
+    of = f"{_fmt(n)} {_e(on)} scores" if n is not None else f"the {_e(on)} scores"
+    if rule == "quantile" and c is not None:
+        return (
+            f"fit at training time as the {_fmt(1 - c)} quantile of {of}: a target false-positive rate of "
+            f"{_pct(c)} on normal data (<code>threshold=quantile</code>, <code>contamination={_fmt(c)}</code>)."
+        )
+    if rule == "pot" and c is not None:
+        return (
+            f"fit at training time by peaks over threshold: a generalized Pareto tail fit to {of} above their "
+            f"{_fmt(record.get('pot_level'))} quantile, cut where the tail is exceeded with probability "
+            f"{_fmt(c)} (<code>threshold=pot</code>)."
+        )
+    return f"fit at training time: <code>{_e(_fmt(record))}</code>."
+
+
+def _threshold(metrics: dict, card: ModelCard) -> str:
+    t, source = metrics.get("threshold"), metrics.get("threshold_source")
+    if source == "job.json":
+        where = "the model's threshold, as the scoring job recorded it (<code>_unusual/job.json</code>)"
+    elif source == "smallest flagged score":
+        where = "not recorded with the scores: taken as the smallest score the model flagged"
+    else:
+        where = "unknown: the scores carry no threshold and no row was flagged"
+    record = (card.manifest or {}).get("threshold")
+    rule = f"<p>How it was chosen: {_threshold_rule(record)}</p>" if isinstance(record, dict) else ""
+    tp, fp = metrics.get("tp") or 0, metrics.get("fp") or 0
+    labelled = sum(metrics.get(k) or 0 for k in ("tp", "fp", "fn", "tn"))
+    best = ""
+    if metrics.get("best_f1") is not None:
+        best = (
+            f"<p>For comparison, the best F1 at any threshold is {_e(_fmt(metrics['best_f1']))}, at a threshold of "
+            f"{_e(_fmt(metrics.get('best_f1_threshold')))} (chosen with the labels, so it is optimistic).</p>"
+        )
+    return f"""<section><h2>Threshold</h2>
+<p><strong>{_e(_fmt(t))}</strong>: {where}. Rows scoring above it are flagged: {tp + fp:,} of
+{labelled:,} labelled rows ({_pct(_ratio(tp + fp, labelled))}).</p>
+{rule}{best}
+</section>"""
+
+
+def _kv_table(d: dict) -> str:
+    rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(_fmt(v))}</td></tr>" for k, v in d.items())
+    return f"<table>{rows}</table>"
+
+
+def _features(m: dict) -> str:
+    cols = (m.get("features") or {}).get("columns") or []
+    if not cols:
+        return "–"
+    kinds: dict[str, int] = {}
+    for c in cols:
+        kinds[c.get("kind", "?")] = kinds.get(c.get("kind", "?"), 0) + 1
+    count = f"{len(cols):,} ({', '.join(f'{n:,} {_e(k)}' for k, n in kinds.items())})"
+    names = ", ".join(f"<code>{_e(c.get('name'))}</code>" for c in cols)
+    if len(cols) > 12:
+        return f"{count}<details><summary>show all {len(cols):,} names</summary>{names}</details>"
+    return f"{count}: {names}"
+
+
+def _top_features(card: ModelCard) -> str:
+    if not card.top_features:
+        return ""
+    rows = "".join(
+        f"<tr><td><code>{_e(f['feature'])}</code></td><td class='n'>{_pct(f['share'])}</td>"
+        f"<td class='n'>{_pct(f['flagged_share'])}</td><td class='n'>{_e(_fmt(f['mean_contribution']))}</td></tr>"
+        for f in card.top_features
+    )
+    return f"""<h3>Features that drive the scores</h3>
+<p class="note">From the scorer's per-row attributions (<code>top_features</code>) of {card.top_rows:,} rows:
+the features with the largest summed contribution where they are among a row's top features.</p>
+<table><tr><th>feature</th><th class="n">among the top, all rows</th><th class="n">… flagged rows</th>
+<th class="n">mean contribution</th></tr>{rows}</table>"""
+
+
+def _model_card(metrics: dict, card: ModelCard) -> str:
+    kind, version = _model_name(metrics, card)
+    m = card.manifest
+    items = [("Model", f"{_e(kind)}, version <code>{_e(version)}</code>")]
+    if card.checkpoint:
+        items.append(("Bundle", f"<code>{_e(card.checkpoint)}</code>"))
+    params = ""
+    if m is None:
+        note = (
+            '<p class="note">The bundle\'s manifest could not be read (the scores do not say where the bundle is, '
+            "or it is not reachable): the card shows only what the scores say.</p>"
+        )
+    else:
+        note = ""
+        t = m.get("training") or {}
+        cfg = m.get("model_config") or {}
+        items.append(("Features", _features(m)))
+        for what, col in (("Entity column", "entity_column"), ("Time column", "time_column")):
+            if cfg.get(col):
+                items.append((what, f"<code>{_e(cfg[col])}</code>"))
+        if "rows" in t:
+            split = f" ({_fmt(t.get('train_samples'))} to train on, {_fmt(t.get('val_samples'))} to validate)"
+            items.append(("Training rows", _e(_fmt(t["rows"]) + (split if "train_samples" in t else ""))))
+        losses = t.get("val_loss") or []
+        if losses:
+            best = t.get("best_epoch")
+            at = f" at epoch {best + 1}" if isinstance(best, int) else ""
+            items.append(("Training run", _e(f"{len(losses)} epochs, best validation loss {_fmt(min(losses))}{at}")))
+        if t.get("runner"):
+            items.append(("Trained by", f"<code>{_e(t['runner'])}</code>"))
+        if m.get("libraries"):
+            items.append(("Libraries", _e(_fmt(m["libraries"]))))
+        params = (
+            '<div class="cols">'
+            f"<div><h3>Architecture</h3>{_kv_table(cfg)}</div>"
+            f"<div><h3>Training parameters</h3>{_kv_table(t.get('config') or {})}</div>"
+            "</div>"
+        )
+    dl = "".join(f"<dt>{_e(k)}</dt><dd>{v}</dd>" for k, v in items)
+    return f"""<section><h2>Model card</h2>{note}
+<dl>{dl}</dl>
+{params}
+{_top_features(card)}
+</section>"""
+
+
+def _charts(metrics: dict, hist: ScoreHistogram, pa_hist: ScoreHistogram | None) -> str:
+    with matplotlib.rc_context(_RC):  # the settings apply when the artists are made and when saved
+        figures = [
+            (
+                _roc_chart(metrics, hist, pa_hist),
+                "How many anomalies are caught (up) for how many normal rows are flagged (right) as the threshold "
+                "moves; the dot is the model's threshold.",
+            ),
+            (
+                _pr_chart(metrics, hist, pa_hist),
+                "Of the rows flagged, the share that are anomalies (up), against the share of the anomalies "
+                "caught (right); the dot is the model's threshold.",
+            ),
+            (
+                _distribution_chart(hist, metrics.get("threshold")),
+                "Scores of normal rows and of anomalies, each as a share of its own class; rows right of the "
+                "dashed line are flagged.",
+            ),
+        ]
+    body = "".join(f"<figure>{svg}<figcaption>{_e(caption)}</figcaption></figure>" for svg, caption in figures)
+    return f'<section><h2>Charts</h2><div class="charts">{body}</div></section>'
+
+
+def _all_metrics(metrics: dict) -> str:
+    rows = "".join(
+        f"<tr><td>{_e(_label(k))}<br><code>{_e(k)}</code></td>"
+        f"<td{' class=s' if isinstance(v, str | list) else ''}>{_e(_fmt(v))}</td></tr>"
+        for k, v in metrics.items()
+    )
+    note = ""
+    if any(k.startswith("pa_") for k in metrics):
+        note = (
+            '<p class="note">PA: point-adjusted, computed per entity in time order; a labelled segment counts '
+            "as caught when any of its rows is flagged, which inflates these metrics.</p>"
+        )
+    return f"""<section><h2>All metrics</h2>
+<p class="note">Everything in <code>metrics.json</code>, next to this report.</p>{note}
+<table class="all"><tr><th>metric <code>key</code></th><th>value</th></tr>{rows}</table>
+</section>"""
+
+
+def report_html(
+    metrics: dict, hist: ScoreHistogram, pa_hist: ScoreHistogram | None = None, card: ModelCard | None = None
+) -> str:
+    """The report as one self-contained HTML page: ``metrics`` (``metrics.json``), the histograms of
+    the labelled scores (as scored and point-adjusted) and the ``card`` of the model."""
+    card = card or ModelCard()
+    kind, version = _model_name(metrics, card)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{_CSP}">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Evaluation of {_e(kind)} {_e(version)}</title>
+<style>{_CSS}</style></head><body>
+{_headline(metrics, card)}
+<div class="cols">{_confusion(metrics)}{_threshold(metrics, card)}</div>
+{_model_card(metrics, card)}
+{_charts(metrics, hist, pa_hist)}
+{_all_metrics(metrics)}
 </body></html>
 """
