@@ -11,6 +11,17 @@ Suites (see benchmarks/README.md for the protocol of each):
   with and without point adjustment.
 - ``nslkdd``: NSL-KDD (20 % train file) with its categorical columns, our
   ``ae`` (and IsolationForest on one-hot features), semi-supervised split.
+- ``tabular-unsupervised``: PyOD's usual unsupervised protocol on the ODDS sets
+  and NSL-KDD: a stratified 60 / 40 split of ALL rows per seed, so the training
+  split is contaminated with its share of the anomalies; fit on the 60 %, score
+  the 40 %. Our ``ae`` / ``vae`` with their defaults beside PyOD's AutoEncoder,
+  VAE, IForest, PCA and ECOD (PyOD defaults; NSL-KDD's categorical columns
+  one-hot encoded for PyOD, given as they are to ours). ``--max-rows N``
+  subsamples each set (stratified, seeded) to N rows before the split.
+
+Each run replaces the suites it ran in the JSON / markdown and keeps the others
+from the file it writes to (each suite block records its own commit, time and
+command), so running one suite does not erase the other suites' results.
 
 Writes a JSON record (default ``benchmarks/results/quality.json``) and prints
 markdown tables, also written next to the JSON as ``.md``.
@@ -51,14 +62,15 @@ from unusual.models.metrics import (  # noqa: E402  (after the sys.path set-up a
     ranking_metrics,
 )
 
-SUITES = ("tabular", "smd", "nslkdd")
+SUITES = ("tabular", "smd", "nslkdd", "tabular-unsupervised")
 OURS = ("ae", "vae", "lstm")
-PYOD = ("pyod_ae", "pyod_vae", "iforest")
+PYOD = ("pyod_ae", "pyod_vae", "iforest", "pca", "ecod")
 ALL_METHODS = OURS + PYOD
 SUITE_METHODS = {
     "tabular": ("ae", "vae", "pyod_ae", "pyod_vae", "iforest"),
     "smd": ("lstm", "ae", "iforest"),
     "nslkdd": ("ae", "vae", "iforest"),
+    "tabular-unsupervised": ("ae", "vae", "pyod_ae", "pyod_vae", "iforest", "pca", "ecod"),
 }
 METHOD_LABELS = {
     "ae": "ours ae",
@@ -67,8 +79,11 @@ METHOD_LABELS = {
     "pyod_ae": "PyOD AutoEncoder",
     "pyod_vae": "PyOD VAE",
     "iforest": "PyOD IForest",
+    "pca": "PyOD PCA",
+    "ecod": "PyOD ECOD",
 }
 TRAIN_FRACTION = 0.7
+UNSUPERVISED_TRAIN_FRACTION = 0.6
 
 log = logging.getLogger("quality")
 
@@ -129,6 +144,26 @@ def semi_supervised_split(y: np.ndarray, seed: int, frac: float = TRAIN_FRACTION
     train = np.sort(perm[:n_train])
     test = np.sort(np.concatenate([perm[n_train:], np.flatnonzero(y == 1)]))
     return train, test
+
+
+def stratified_split(y: np.ndarray, seed: int, frac: float = UNSUPERVISED_TRAIN_FRACTION):
+    """PyOD's unsupervised protocol: a stratified random ``frac`` of all rows (anomalies included) to
+    train on, the rest to test on; both keep the data set's contamination."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(y))
+    train, test = train_test_split(idx, train_size=frac, stratify=y, random_state=seed)
+    return np.sort(train), np.sort(test)
+
+
+def stratified_subsample(y: np.ndarray, n: int | None, seed: int = 0) -> np.ndarray:
+    """Positions of a stratified, seeded subsample of at most ``n`` rows (all rows if ``n`` is None)."""
+    if n is None or n >= len(y):
+        return np.arange(len(y))
+    from sklearn.model_selection import train_test_split
+
+    keep, _ = train_test_split(np.arange(len(y)), train_size=n, stratify=y, random_state=seed)
+    return np.sort(keep)
 
 
 def load_odds(data_dir: Path) -> dict:
@@ -221,6 +256,14 @@ def run_pyod(method: str, seed: int, X_train: np.ndarray, X_test: np.ndarray) ->
         from pyod.models.iforest import IForest
 
         model = IForest(random_state=seed)
+    elif method == "pca":
+        from pyod.models.pca import PCA
+
+        model = PCA(random_state=seed)
+    elif method == "ecod":
+        from pyod.models.ecod import ECOD
+
+        model = ECOD()
     else:
         raise MethodError(f"unknown PyOD method {method}")
     t0 = time.perf_counter()
@@ -423,11 +466,75 @@ def suite_nslkdd(args, data_dir: Path, methods: list[str]) -> list[dict]:
     return runs
 
 
-SUITE_FUNCS = {"tabular": suite_tabular, "smd": suite_smd, "nslkdd": suite_nslkdd}
+def suite_unsupervised(args, data_dir: Path, methods: list[str]) -> list[dict]:
+    """ODDS + NSL-KDD, PyOD's unsupervised protocol (stratified 60 / 40 split of all rows)."""
+    sets: dict = dict(load_odds(data_dir))
+    if not sets:
+        raise SystemExit(f"no ODDS .mat files under {data_dir / 'tabular' / 'odds'}")
+    if (data_dir / "network" / "nsl_kdd").is_dir():
+        sets["nsl_kdd_train20"] = load_nslkdd(data_dir)
+    cats = ["protocol_type", "service", "flag"]
+    runs = []
+    for name, (X, y) in sets.items():
+        if args.datasets and name not in args.datasets:
+            continue
+        keep = stratified_subsample(y, args.max_rows)
+        if keep.size < len(y):
+            X = X.iloc[keep].reset_index(drop=True) if hasattr(X, "iloc") else X[keep]
+            y = y[keep]
+        log.info("tabular-unsupervised %s: %d rows x %d cols, %d anomalies", name, *X.shape, int(y.sum()))
+        for seed in args.seeds:
+            tr, te = stratified_split(y, seed)
+            if hasattr(X, "iloc"):
+                Xtr, Xte = X.iloc[tr].reset_index(drop=True), X.iloc[te].reset_index(drop=True)
+                Ptr, Pte = one_hot_like(Xtr, Xte, cats)
+            else:
+                Xtr, Xte = X[tr], X[te]
+                Ptr, Pte = Xtr, Xte
+            for method in methods:
+                rec = {
+                    "suite": "tabular-unsupervised",
+                    "dataset": name,
+                    "method": method,
+                    "seed": seed,
+                    "n_train": int(tr.size),
+                    "n_train_anomalies": int(y[tr].sum()),
+                    "n_test": int(te.size),
+                    "n_test_anomalies": int(y[te].sum()),
+                }
+                try:
+                    if method in OURS:
+                        out = run_method(args, method, seed, Xtr, Xte)
+                    else:
+                        out = run_method(args, method, seed, Ptr, Pte)
+                    rec.update(finite_check(out["scores"]))
+                    rec.update(ranking_metrics(y[te], safe_scores(out["scores"])))
+                    rec.update(fit_s=out["fit_s"], score_s=out["score_s"], info=out["info"])
+                    log.info(
+                        "  %-8s seed %d  roc %.4f  pr %.4f  fit %.1fs",
+                        method,
+                        seed,
+                        rec["roc_auc"],
+                        rec["pr_auc"],
+                        rec["fit_s"],
+                    )
+                except Exception as e:  # noqa: BLE001 - record and go on with the next run
+                    record_failure(rec, e)
+                runs.append(rec)
+    return runs
+
+
+SUITE_FUNCS = {
+    "tabular": suite_tabular,
+    "smd": suite_smd,
+    "nslkdd": suite_nslkdd,
+    "tabular-unsupervised": suite_unsupervised,
+}
 SUITE_METRICS = {
     "tabular": ["roc_auc", "pr_auc", "fit_s"],
     "smd": ["roc_auc", "pr_auc", "best_f1", "best_f1_pa", "f1_at_threshold", "f1_pa_at_threshold", "fit_s"],
     "nslkdd": ["roc_auc", "pr_auc", "fit_s"],
+    "tabular-unsupervised": ["roc_auc", "pr_auc", "fit_s"],
 }
 
 
@@ -498,9 +605,21 @@ def markdown(result: dict) -> str:
         methods = list(dict.fromkeys(m for d in summ.values() for m in d))
         datasets = list(summ)
         n_seeds = len(block["seeds"])
-        if suite in ("tabular", "nslkdd"):
-            title = "Tabular (ODDS), semi-supervised" if suite == "tabular" else "NSL-KDD (KDDTrain+_20Percent)"
+        if suite in ("tabular", "nslkdd", "tabular-unsupervised"):
+            title = {
+                "tabular": "Tabular (ODDS), semi-supervised",
+                "nslkdd": "NSL-KDD (KDDTrain+_20Percent)",
+                "tabular-unsupervised": "Tabular (ODDS + NSL-KDD), unsupervised (stratified 60 / 40 split of all rows, "
+                "anomalies in the training split)",
+            }[suite]
             parts.append(f"### {title}: mean ± std over {n_seeds} seed(s)")
+            if block.get("run"):
+                r = block["run"]
+                parts.append(
+                    f"\nRun: commit {str(r.get('git_commit'))[:12]}, {r.get('timestamp')}: `{r.get('command')}`"
+                )
+            if block.get("max_rows"):
+                parts.append(f"\nEach data set subsampled (stratified) to at most {block['max_rows']} rows.")
             for metric, label in (
                 ("roc_auc", "ROC-AUC"),
                 ("pr_auc", "PR-AUC (average precision)"),
@@ -519,6 +638,11 @@ def markdown(result: dict) -> str:
                 parts.append(f"\n{label}\n\n" + _table(["dataset", *[METHOD_LABELS[m] for m in methods]], rows))
         else:
             parts.append(f"### SMD: {n_seeds} seed(s) per machine" + (" (mean ± std)" if n_seeds > 1 else ""))
+            if block.get("run"):
+                r = block["run"]
+                parts.append(
+                    f"\nRun: commit {str(r.get('git_commit'))[:12]}, {r.get('timestamp')}: `{r.get('command')}`"
+                )
             cols = [
                 ("roc_auc", "ROC-AUC"),
                 ("pr_auc", "PR-AUC"),
@@ -602,6 +726,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seeds", type=_csv_ints, default=[0, 1, 2, 3, 4], help="seeds for tabular and nslkdd")
     p.add_argument("--smd-seeds", type=_csv_ints, default=[0], help="seeds for smd (default: 0)")
+    p.add_argument(
+        "--max-rows",
+        type=int,
+        default=None,
+        help="tabular-unsupervised only: subsample each data set (stratified, seed 0) to at most this many rows",
+    )
     for kind in OURS:
         p.add_argument(
             f"--params-{kind}",
@@ -621,6 +751,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--self-check", action="store_true", help="only verify the metric helpers and exit")
     p.add_argument("-q", "--quiet", action="store_true", help="less progress logging")
     return p
+
+
+def previous_suites(path: Path, running: list[str]) -> dict:
+    """The suites of an earlier result at ``path`` that this run does not rerun, each with the
+    provenance of the run that produced it (so one suite can be rerun without erasing the others)."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    kept = {}
+    for name, block in (old.get("suites") or {}).items():
+        if name in running:
+            continue
+        block = dict(block)
+        block.setdefault("run", {k: old.get(k) for k in ("timestamp", "git_commit", "git_dirty_files", "command")})
+        kept[name] = block
+    if kept:
+        log.info("keeping earlier results of suite(s) %s from %s", ", ".join(kept), path)
+    return kept
 
 
 def write_json(path: Path, result: dict) -> None:
@@ -690,10 +839,13 @@ def main(argv: list[str] | None = None) -> int:
             "pyod_ae": "pyod.models.auto_encoder.AutoEncoder(random_state=seed, verbose=0), other args default",
             "pyod_vae": "pyod.models.vae.VAE(random_state=seed, verbose=0), other args default",
             "iforest": "pyod.models.iforest.IForest(random_state=seed), other args default",
+            "pca": "pyod.models.pca.PCA(random_state=seed), other args default",
+            "ecod": "pyod.models.ecod.ECOD(), args default",
         },
         "load_average_start": loadavg(),
         "suites": {},
     }
+    kept = previous_suites(args.out, suites)
     t_all = time.perf_counter()
     for suite in suites:
         suite_methods = [m for m in methods if m in SUITE_METHODS[suite]]
@@ -709,10 +861,16 @@ def main(argv: list[str] | None = None) -> int:
             "seeds": args.smd_seeds if suite == "smd" else args.seeds,
             "seconds": seconds,
             "load_average_end": loadavg(),
+            "run": {k: result[k] for k in ("timestamp", "git_commit", "git_dirty_files", "command")},
             "summary": summarize(runs, suite),
             "runs": runs,
         }
+        if suite == "tabular-unsupervised":
+            result["suites"][suite]["max_rows"] = args.max_rows
+            result["suites"][suite]["train_fraction"] = UNSUPERVISED_TRAIN_FRACTION
         result["total_seconds"] = time.perf_counter() - t_all
+        merged = {**kept, **result["suites"]}
+        result["suites"] = {k: merged[k] for k in SUITES if k in merged}
         write_json(args.out, result)  # after every suite, so a long run keeps partial results
         log.info("=== suite %s done in %.0f s", suite, seconds)
     md = markdown(result)
