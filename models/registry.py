@@ -35,6 +35,7 @@ class ModelFamily:
     # Values of config fields added after bundles were first written, for
     # manifests that lack them (what those bundles were trained with).
     absent: dict = field(default_factory=dict)
+    title: str = ""  # what the family is, in words (reports, model cards)
 
     @property
     def module(self) -> type:
@@ -52,9 +53,9 @@ class ModelFamily:
 REGISTRY: dict[str, ModelFamily] = {}
 
 
-def register(kind: str, module, config, sequence: bool = False, absent: dict | None = None) -> None:
+def register(kind: str, module, config, sequence: bool = False, absent: dict | None = None, title: str = "") -> None:
     """Add a family: ``module`` and ``config`` are classes or ``"module:Class"`` strings."""
-    REGISTRY[kind] = ModelFamily(kind, module, config, sequence, dict(absent or {}))
+    REGISTRY[kind] = ModelFamily(kind, module, config, sequence, dict(absent or {}), title or kind)
 
 
 def family(kind: str) -> ModelFamily:
@@ -72,6 +73,9 @@ DEFAULT_KIND = "ae"
 
 # ---------------------------------------------------------------- the built-in families
 # AE and VAE bundles written before ``norm`` existed had no normalisation layers.
-register("ae", "unusual.models.ae:AutoEncoder", "unusual.models.ae:AEConfig", absent={"norm": None})
-register("vae", "unusual.models.vae:VAE", "unusual.models.vae:VAEConfig", absent={"norm": None})
-register("lstm", "unusual.models.lstm:LSTMDetector", "unusual.models.lstm:LSTMConfig", sequence=True)
+register("ae", "unusual.models.ae:AutoEncoder", "unusual.models.ae:AEConfig", absent={"norm": None},
+         title="autoencoder")
+register("vae", "unusual.models.vae:VAE", "unusual.models.vae:VAEConfig", absent={"norm": None},
+         title="variational autoencoder")
+register("lstm", "unusual.models.lstm:LSTMDetector", "unusual.models.lstm:LSTMConfig", sequence=True,
+         title="LSTM sequence model")

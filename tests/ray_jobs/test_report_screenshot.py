@@ -30,7 +30,8 @@ from unusual.models.metrics import ScoreHistogram, adjusted_scores, label_segmen
 from unusual.ray_jobs import sample_data
 from unusual.ray_jobs.eval_stats import ScoreSummary, bin_edges
 from unusual.ray_jobs.evaluate import EvaluateJob, evaluation_metrics, model_card
-from unusual.ray_jobs.report import ADJUSTED, ANOMALY, METRIC_LABELS, NORMAL, _pr_points, report_html
+from unusual.ray_jobs.report import METRIC_LABELS, report_html
+from unusual.ray_jobs.report_charts import ADJUSTED, ANOMALY, NORMAL, _pr_points
 
 EVIL_FEATURE = '<script>alert("f00")</script>'
 EVIL_LABEL = "<i>label</i>"
