@@ -1,0 +1,443 @@
+"""scikit-learn / PyOD-compatible estimators over :class:`unusual.models.Detector`.
+
+Needs the optional extra ``unusual[sklearn]`` (scikit-learn)::
+
+    >>> from unusual.sklearn import AutoencoderDetector, VAEDetector
+    >>> from sklearn.pipeline import make_pipeline
+    >>> from sklearn.preprocessing import StandardScaler
+    >>> pipe = make_pipeline(StandardScaler(), AutoencoderDetector(epochs=20, contamination=0.05)).fit(X)
+    >>> pipe.predict(X_new)          # +1 inlier / -1 outlier (scikit-learn)
+    >>> pipe[-1].anomaly_score(X_new)  # higher = more anomalous (PyOD, Detector.score)
+
+The estimators are ordinary scikit-learn estimators: explicit keyword parameters stored unchanged
+(``get_params`` / ``set_params`` / ``clone`` work), validated in ``fit``; inputs are checked with
+scikit-learn's ``validate_data`` (numpy arrays, lists, pandas DataFrames and pyarrow Tables of numeric
+columns; no NaN, inf or sparse matrices: impute and one-hot encode in the pipeline, or use
+:class:`unusual.models.Detector` directly, which also takes categorical columns and ``nan_policy``).
+Training, scoring and the threshold rules are the Detector's: an estimator holds the fitted Detector
+as ``detector_`` (its ``score_table`` gives the top features behind each score), ``save`` writes the
+Detector's checkpoint bundle and ``load`` reads one back. Fitted estimators pickle (joblib, pipelines)
+through the bundle's bytes, read back with ``torch.load(weights_only=True)``.
+
+Sign conventions. The methods follow scikit-learn's outlier-detector convention (what
+``check_estimator`` checks); the PyOD-style values are offered beside them:
+
+==========================  =============================================  ==========================================
+quantity                    scikit-learn (methods)                         PyOD (attributes / methods)
+==========================  =============================================  ==========================================
+per-row score               ``score_samples(X)``: higher = more normal,    ``anomaly_score(X)``, ``decision_scores_``
+                            exactly ``-Detector.score(X)``                 (training set): higher = more anomalous
+decision                    ``decision_function(X)`` =                     ``anomaly_score(X) - threshold_``:
+                            ``score_samples(X) - offset_``: < 0 = outlier  > 0 = outlier
+labels                      ``predict(X)``, ``fit_predict(X)``:            ``anomaly_label(X)``, ``labels_``
+                            +1 inlier, -1 outlier                          (training set): 0 inlier, 1 outlier
+threshold                   ``offset_`` = ``-threshold_``                  ``threshold_``
+==========================  =============================================  ==========================================
+
+A row is an outlier when its anomaly score is strictly above ``threshold_``.
+
+``contamination``. With ``threshold_on="training"`` (the default), as in scikit-learn and PyOD, the
+threshold rule (``threshold="quantile"`` or ``"pot"``) is applied to the training set's scores, so that
+``contamination`` is the proportion of training rows flagged (``labels_.mean()``). With
+``threshold_on="validation"`` it is the Detector's own rule: applied to the scores of the held-out
+``val_fraction`` split, ``contamination`` is the target false-positive rate on unseen normal data. Either
+way the threshold is stored in the bundle, so ``Detector.load(uri).predict`` flags the same rows.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from numbers import Integral, Real
+
+import numpy as np
+import pyarrow as pa
+
+try:
+    from sklearn.base import BaseEstimator, OutlierMixin
+    from sklearn.utils._param_validation import Interval, StrOptions
+    from sklearn.utils.validation import check_is_fitted
+except ImportError:  # pragma: no cover - exercised by tests/models/test_sklearn.py with sklearn hidden
+    raise ImportError('unusual.sklearn needs scikit-learn, an optional extra: pip install "unusual[sklearn]"') from None
+
+try:  # scikit-learn >= 1.6
+    from sklearn.utils.validation import validate_data as _validate_data
+except ImportError:  # pragma: no cover - scikit-learn < 1.6
+
+    def _validate_data(estimator, X, **kwargs):
+        return estimator._validate_data(X, **kwargs)
+
+
+from .models.bundle import MANIFEST, WEIGHTS, Bundle, read_bundle, save_bundle, seal
+from .models.detector import Detector, split_params
+from .models.thresholds import fit_threshold
+
+__all__ = ["AutoencoderDetector", "DeepOutlierDetector", "VAEDetector"]
+
+# Estimator parameter -> Detector parameter, where the names differ (``score`` would shadow
+# scikit-learn's ``score`` method, which scorers and checks look for).
+_RENAMED = {"score_type": "score"}
+# Estimator-only parameters (not passed to the Detector).
+_OWN = ("threshold_on", "verbose")
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, Integral) and not isinstance(v, bool) and v >= 1
+
+
+class DeepOutlierDetector(OutlierMixin, BaseEstimator):
+    """Shared base of :class:`AutoencoderDetector` and :class:`VAEDetector` (not used directly).
+
+    Fitted attributes: ``detector_`` (the :class:`unusual.models.Detector`), ``n_features_in_``,
+    ``feature_names_in_`` (when ``X`` had string column names), ``threshold_`` and ``offset_``;
+    after ``fit`` (not after ``load``) also ``decision_scores_`` and ``labels_``, the PyOD-style
+    anomaly scores and 0/1 labels of the training set.
+    """
+
+    _kind: str = ""
+
+    _parameter_constraints: dict = {
+        "hidden": [tuple, list],
+        "latent": [Interval(Integral, 1, None, closed="left"), None],
+        "dropout": [Interval(Real, 0, 1, closed="left")],
+        "norm": [StrOptions({"layer"}), None],
+        "scaling": [StrOptions({"standard", "robust", "none"})],
+        "epochs": [Interval(Integral, 1, None, closed="left")],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "lr": [Interval(Real, 0, None, closed="neither")],
+        "weight_decay": [Interval(Real, 0, None, closed="left")],
+        "val_fraction": [Interval(Real, 0, 1, closed="left")],
+        "patience": [Interval(Integral, 1, None, closed="left")],
+        "grad_clip": [Interval(Real, 0, None, closed="left")],
+        "seed": [Interval(Integral, 0, None, closed="left")],
+        "device": [str],
+        "contamination": [Interval(Real, 0, 0.5, closed="neither")],
+        "threshold": [StrOptions({"quantile", "pot"})],
+        "pot_level": [Interval(Real, 0.5, 1, closed="left")],
+        "threshold_on": [StrOptions({"training", "validation"})],
+        "verbose": ["boolean", None],
+    }
+
+    # ----------------------------------------------------------------- parameters
+    def _detector_params(self) -> dict:
+        """The Detector's keyword parameters from this estimator's (validated) parameters."""
+        params = {}
+        for name, value in self.get_params(deep=False).items():
+            if name in _OWN:
+                continue
+            if name == "hidden":
+                if len(value) == 0 or not all(_positive_int(h) for h in value):
+                    raise ValueError(
+                        f"hidden must be a non-empty tuple of positive layer sizes, e.g. (64, 32); got {value!r}"
+                    )
+                value = [int(h) for h in value]
+            params[_RENAMED.get(name, name)] = value
+        return params
+
+    def _validate_params(self) -> None:
+        super()._validate_params()  # types and ranges, scikit-learn's messages name the parameter
+        split_params(self._kind, self._detector_params())  # the Detector's own checks
+
+    # ----------------------------------------------------------------- data
+    def _check_X(self, X, reset: bool) -> np.ndarray:
+        return _validate_data(self, X, reset=reset, dtype=np.float64, ensure_min_samples=2 if reset else 1)
+
+    def _table(self, X: np.ndarray) -> pa.Table:
+        """The validated matrix as the Detector's table: the fitted column names, else ``x0 … x{d-1}``."""
+        names = getattr(self, "feature_names_in_", None)
+        if names is None:
+            names = [f"x{j}" for j in range(X.shape[1])]
+        return pa.table({str(name): X[:, j] for j, name in enumerate(names)})
+
+    # ----------------------------------------------------------------- fit
+    def fit(self, X, y=None):
+        """Train on ``X`` (assumed mostly normal; ``y`` is ignored) and fit the threshold; returns self.
+
+        ``X``: array-like or sparse-free DataFrame / pyarrow Table of numeric columns, (n_samples, n_features).
+        """
+        self._validate_params()
+        X = self._check_X(X, reset=True)
+        table = self._table(X)
+        det = Detector(self._kind, verbose=self.verbose, **self._detector_params()).fit(table)
+        scores = det.score(table)
+        if self.threshold_on == "training":
+            _, _, _, thr_cfg = split_params(self._kind, det.params)
+            record = {**fit_threshold(scores, thr_cfg), "fit_on": "training"}
+            bundle = det.bundle_
+            manifest, _ = seal({**bundle.manifest, "threshold": record}, bundle.module)
+            det._set_bundle(Bundle(manifest, bundle.schema, bundle.module))
+        self._set_detector(det)
+        self.decision_scores_ = scores
+        self.labels_ = (scores > self.threshold_).astype(np.int64)
+        return self
+
+    def _set_detector(self, det: Detector) -> None:
+        self.detector_ = det
+        self.threshold_ = float(det.threshold_)
+        self.offset_ = -self.threshold_
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return hasattr(self, "detector_")
+
+    # ----------------------------------------------------------------- scikit-learn convention
+    def score_samples(self, X) -> np.ndarray:
+        """Normality scores, shape (n_samples,): higher = more normal; exactly ``-anomaly_score(X)``."""
+        return -self.anomaly_score(X)
+
+    def decision_function(self, X) -> np.ndarray:
+        """``score_samples(X) - offset_``, shape (n_samples,): negative for outliers, >= 0 for inliers."""
+        return self.score_samples(X) - self.offset_
+
+    def predict(self, X) -> np.ndarray:
+        """+1 for inliers, -1 for outliers (anomaly score strictly above ``threshold_``)."""
+        return np.where(self.decision_function(X) < 0, -1, 1).astype(np.int64)
+
+    # ----------------------------------------------------------------- PyOD convention
+    def anomaly_score(self, X) -> np.ndarray:
+        """Anomaly scores, shape (n_samples,): higher = more anomalous (PyOD's ``decision_function``,
+        :meth:`unusual.models.Detector.score`)."""
+        check_is_fitted(self)
+        X = self._check_X(X, reset=False)
+        return self.detector_.score(self._table(X))
+
+    def anomaly_label(self, X) -> np.ndarray:
+        """0 for inliers, 1 for outliers (PyOD's ``predict``)."""
+        return (self.anomaly_score(X) > self.threshold_).astype(np.int64)
+
+    # ----------------------------------------------------------------- persistence
+    def save(self, uri: str, overwrite: bool = False) -> str:
+        """Write the Detector's checkpoint bundle to a local path or fsspec URI; returns the model version."""
+        check_is_fitted(self)
+        return self.detector_.save(uri, overwrite=overwrite)
+
+    @classmethod
+    def load(cls, uri: str) -> DeepOutlierDetector:
+        """An estimator from a checkpoint bundle (of this class's model kind; the base class takes any).
+
+        Its parameters are the bundle's, so ``clone`` gives an unfitted estimator configured alike.
+        ``decision_scores_`` and ``labels_`` (training-set values) are not restored.
+        """
+        return cls._from_detector(Detector.load(uri), uri)
+
+    @classmethod
+    def _from_detector(cls, det: Detector, uri: str) -> DeepOutlierDetector:
+        by_kind = {c._kind: c for c in (AutoencoderDetector, VAEDetector)}
+        if det.kind not in by_kind:
+            raise ValueError(
+                f"the bundle at {uri} is a {det.kind!r} model; unusual.sklearn has estimators for "
+                f"{sorted(by_kind)} only: use unusual.models.Detector.load"
+            )
+        target = by_kind[det.kind]
+        if cls._kind and cls is not target:
+            raise ValueError(f"the bundle at {uri} is a {det.kind!r} model; load it with {target.__name__}.load")
+        schema = det.schema_
+        not_numeric = [c.name for c in schema.columns if c.kind != "numeric"]
+        if not_numeric:
+            raise ValueError(
+                f"the bundle at {uri} has categorical features {not_numeric}; "
+                "the scikit-learn estimators take numeric columns only: use unusual.models.Detector.load"
+            )
+        manifest = det.bundle_.manifest
+        stored = {
+            **manifest.get("model_config", {}),
+            **manifest.get("training", {}).get("config", {}),
+            **manifest["threshold"],
+            "scaling": schema.config.scaling,
+        }
+        own = {v: k for k, v in _RENAMED.items()}
+        names = set(target._get_param_names())
+        params = {own.get(k, k): v for k, v in stored.items() if own.get(k, k) in names}
+        if isinstance(params.get("hidden"), list):
+            params["hidden"] = tuple(params["hidden"])
+        params["threshold_on"] = "training" if manifest["threshold"].get("fit_on") == "training" else "validation"
+        est = target(**params)
+        est._set_detector(det)
+        est.n_features_in_ = len(schema.columns)
+        if schema.names != [f"x{j}" for j in range(len(schema.columns))]:
+            est.feature_names_in_ = np.asarray(schema.names, dtype=object)
+        return est
+
+    # ----------------------------------------------------------------- pickling
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        det = state.pop("detector_", None)
+        if det is not None:
+            state["_detector_bundle"] = _bundle_bytes(det)
+        return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        blob = state.pop("_detector_bundle", None)
+        if blob is not None:
+            det = _detector_from_bytes(blob)
+            det.verbose = state.get("verbose")
+            state["detector_"] = det
+        super().__setstate__(state)
+
+
+def _memory_root() -> str:
+    return f"memory://unusual-sklearn/{uuid.uuid4().hex}"
+
+
+def _bundle_bytes(det: Detector) -> dict:
+    """The Detector's bundle as plain bytes (its manifest and weights files), via an in-memory filesystem."""
+    import fsspec
+
+    uri = _memory_root()
+    bundle = det.bundle_
+    try:
+        save_bundle(uri, bundle.manifest, bundle.module)
+        manifest, weights = read_bundle(uri)
+    finally:
+        fsspec.filesystem("memory").rm(uri, recursive=True)
+    return {"manifest": json.dumps(manifest, sort_keys=True, default=float).encode(), "weights": weights}
+
+
+def _detector_from_bytes(blob: dict) -> Detector:
+    """Detector.load of bundle bytes (content hash checked, weights read with weights_only=True)."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    uri = _memory_root()
+    try:
+        fs.pipe(f"{uri}/{WEIGHTS}", blob["weights"])
+        fs.pipe(f"{uri}/{MANIFEST}", blob["manifest"])
+        return Detector.load(uri)
+    finally:
+        fs.rm(uri, recursive=True)
+
+
+class AutoencoderDetector(DeepOutlierDetector):
+    """Dense autoencoder outlier detector (``Detector(kind="ae")``): the anomaly score is the mean squared
+    reconstruction error of the scaled features.
+
+    Parameters (defaults as :class:`unusual.models.Detector`'s):
+
+    - model: ``hidden`` layer sizes, ``latent`` size (None: ``max(2, min(32, n_features // 4))``),
+      ``dropout``, ``norm`` (``"layer"`` or None), ``normalize_errors`` (each column's error in units of its
+      usual level);
+    - features: ``scaling`` (``"standard"``, ``"robust"`` or ``"none"``);
+    - training: ``epochs``, ``batch_size``, ``lr``, ``weight_decay``, ``val_fraction`` (held out for early
+      stopping), ``patience``, ``grad_clip``, ``seed``, ``device`` (``"cpu"``, ``"cuda"``, ``"auto"``…);
+    - threshold: ``contamination``, ``threshold`` (``"quantile"`` or ``"pot"``), ``pot_level``,
+      ``threshold_on`` (``"training"`` or ``"validation"``, see the module docstring);
+    - ``verbose``: the epoch progress bar (True always, False never, None on a terminal after 2 s).
+    """
+
+    _kind = "ae"
+    _parameter_constraints = {**DeepOutlierDetector._parameter_constraints, "normalize_errors": ["boolean"]}
+
+    def __init__(
+        self,
+        *,
+        hidden=(64, 32),
+        latent=None,
+        dropout=0.0,
+        norm="layer",
+        normalize_errors=False,
+        scaling="standard",
+        epochs=60,
+        batch_size=128,
+        lr=1e-3,
+        weight_decay=1e-5,
+        val_fraction=0.15,
+        patience=8,
+        grad_clip=5.0,
+        seed=0,
+        device="cpu",
+        contamination=0.01,
+        threshold="quantile",
+        pot_level=0.98,
+        threshold_on="training",
+        verbose=None,
+    ):
+        self.hidden = hidden
+        self.latent = latent
+        self.dropout = dropout
+        self.norm = norm
+        self.normalize_errors = normalize_errors
+        self.scaling = scaling
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.val_fraction = val_fraction
+        self.patience = patience
+        self.grad_clip = grad_clip
+        self.seed = seed
+        self.device = device
+        self.contamination = contamination
+        self.threshold = threshold
+        self.pot_level = pot_level
+        self.threshold_on = threshold_on
+        self.verbose = verbose
+
+
+class VAEDetector(DeepOutlierDetector):
+    """Gaussian variational autoencoder outlier detector (``Detector(kind="vae")``).
+
+    Parameters as :class:`AutoencoderDetector`'s (less ``normalize_errors``), plus ``score_type``
+    (the Detector's ``score``: ``"elbo"``, the negative ELBO, or ``"nll"``, the reconstruction negative
+    log-likelihood), ``n_samples`` (latent draws per row when scoring), ``beta`` (weight of the KL term
+    in training) and ``min_logvar`` (floor of the decoder log-variance).
+    """
+
+    _kind = "vae"
+    _parameter_constraints = {
+        **DeepOutlierDetector._parameter_constraints,
+        "score_type": [StrOptions({"elbo", "nll"})],
+        "n_samples": [Interval(Integral, 1, None, closed="left")],
+        "beta": [Interval(Real, 0, None, closed="left")],
+        "min_logvar": [Real],
+    }
+
+    def __init__(
+        self,
+        *,
+        hidden=(64, 32),
+        latent=None,
+        dropout=0.0,
+        norm="layer",
+        score_type="elbo",
+        n_samples=16,
+        beta=1.0,
+        min_logvar=-6.0,
+        scaling="standard",
+        epochs=60,
+        batch_size=128,
+        lr=1e-3,
+        weight_decay=1e-5,
+        val_fraction=0.15,
+        patience=8,
+        grad_clip=5.0,
+        seed=0,
+        device="cpu",
+        contamination=0.01,
+        threshold="quantile",
+        pot_level=0.98,
+        threshold_on="training",
+        verbose=None,
+    ):
+        self.hidden = hidden
+        self.latent = latent
+        self.dropout = dropout
+        self.norm = norm
+        self.score_type = score_type
+        self.n_samples = n_samples
+        self.beta = beta
+        self.min_logvar = min_logvar
+        self.scaling = scaling
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.val_fraction = val_fraction
+        self.patience = patience
+        self.grad_clip = grad_clip
+        self.seed = seed
+        self.device = device
+        self.contamination = contamination
+        self.threshold = threshold
+        self.pot_level = pot_level
+        self.threshold_on = threshold_on
+        self.verbose = verbose
