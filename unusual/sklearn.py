@@ -153,7 +153,7 @@ class DeepOutlierDetector(OutlierMixin, BaseEstimator):
     def fit(self, X, y=None):
         """Train on ``X`` (assumed mostly normal; ``y`` is ignored) and fit the threshold; returns self.
 
-        ``X``: array-like or sparse-free DataFrame / pyarrow Table of numeric columns, (n_samples, n_features).
+        ``X``: (n_samples, n_features) numeric array-like, pandas DataFrame or pyarrow Table (dense, finite).
         """
         self._validate_params()
         X = self._check_X(X, reset=True)
