@@ -13,14 +13,16 @@ Serve deployment use.
 
 from __future__ import annotations
 
+import json
 import logging
+import uuid
 from dataclasses import asdict, fields
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from .bundle import Bundle, build_manifest, load_bundle, save_bundle, seal
+from .bundle import MANIFEST, WEIGHTS, Bundle, build_manifest, load_bundle, read_bundle, save_bundle, seal
 from .columns import FeatureConfig
 from .errors import NotFittedError
 from .features import FeatureSchema
@@ -174,6 +176,33 @@ class Detector:
         det.params = {}
         det._set_bundle(bundle)
         return det
+
+    def to_bytes(self) -> dict:
+        """The bundle as plain bytes (its manifest and weights files): what :meth:`from_bytes` reads
+        back, e.g. to pickle a fitted estimator without pickling torch objects."""
+        import fsspec
+
+        uri = f"memory://unusual-bytes/{uuid.uuid4().hex}"
+        bundle = self._scorer().bundle
+        try:
+            save_bundle(uri, bundle.manifest, bundle.module)
+            manifest, weights = read_bundle(uri)
+        finally:
+            fsspec.filesystem("memory").rm(uri, recursive=True)
+        return {"manifest": json.dumps(manifest, sort_keys=True, default=float).encode(), "weights": weights}
+
+    @classmethod
+    def from_bytes(cls, blob: dict) -> Detector:
+        """:meth:`load` of :meth:`to_bytes`' output (content hash checked, weights read with weights_only=True)."""
+        import fsspec
+
+        fs, uri = fsspec.filesystem("memory"), f"memory://unusual-bytes/{uuid.uuid4().hex}"
+        try:
+            fs.pipe(f"{uri}/{WEIGHTS}", blob["weights"])
+            fs.pipe(f"{uri}/{MANIFEST}", blob["manifest"])
+            return cls.load(uri)
+        finally:
+            fs.rm(uri, recursive=True)
 
     @property
     def version(self) -> str:

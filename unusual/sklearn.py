@@ -46,8 +46,6 @@ way the threshold is stored in the bundle, so ``Detector.load(uri).predict`` fla
 
 from __future__ import annotations
 
-import json
-import uuid
 from numbers import Integral, Real
 
 import numpy as np
@@ -68,7 +66,7 @@ except ImportError:  # pragma: no cover - scikit-learn < 1.6
         return estimator._validate_data(X, **kwargs)
 
 
-from .models.bundle import MANIFEST, WEIGHTS, Bundle, read_bundle, save_bundle, seal
+from .models.bundle import Bundle, seal
 from .models.detector import Detector, split_params
 from .models.thresholds import fit_threshold
 
@@ -262,49 +260,17 @@ class DeepOutlierDetector(OutlierMixin, BaseEstimator):
         state = dict(super().__getstate__())
         det = state.pop("detector_", None)
         if det is not None:
-            state["_detector_bundle"] = _bundle_bytes(det)
+            state["_detector_bundle"] = det.to_bytes()
         return state
 
     def __setstate__(self, state):
         state = dict(state)
         blob = state.pop("_detector_bundle", None)
         if blob is not None:
-            det = _detector_from_bytes(blob)
+            det = Detector.from_bytes(blob)
             det.verbose = state.get("verbose")
             state["detector_"] = det
         super().__setstate__(state)
-
-
-def _memory_root() -> str:
-    return f"memory://unusual-sklearn/{uuid.uuid4().hex}"
-
-
-def _bundle_bytes(det: Detector) -> dict:
-    """The Detector's bundle as plain bytes (its manifest and weights files), via an in-memory filesystem."""
-    import fsspec
-
-    uri = _memory_root()
-    bundle = det.bundle_
-    try:
-        save_bundle(uri, bundle.manifest, bundle.module)
-        manifest, weights = read_bundle(uri)
-    finally:
-        fsspec.filesystem("memory").rm(uri, recursive=True)
-    return {"manifest": json.dumps(manifest, sort_keys=True, default=float).encode(), "weights": weights}
-
-
-def _detector_from_bytes(blob: dict) -> Detector:
-    """Detector.load of bundle bytes (content hash checked, weights read with weights_only=True)."""
-    import fsspec
-
-    fs = fsspec.filesystem("memory")
-    uri = _memory_root()
-    try:
-        fs.pipe(f"{uri}/{WEIGHTS}", blob["weights"])
-        fs.pipe(f"{uri}/{MANIFEST}", blob["manifest"])
-        return Detector.load(uri)
-    finally:
-        fs.rm(uri, recursive=True)
 
 
 class AutoencoderDetector(DeepOutlierDetector):
