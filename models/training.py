@@ -144,6 +144,19 @@ class Objective(torch.nn.Module):
         return self.module.loss(x)
 
 
+def trimmed_mean(per_row: torch.Tensor, trim: float) -> torch.Tensor:
+    """Mean of the per-row losses ``(B,)`` without the largest ``trim`` fraction of them.
+
+    A robust autoencoder's loss: rows the model reconstructs worst (in training data
+    contaminated with anomalies, mostly the anomalies) give no gradient, so the model
+    does not learn to reconstruct them. ``trim=0`` is the plain mean.
+    """
+    if trim <= 0 or per_row.numel() < 2:
+        return per_row.mean()
+    keep = max(1, int(math.ceil(per_row.numel() * (1.0 - trim))))
+    return torch.topk(per_row, keep, largest=False, sorted=False).values.mean()
+
+
 def make_optimizer(module: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
