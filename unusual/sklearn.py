@@ -280,8 +280,9 @@ class AutoencoderDetector(DeepOutlierDetector):
     Parameters (defaults as :class:`unusual.models.Detector`'s):
 
     - model: ``hidden`` layer sizes, ``latent`` size (None: ``max(2, min(32, n_features // 4))``),
-      ``dropout``, ``norm`` (``"layer"`` or None), ``normalize_errors`` (each column's error in units of its
-      usual level);
+      ``dropout``, ``norm`` (``"layer"`` or None), ``trim`` (each batch's loss leaves out its worst-fitted
+      fraction of rows: robustness to anomalies in the training data), ``normalize_errors`` (each column's
+      error in units of its usual level);
     - features: ``scaling`` (``"standard"``, ``"robust"`` or ``"none"``);
     - training: ``epochs``, ``batch_size``, ``lr``, ``weight_decay``, ``val_fraction`` (held out for early
       stopping), ``patience``, ``grad_clip``, ``seed``, ``device`` (``"cpu"``, ``"cuda"``, ``"auto"``…);
@@ -291,7 +292,11 @@ class AutoencoderDetector(DeepOutlierDetector):
     """
 
     _kind = "ae"
-    _parameter_constraints = {**DeepOutlierDetector._parameter_constraints, "normalize_errors": ["boolean"]}
+    _parameter_constraints = {
+        **DeepOutlierDetector._parameter_constraints,
+        "normalize_errors": ["boolean"],
+        "trim": [Interval(Real, 0, 1, closed="left")],
+    }
 
     def __init__(
         self,
@@ -300,6 +305,7 @@ class AutoencoderDetector(DeepOutlierDetector):
         latent=None,
         dropout=0.0,
         norm="layer",
+        trim=0.0,
         normalize_errors=False,
         scaling="standard",
         epochs=60,
@@ -321,6 +327,7 @@ class AutoencoderDetector(DeepOutlierDetector):
         self.latent = latent
         self.dropout = dropout
         self.norm = norm
+        self.trim = trim
         self.normalize_errors = normalize_errors
         self.scaling = scaling
         self.epochs = epochs
@@ -352,6 +359,7 @@ class VAEDetector(DeepOutlierDetector):
     _parameter_constraints = {
         **DeepOutlierDetector._parameter_constraints,
         "score_type": [StrOptions({"elbo", "nll"})],
+        "trim": [Interval(Real, 0, 1, closed="left")],
         "n_samples": [Interval(Integral, 1, None, closed="left")],
         "beta": [Interval(Real, 0, None, closed="left")],
         "min_logvar": [Real],
@@ -364,6 +372,7 @@ class VAEDetector(DeepOutlierDetector):
         latent=None,
         dropout=0.0,
         norm="layer",
+        trim=0.0,
         score_type="elbo",
         n_samples=16,
         beta=1.0,
@@ -388,6 +397,7 @@ class VAEDetector(DeepOutlierDetector):
         self.latent = latent
         self.dropout = dropout
         self.norm = norm
+        self.trim = trim
         self.score_type = score_type
         self.n_samples = n_samples
         self.beta = beta
