@@ -122,3 +122,22 @@ def test_sigusr1_prints_the_stacks_and_the_command_goes_on():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stdout == "still running\n", p.stderr
     assert "Current thread" in p.stderr and "in waiting_here" in p.stderr, p.stderr
+
+
+def test_native_stderr_past_a_pipe_buffer_with_the_gil_held_does_not_block():
+    """The quiet filter of Ray's native log lines must not need this process's GIL: native code that
+    writes more than a pipe's buffer to stderr while holding it (as Ray's core worker may while it
+    connects) blocked forever with a filter thread (submitted jobs hung after their first line)."""
+    code = (
+        "import ctypes, sys\n"
+        "from unusual.runtime import filter_native_stderr\n"
+        "filter_native_stderr()\n"
+        "buf = b'native line\\n' * 20000 + b'[2026-12-03 10:00:00,123 W 1 2] a Ray log line\\n'\n"
+        "ctypes.PyDLL(None).write(2, buf, len(buf))\n"  # a PyDLL call keeps the GIL
+        "print('done', file=sys.stderr)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = p.stderr.splitlines()
+    assert lines.count("native line") == 20000 and "done" in lines
+    assert not any("a Ray log line" in line for line in lines)  # Ray's own line is still filtered

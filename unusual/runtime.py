@@ -16,7 +16,6 @@ import os
 import re
 import sys
 import tempfile
-import threading
 import warnings
 
 from .models.errors import UnusualError
@@ -76,10 +75,26 @@ def _quiet_loggers() -> None:
 NATIVE_LINE = re.compile(rb"^(\x1b\[[0-9;]*m)*\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\] ")
 
 
+# The filter runs in a process of its own: a thread of this process needs the GIL to read the pipe, and
+# native code that writes more than a pipe's buffer (64 KiB) to stderr while holding the GIL (Ray's
+# core worker logging as it connects) then blocks forever: jobs that printed their first line and hung.
+_PUMP = (
+    "import os, re, signal, sys\n"
+    "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+    "line = re.compile(sys.argv[1].encode('latin-1'))\n"
+    "for raw in sys.stdin.buffer:\n"
+    "    if not line.match(raw):\n"
+    "        os.write(1, raw)\n"
+)
+
+
 def filter_native_stderr() -> None:
     """Quiet mode of a command: Ray's native log lines written to this process's stderr (they
     are in its ``python-core-driver-*.log`` too) are dropped; any other native output passes.
-    Python's own ``sys.stderr`` goes straight to the terminal, never through the filter."""
+    Python's own ``sys.stderr`` goes straight to the terminal, never through the filter, which is a
+    small child process reading a pipe (it ends when the last writer closes it)."""
+    import subprocess
+
     if _state.get("native") or verbose() or sys.stderr is not sys.__stderr__:  # e.g. captured by pytest
         return
     try:
@@ -90,18 +105,21 @@ def filter_native_stderr() -> None:
     if fd != 2:
         return
     real = os.dup(fd)
-    sys.stderr = os.fdopen(os.dup(real), "w", buffering=1, encoding="utf-8", errors="backslashreplace")
     r, w = os.pipe()
+    try:
+        subprocess.Popen(
+            [sys.executable, "-c", _PUMP, NATIVE_LINE.pattern.decode("latin-1")],
+            stdin=r, stdout=real, stderr=subprocess.DEVNULL, close_fds=True,
+        )  # fmt: skip
+    except OSError:
+        for f in (r, w, real):
+            os.close(f)
+        return
+    os.close(r)
+    sys.stderr = os.fdopen(os.dup(real), "w", buffering=1, encoding="utf-8", errors="backslashreplace")
+    os.close(real)
     os.dup2(w, fd)
     os.close(w)
-
-    def pump() -> None:
-        with os.fdopen(r, "rb") as pipe:
-            for raw in pipe:
-                if not NATIVE_LINE.match(raw):
-                    os.write(real, raw)
-
-    threading.Thread(target=pump, name="unusual-native-stderr", daemon=True).start()
     _state["native"] = True
 
 
