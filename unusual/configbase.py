@@ -229,6 +229,12 @@ def guarded(command: str, fn) -> int:
         return 0
     except Exception as e:
         cause = remote_cause(e)
+        if cause is None and getattr(e, "actor_init_failed", False) is True:
+            # A Ray actor whose constructor raised (an outage while it loads the bundle): Ray keeps only
+            # the remote traceback's text, whose last line is the error.
+            last = [line.strip() for line in str(e).strip().splitlines() if line.strip()][-1:]
+            print(f"unusual {command}: error: in a starting Ray worker: {last[0] if last else e}", file=sys.stderr)
+            return 1
         if cause is None and isinstance(e, USER_ERRORS):
             print(f"unusual {command}: error: {e}", file=sys.stderr)
             return 2
