@@ -69,6 +69,12 @@ def rows_to_table(body: bytes) -> pa.Table:
             arrays[k] = pa.array(values)
         except RecursionError:
             raise RequestError(422, f"column {k!r} holds nested values; send numbers or strings") from None
+        except OverflowError:  # an integer beyond int64: as the float it is to the model
+            try:
+                floats = [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in values]
+                arrays[k] = pa.array(floats)
+            except (OverflowError, pa.ArrowInvalid, pa.ArrowTypeError):
+                raise RequestError(422, f"column {k!r} holds a number too large for a float64") from None
         except (pa.ArrowInvalid, pa.ArrowTypeError):
             types = sorted({type(v).__name__ for v in values if v is not None})
             raise RequestError(422, f"column {k!r} mixes value types {types}; send one type per column") from None

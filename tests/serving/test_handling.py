@@ -8,6 +8,7 @@ import threading
 import time
 
 import pyarrow as pa
+import pytest
 from unusual.serving.handling import Batcher
 
 
@@ -83,3 +84,14 @@ def test_a_bulk_body_is_scored_in_a_thread_beside_the_batches():
     assert big.num_rows == 150 and small.num_rows == 3
     assert rec.threads and rec.threads[0] != threading.main_thread().name
     assert sorted(rec.calls) == [[3], [150]]
+
+
+def test_json_integers_beyond_int64_are_floats_and_beyond_float64_a_422():
+    """Found by the HTTP fuzz test in CI: {"x": 9223372036854775808} was a 500 (Arrow's int64 overflow)."""
+    from unusual.serving.codec import RequestError, body_to_table
+
+    table, _ = body_to_table(b'{"rows":[{"a":null,"x":9223372036854775808},{"a":1,"x":2}]}', "application/json")
+    assert table.column("x").to_pylist() == [9223372036854775808.0, 2.0]
+    with pytest.raises(RequestError) as e:
+        body_to_table(b'{"rows":[{"x":' + b"9" * 400 + b"}]}", "application/json")
+    assert e.value.status == 422 and str(e.value) == "column 'x' holds a number too large for a float64"
