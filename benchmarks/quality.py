@@ -11,6 +11,9 @@ Suites (see benchmarks/README.md for the protocol of each):
   with and without point adjustment.
 - ``nslkdd``: NSL-KDD (20 % train file) with its categorical columns, our
   ``ae`` (and IsolationForest on one-hot features), semi-supervised split.
+- ``timeseries``: every shared time-series set (SMD, NAB, SMAP, MSL, ASD), our ``lstm`` beside TSB-AD's
+  own LSTMAD, CNN, PCA, KMeansAD and IForest, scored with TSB-AD's VUS-PR / VUS-ROC first
+  (``benchmarks/timeseries.py`` has the protocol; ``--per-set N`` for a shorter run).
 - ``tabular-unsupervised``: PyOD's usual unsupervised protocol on the ODDS sets
   and NSL-KDD: a stratified 60 / 40 split of ALL rows per seed, so the training
   split is contaminated with its share of the anomalies; fit on the 60 %, score
@@ -29,6 +32,7 @@ markdown tables, also written next to the JSON as ``.md``.
     python benchmarks/quality.py                          # everything, defaults
     python benchmarks/quality.py --suites tabular --methods ours --seeds 0,1
     python benchmarks/quality.py --suites smd --params-lstm '{"epochs": 20}'
+    python benchmarks/quality.py --suites timeseries --per-set 6
     python benchmarks/quality.py --self-check             # metric helpers only
 """
 
@@ -52,7 +56,9 @@ DEFAULT_OUT = REPO / "benchmarks" / "results" / "quality.json"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import timeseries  # noqa: E402
 from harness import environment, loadavg  # noqa: E402
+from timeseries import ANCHORS, SETS  # noqa: E402
 from unusual.models.metrics import (  # noqa: E402  (after the sys.path set-up above)
     best_f1,
     best_f1_pa,
@@ -62,15 +68,17 @@ from unusual.models.metrics import (  # noqa: E402  (after the sys.path set-up a
     ranking_metrics,
 )
 
-SUITES = ("tabular", "smd", "nslkdd", "tabular-unsupervised")
+SUITES = ("tabular", "smd", "nslkdd", "tabular-unsupervised", "timeseries")
 OURS = ("ae", "vae", "lstm")
 PYOD = ("pyod_ae", "pyod_vae", "iforest", "pca", "ecod")
-ALL_METHODS = OURS + PYOD
+TSB = tuple(ANCHORS)
+ALL_METHODS = OURS + PYOD + TSB
 SUITE_METHODS = {
     "tabular": ("ae", "vae", "pyod_ae", "pyod_vae", "iforest"),
     "smd": ("lstm", "ae", "iforest"),
     "nslkdd": ("ae", "vae", "iforest"),
     "tabular-unsupervised": ("ae", "vae", "pyod_ae", "pyod_vae", "iforest", "pca", "ecod"),
+    "timeseries": ("lstm", *TSB),
 }
 METHOD_LABELS = {
     "ae": "ours ae",
@@ -81,6 +89,11 @@ METHOD_LABELS = {
     "iforest": "PyOD IForest",
     "pca": "PyOD PCA",
     "ecod": "PyOD ECOD",
+    "tsb_lstmad": "TSB-AD LSTMAD",
+    "tsb_cnn": "TSB-AD CNN",
+    "tsb_pca": "TSB-AD PCA",
+    "tsb_kmeansad": "TSB-AD KMeansAD",
+    "tsb_iforest": "TSB-AD IForest",
 }
 TRAIN_FRACTION = 0.7
 UNSUPERVISED_TRAIN_FRACTION = 0.6
@@ -529,12 +542,14 @@ SUITE_FUNCS = {
     "smd": suite_smd,
     "nslkdd": suite_nslkdd,
     "tabular-unsupervised": suite_unsupervised,
+    "timeseries": timeseries.suite_timeseries,
 }
 SUITE_METRICS = {
     "tabular": ["roc_auc", "pr_auc", "fit_s"],
     "smd": ["roc_auc", "pr_auc", "best_f1", "best_f1_pa", "f1_at_threshold", "f1_pa_at_threshold", "fit_s"],
     "nslkdd": ["roc_auc", "pr_auc", "fit_s"],
     "tabular-unsupervised": ["roc_auc", "pr_auc", "fit_s"],
+    "timeseries": list(timeseries.METRICS),
 }
 
 
@@ -601,6 +616,10 @@ def markdown(result: dict) -> str:
     for suite, block in result["suites"].items():
         summ = block["summary"]
         if not summ:
+            continue
+        if suite == "timeseries":
+            parts.append(timeseries.markdown(block, METHOD_LABELS))
+            parts.append(f"\nSuite wall time: {block['seconds']:.0f} s\n")
             continue
         methods = list(dict.fromkeys(m for d in summ.values() for m in d))
         datasets = list(summ)
@@ -695,9 +714,9 @@ def parse_methods(spec: str | None) -> list[str]:
     for tok in (t.strip() for t in spec.split(",")):
         if not tok:
             continue
-        group = {"ours": OURS, "pyod": PYOD, "baselines": PYOD, "all": ALL_METHODS}.get(tok)
+        group = {"ours": OURS, "pyod": PYOD, "tsb": TSB, "baselines": PYOD + TSB, "all": ALL_METHODS}.get(tok)
         if group is None and tok not in ALL_METHODS:
-            raise SystemExit(f"unknown method {tok!r}; choose from {', '.join(ALL_METHODS)} or ours / pyod / all")
+            raise SystemExit(f"unknown method {tok!r}; choose from {', '.join(ALL_METHODS)} or ours / pyod / tsb / all")
         out += list(group or [tok])
     return list(dict.fromkeys(out))
 
@@ -725,7 +744,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--datasets", default=None, help="comma list of dataset names to keep (e.g. cardio,machine-1-2,nsl_kdd_train20)"
     )
     p.add_argument("--seeds", type=_csv_ints, default=[0, 1, 2, 3, 4], help="seeds for tabular and nslkdd")
-    p.add_argument("--smd-seeds", type=_csv_ints, default=[0], help="seeds for smd (default: 0)")
+    p.add_argument("--smd-seeds", type=_csv_ints, default=[0], help="seeds of ours for smd and timeseries (default: 0)")
+    p.add_argument(
+        "--ts-sets",
+        type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
+        default=list(SETS),
+        help=f"timeseries only: comma list of {', '.join(SETS)} (default: all)",
+    )
+    p.add_argument(
+        "--per-set",
+        type=int,
+        default=None,
+        help="timeseries only: at most N series per set, evenly spaced over the sorted names (default: all)",
+    )
+    p.add_argument(
+        "--rerun-anchors", action="store_true", help="timeseries only: recompute the TSB-AD anchors' cached metrics"
+    )
     p.add_argument(
         "--max-rows",
         type=int,
@@ -858,13 +892,15 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - t0
         result["suites"][suite] = {
             "methods": suite_methods,
-            "seeds": args.smd_seeds if suite == "smd" else args.seeds,
+            "seeds": args.smd_seeds if suite in ("smd", "timeseries") else args.seeds,
             "seconds": seconds,
             "load_average_end": loadavg(),
             "run": {k: result[k] for k in ("timestamp", "git_commit", "git_dirty_files", "command")},
-            "summary": summarize(runs, suite),
+            "summary": timeseries.summarize(runs) if suite == "timeseries" else summarize(runs, suite),
             "runs": runs,
         }
+        if suite == "timeseries":
+            result["suites"][suite].update(sets=args.ts_sets, per_set=args.per_set, tsb_ad=timeseries.tsb_version())
         if suite == "tabular-unsupervised":
             result["suites"][suite]["max_rows"] = args.max_rows
             result["suites"][suite]["train_fraction"] = UNSUPERVISED_TRAIN_FRACTION
