@@ -12,7 +12,9 @@ aggregation API (:class:`unusual.ray_jobs.aggregates.MergeAggregate`).
    contiguous run of positive labels gets its maximum score
    (:func:`unusual.models.metrics.adjusted_scores`) and the model's flags are
    point-adjusted. The groups' rows, with their adjusted scores and flags, are then
-   histogrammed and merged like any other rows.
+   histogrammed and merged like any other rows. Each entity's series with both classes also
+   gets its VUS-PR and VUS-ROC (:func:`unusual.models.vus.vus`); their sums and count are merged
+   (:class:`VusSums`) into TSB-AD's mean over series.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from ..models.columns import as_float
 from ..models.metrics import ScoreHistogram, adjusted_scores, label_segments, point_adjust, quantile_edges
 from ..models.stats import NumStats
 from ..models.tables import TOP_FEATURE_TYPE
+from ..models.vus import vus
 from .aggregates import MergeAggregate, aggregate, merged
 
 SCORE, FLAG, VERSION, TOP = "anomaly_score", "is_anomaly", "model_version", "top_features"
@@ -215,10 +218,10 @@ def _series_rows(batch: pa.Table, label: str, entity: str | None, time: str) -> 
     return pa.table({**cols, SCORE: score[use], LABEL: pos[use], FLAG: flag[use]})
 
 
-def _point_adjusted(group: pa.Table, entity: str | None, time: str, edges: np.ndarray) -> pa.Table:
+def _point_adjusted(group: pa.Table, entity: str | None, time: str, edges: np.ndarray, vus_window: int) -> pa.Table:
     """One group of :func:`_series_rows` (each entity's rows sorted by time) -> one row holding its two
-    histograms, as scored and point-adjusted, as plain numbers (:func:`_histogram_row`): what leaves the
-    group task is two histograms, never its rows."""
+    histograms, as scored and point-adjusted, and its :class:`VusSums`, as plain numbers
+    (:func:`_histogram_row`): what leaves the group task is two histograms and three numbers, never its rows."""
     keys = [(entity, "ascending")] if entity else []
     order = pc.sort_indices(group, sort_keys=[*keys, (time, "ascending")])  # stable
     group = group.take(order)
@@ -233,15 +236,63 @@ def _point_adjusted(group: pa.Table, entity: str | None, time: str, edges: np.nd
         bounds = np.concatenate([[0], np.flatnonzero(np.diff(codes)) + 1, [len(codes)]])
     adj, pa_flag = np.empty_like(score), np.empty_like(flag)
     segments = 0
+    sums = VusSums()
     for a, b in zip(bounds[:-1], bounds[1:]):
         if b > a:
             adj[a:b] = adjusted_scores(score[a:b], pos[a:b])
             pa_flag[a:b] = point_adjust(flag[a:b], pos[a:b])
             segments += len(label_segments(pos[a:b]))
+            sums = sums.merge(VusSums.of(pos[a:b], score[a:b], vus_window))
     raw = ScoreHistogram.of(score, pos, edges, flag)
     adjusted = ScoreHistogram.of(adj, pos, edges, pa_flag)
     adjusted.segments = segments
-    return pa.table({**_histogram_row(raw, "raw_"), **_histogram_row(adjusted, "pa_")})
+    return pa.table({**_histogram_row(raw, "raw_"), **_histogram_row(adjusted, "pa_"), **sums.row()})
+
+
+_VUS_COLUMNS = ("vus_pr_sum", "vus_roc_sum", "vus_series")
+
+
+@dataclass
+class VusSums:
+    """Mergeable sums of the VUS-PR and VUS-ROC of entity series (TSB-AD reports their mean over series).
+    A series counts when it has both classes: without an anomaly the surfaces are undefined, and
+    without a normal row so is the false-positive rate of VUS-ROC."""
+
+    pr: float = 0.0
+    roc: float = 0.0
+    series: int = 0
+
+    @classmethod
+    def of(cls, label: np.ndarray, score: np.ndarray, window: int) -> VusSums:
+        """One series' VUS (its rows in time order), or nothing when it lacks a class."""
+        if label.all() or not label.any():
+            return cls()
+        v = vus(label, score, window=window)
+        return cls(v["vus_pr"], v["vus_roc"], 1)
+
+    def merge(self, o: VusSums) -> VusSums:
+        return VusSums(self.pr + o.pr, self.roc + o.roc, self.series + o.series)
+
+    def row(self) -> dict:
+        """As one row of numeric columns, beside :func:`_histogram_row`'s."""
+        pr, roc, series = _VUS_COLUMNS
+        return {
+            pr: pa.array([self.pr], pa.float64()),
+            roc: pa.array([self.roc], pa.float64()),
+            series: pa.array([self.series], pa.int64()),
+        }
+
+    @classmethod
+    def of_rows(cls, block: pa.Table) -> VusSums:
+        """The sum of the :meth:`row` rows of a block."""
+        total = [pc.sum(block.column(c)).as_py() if block.num_rows else None for c in _VUS_COLUMNS]
+        return cls(float(total[0] or 0.0), float(total[1] or 0.0), int(total[2] or 0))
+
+    def means(self) -> tuple[float, float]:
+        """(VUS-PR, VUS-ROC) averaged over the series; NaN without one."""
+        if not self.series:
+            return math.nan, math.nan
+        return self.pr / self.series, self.roc / self.series
 
 
 _BIN_COUNTS = ("pos", "neg")
@@ -267,19 +318,29 @@ def _histogram_of_rows(block: pa.Table, prefix: str, edges: np.ndarray) -> Score
 
 
 def series_histograms(
-    ds, label: str, entity: str | None, time: str, edges: np.ndarray, partitions: int | None = None
-) -> tuple[ScoreHistogram, ScoreHistogram]:
-    """The histograms of the labelled scores, as scored and point-adjusted per entity in time order
+    ds,
+    label: str,
+    entity: str | None,
+    time: str,
+    edges: np.ndarray,
+    partitions: int | None = None,
+    vus_window: int = 100,
+) -> tuple[ScoreHistogram, ScoreHistogram, VusSums]:
+    """The histograms of the labelled scores, as scored and point-adjusted per entity in time order, and
+    the sums of the entity series' VUS with a buffer of up to ``vus_window`` rows
     (``partitions``: of the shuffle by entity)."""
     kwargs = {"label": label, "entity": entity, "time": time}
     rows = ds.map_batches(_series_rows, batch_format="pyarrow", batch_size=None, fn_kwargs=kwargs)
     # Without an entity column the whole series is one group (one task, like LSTM windowing in training).
     groups = rows.groupby(entity, num_partitions=partitions if entity else None).map_groups(
-        _point_adjusted, batch_format="pyarrow", fn_kwargs={"entity": entity, "time": time, "edges": edges}
+        _point_adjusted,
+        batch_format="pyarrow",
+        fn_kwargs={"entity": entity, "time": time, "edges": edges, "vus_window": vus_window},
     )
     out = aggregate(
         groups,
         MergeAggregate("hist", partial(_histogram_of_rows, prefix="raw_", edges=edges)),
         MergeAggregate("pa_hist", partial(_histogram_of_rows, prefix="pa_", edges=edges)),
+        MergeAggregate("vus", VusSums.of_rows),
     )
-    return out["hist"], out["pa_hist"]
+    return out["hist"], out["pa_hist"], out["vus"] or VusSums()

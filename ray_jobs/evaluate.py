@@ -26,6 +26,12 @@ Nothing is collected on the driver but merged summaries
    (:func:`unusual.models.metrics.adjusted_scores`); the histogram of these scores,
    with the model's flags point-adjusted, gives the ``pa_*`` metrics. Rows
    without a label are left out before the runs are found.
+4. In the same pass, every entity's series with both classes gets its VUS-PR and
+   VUS-ROC (:func:`unusual.models.vus.vus`, TSB-AD's range-based metrics: each
+   labelled segment grown by a soft buffer of up to ``--vus-window`` rows); the
+   metrics are their mean over those series (``vus_series``), as TSB-AD averages
+   over its series. Unlike the point-adjusted metrics they do not flatter a random
+   detector: VUS-PR is the headline for time series.
 
 The metrics are written as ``metrics.json`` and a self-contained
 ``report.html`` (:mod:`unusual.ray_jobs.report`: inline SVG charts, no scripts) to
@@ -54,6 +60,7 @@ from .eval_stats import (
     TOP,
     VERSION,
     ScoreSummary,
+    VusSums,
     bin_edges,
     histogram,
     series_histograms,
@@ -201,9 +208,11 @@ def evaluation_metrics(
     hist: ScoreHistogram,
     pa_hist: ScoreHistogram | None = None,
     spec: dict | None = None,
+    vus: VusSums | None = None,
 ) -> dict:
-    """The metrics (``metrics.json``) of the merged summary and histograms; the threshold is the one
-    in the scoring job's ``spec``, else the smallest score the model flagged."""
+    """The metrics (``metrics.json``) of the merged summary, histograms and, for time series, the sums of
+    the series' VUS; the threshold is the one in the scoring job's ``spec``, else the smallest score the
+    model flagged."""
     threshold, source = (spec or {}).get("threshold"), "job.json"
     if threshold is None and summary.flag_min < math.inf:
         threshold, source = summary.flag_min, "smallest flagged score"
@@ -229,6 +238,10 @@ def evaluation_metrics(
         metrics["segments"] = pa_hist.segments
         metrics["entity_column"] = job.entity_column
         metrics["time_column"] = job.time_column
+    if vus is not None:
+        metrics["vus_pr"], metrics["vus_roc"] = vus.means()
+        metrics["vus_window"] = job.vus_window
+        metrics["vus_series"] = vus.series
     return {k: _finite(v) for k, v in metrics.items()}
 
 
@@ -247,21 +260,24 @@ def run(job: EvaluateJob) -> dict:
     edges, exact = bin_edges(summary, job.bins)
 
     labelled = summary.positives + summary.negatives
-    pa_hist = None
+    pa_hist = vus = None
     if not job.time_column:
         progress(f"histogram of {labelled:,} labelled scores over {edges.size:,} bins …")
         hist = histogram(ds, label, edges)
     else:
         # one pass gives both histograms: as scored and point-adjusted
         progress(
-            f"histograms of {labelled:,} labelled scores over {edges.size:,} bins, as scored and point-adjusted: "
-            f"rows by {job.entity_column or 'one series'}, ordered by {job.time_column} …"
+            f"histograms of {labelled:,} labelled scores over {edges.size:,} bins, as scored and point-adjusted, "
+            f"and VUS (window {job.vus_window}): rows by {job.entity_column or 'one series'}, "
+            f"ordered by {job.time_column} …"
         )
         partitions = min(200, max(2 * int(ray.cluster_resources().get("CPU", 1)), len(files)))
-        hist, pa_hist = series_histograms(ds, label, job.entity_column, job.time_column, edges, partitions)
+        hist, pa_hist, vus = series_histograms(
+            ds, label, job.entity_column, job.time_column, edges, partitions, job.vus_window
+        )
 
     spec = _job_spec(job.scores)
-    metrics = evaluation_metrics(job, summary, edges, exact, hist, pa_hist, spec)
+    metrics = evaluation_metrics(job, summary, edges, exact, hist, pa_hist, spec, vus)
     write_outputs(job.output_uri, metrics, hist, pa_hist, model_card(spec, summary))
     return metrics
 

@@ -1,10 +1,12 @@
 """The evaluation's report: one self-contained HTML page a person reads.
 
 Sections, top to bottom: the headline (model, data, rows and the five numbers that matter at
-the model's threshold, in plain words), the confusion matrix at the threshold, the threshold and
-how it was chosen, the model card (from the bundle's manifest and the rows' ``top_features``),
-the charts (ROC, precision-recall, the score distribution of normal and anomalous rows with the
-threshold) and every metric of ``metrics.json`` with a human label.
+the model's threshold, in plain words; for time series VUS-PR and VUS-ROC, the range-based
+metrics to compare models on, and the point-adjusted ones, marked inflated), the confusion
+matrix at the threshold, the threshold and how it was chosen, the model card (from the bundle's
+manifest and the rows' ``top_features``), the charts (ROC, precision-recall, the score
+distribution of normal and anomalous rows with the threshold) and every metric of
+``metrics.json`` with a human label.
 
 The charts are drawn with matplotlib (Agg, no display) as inline SVG: text stays text, no dates
 or random ids, so the same evaluation gives the same file. The page has no script, fetches
@@ -20,7 +22,7 @@ from ..models.metrics import ScoreHistogram
 from ..models.registry import REGISTRY
 from .report_charts import _e, _fmt, _pct, _ratio, charts
 
-# every key of metrics.json: its label in the report (pa_*: point-adjusted, inflated)
+# every key of metrics.json: its label in the report (pa_*: point-adjusted, inflated; vus_*: range-based, TSB-AD's)
 METRIC_LABELS = {
     "scores": "Scores evaluated",
     "label_column": "Label column",
@@ -55,6 +57,10 @@ METRIC_LABELS = {
     "segments": "Labelled anomaly segments",
     "entity_column": "Entity column",
     "time_column": "Time column",
+    "vus_pr": "VUS-PR (range-based AUC-PR, mean over series; the time-series headline)",
+    "vus_roc": "VUS-ROC (range-based ROC-AUC, mean over series)",
+    "vus_window": "VUS buffer window (rows)",
+    "vus_series": "Series VUS is averaged over (with anomalies and normal rows)",
 }
 
 _CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
@@ -70,7 +76,7 @@ overflow-wrap:anywhere}
 .kpis{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,190px),1fr));gap:10px}
 .kpi{border:1px solid #ddd;border-radius:8px;padding:10px 12px}
 .kpi .v{font-size:2.1em;font-weight:600;line-height:1.1}.kpi .k{font-weight:600}.kpi .d{color:#555;font-size:.85em}
-.pa{margin-top:10px;padding:8px 12px;border-left:4px solid #b8860b;background:#fdf8e8}
+.kpis+.kpis{margin-top:10px}.pa{margin-top:10px;padding:8px 12px;border-left:4px solid #b8860b;background:#fdf8e8}
 .cols{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,420px),1fr));gap:0 28px}
 table{border-collapse:collapse;margin:.4em 0;max-width:100%}
 th,td{text-align:left;padding:4px 10px;border-bottom:1px solid #e3e3e3;vertical-align:top}
@@ -129,6 +135,26 @@ def _model_name(metrics: dict, card: ModelCard) -> tuple[str, str]:
     return words, version
 
 
+def _vus_kpis(metrics: dict) -> str:
+    """VUS-PR and VUS-ROC as headline numbers, when the evaluation had a time column (HTML, else "")."""
+    if "vus_pr" not in metrics:
+        return ""
+    window, series = _fmt(metrics.get("vus_window")), _fmt(metrics.get("vus_series"))
+    pr = _kpi(
+        _fmt(metrics["vus_pr"]),
+        "VUS-PR (time series)",
+        "Range-based AUC-PR, TSB-AD's metric: each labelled segment grown by a soft buffer of up to "
+        f"{window} rows, averaged over {series} series. The headline to compare time-series models on.",
+    )
+    roc = _kpi(
+        _fmt(metrics.get("vus_roc")),
+        "VUS-ROC (time series)",
+        "Range-based ROC-AUC over the same buffers (TSB-AD's metric): a high score just before or after a "
+        "segment counts too; 1 = perfect.",
+    )
+    return f'<div class="kpis">{pr}{roc}</div>'
+
+
 def _headline(metrics: dict, card: ModelCard) -> str:
     kind, version = _model_name(metrics, card)
     pos, neg = metrics.get("positives") or 0, metrics.get("negatives") or 0
@@ -165,15 +191,17 @@ def _headline(metrics: dict, card: ModelCard) -> str:
             f"Of the {tp + fn:,} real anomalies, the share the model flagged ({tp:,}).",
         ),
     ]
+    vus = _vus_kpis(metrics)
     pa = ""
     if "pa_f1" in metrics:
+        better = "VUS-PR or the unadjusted numbers above" if vus else "the unadjusted numbers above"
         pa = (
             '<p class="pa"><strong>Time series, point-adjusted (inflated):</strong> '
             f"PA-F1 {_e(_fmt(metrics['pa_f1']))}, PA ROC-AUC {_e(_fmt(metrics.get('pa_roc_auc')))}, "
             f"PA AUC-PR {_e(_fmt(metrics.get('pa_pr_auc')))} over {_e(_fmt(metrics.get('segments')))} labelled "
             "segments. Point adjustment counts a whole labelled segment as caught when any one of its rows is "
-            "flagged, so these numbers flatter every model (even random scores); compare models on the "
-            "unadjusted numbers above.</p>"
+            "flagged, so these numbers flatter every model (even random scores); compare models on "
+            f"{better}.</p>"
         )
     return f"""<header>
 <h1>Evaluation of the {_e(kind)} <code>{_e(version)}</code></h1>
@@ -181,7 +209,7 @@ def _headline(metrics: dict, card: ModelCard) -> str:
 labels from column <code>{_e(metrics.get("label_column"))}</code>: {pos:,} anomalies
 ({_pct(_ratio(pos, pos + neg))}) and {neg:,} normal rows. Metrics {_e(exact)}.</p>
 <div class="kpis">{"".join(kpis)}</div>
-{pa}
+{vus}{pa}
 </header>"""
 
 
@@ -342,6 +370,11 @@ def _all_metrics(metrics: dict) -> str:
         note = (
             '<p class="note">PA: point-adjusted, computed per entity in time order; a labelled segment counts '
             "as caught when any of its rows is flagged, which inflates these metrics.</p>"
+        )
+    if "vus_pr" in metrics:
+        note += (
+            '<p class="note">VUS: the volume under the range-based PR / ROC surfaces (TSB-AD), computed per '
+            "entity in time order over buffer widths 0 … <code>vus_window</code> and averaged over the series.</p>"
         )
     return f"""<section><h2>All metrics</h2>
 <p class="note">Everything in <code>metrics.json</code>, next to this report.</p>{note}

@@ -140,6 +140,8 @@ def test_every_field_is_read_by_its_job(command):
         (["score", *REQUIRED["score"], "--keep-columns", "id,anomaly_score"],
          "unusual score: error: --keep-columns: ['anomaly_score'] would clash with the output columns "
          "['anomaly_score', 'is_anomaly', 'top_features', 'model_version']"),
+        (["evaluate", *REQUIRED["evaluate"], "--time-column", "ts", "--vus-window", "-1"],
+         "unusual evaluate: error: --vus-window: Input should be greater than or equal to 0; got '-1'"),
         (["evaluate", *REQUIRED["evaluate"], "--entity-column", "host"],
          "unusual evaluate: error: entity column 'host' needs a time column: point-adjusted metrics order each "
          "entity's rows by time"),
@@ -159,8 +161,8 @@ def test_every_field_is_read_by_its_job(command):
          "unusual serve: error: --host 0.0.0.0 is reachable beyond this machine and no token is set: anyone who "
          "reaches it could score with your models. Set --token (or $UNUSUAL_SERVE_TOKEN), or pass --insecure"),
     ],
-    ids=["range", "clash", "entity-needs-time", "config-file", "param", "model-name", "param-yaml", "same-name",
-         "no-bundle", "host-without-token"],
+    ids=["range", "clash", "vus-window", "entity-needs-time", "config-file", "param", "model-name", "param-yaml",
+         "same-name", "no-bundle", "host-without-token"],
 )
 def test_a_bad_value_is_one_line_naming_the_flag(argv, message, capsys):
     assert cli.main(argv) == 2

@@ -32,7 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fit": ("unusual.ray_jobs.fit:command", "train one detector in this process and write its checkpoint bundle"),
     "train": ("unusual.ray_jobs.train:command", "distributed training with Ray Data + Ray Train; writes a bundle"),
     "score": ("unusual.ray_jobs.score:command", "batch-score Parquet data with Ray Data; writes scores + quarantine"),
-    "evaluate": ("unusual.ray_jobs.evaluate:command", "ROC-AUC, PR-AUC, F1 and an HTML report from scored data"),
+    "evaluate": ("unusual.ray_jobs.evaluate:command", "ROC-AUC, PR-AUC, F1, VUS-PR and an HTML report from scores"),
     "serve": ("unusual.serving.app:serve_forever", "start the Ray Serve endpoint (online + bulk scoring)"),
     "info": ("unusual.cli:info", "print a checkpoint bundle's manifest summary"),
     "demo": ("unusual.demo:command", "the whole system on shipped data: local S3 + Ray, train, score, serve"),

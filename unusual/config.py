@@ -206,14 +206,24 @@ class ScoreJob(JobConfig):
 
 
 class EvaluateJob(JobConfig):
-    """ROC-AUC, PR-AUC, F1 and an HTML report from scored data with labels."""
+    """ROC-AUC, PR-AUC, F1 (time series: VUS-PR, VUS-ROC) and an HTML report from scored data with labels."""
 
     scores: str = opt(help="batch-scoring output: Parquet folder or prefix (local, s3://, gs://)")
     label_column: str = opt(help="column of true labels (positive = true / non-zero)")
     output: str | None = opt(None, "where metrics.json and report.html go (default: <scores>/_evaluation)")
-    entity_column: str | None = opt(None, "series id column, for point-adjusted metrics (needs --time-column)")
-    time_column: str | None = opt(None, "order of rows within a series; given, point-adjusted metrics too")
+    entity_column: str | None = opt(
+        None, "series id column, for per-series VUS and point-adjusted metrics (needs --time-column)"
+    )
+    time_column: str | None = opt(
+        None, "order of rows within a series; given, VUS-PR / VUS-ROC and point-adjusted metrics too"
+    )
     bins: int = opt(16384, "score bins when the scores are too many to be exact", ge=2)
+    vus_window: int = opt(
+        100,
+        "with --time-column: VUS-PR / VUS-ROC's widest buffer around each labelled segment, in rows "
+        "(TSB-AD's slidingWindow; 0: the segments as labelled)",
+        ge=0,
+    )
     address: str | None = opt(None, "Ray cluster address (default: RAY_ADDRESS, or start a local Ray)")
 
     @model_validator(mode="after")

@@ -12,6 +12,7 @@ import re
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import s3fs
@@ -19,6 +20,7 @@ from s3kit import put_shards
 from sklearn.metrics import average_precision_score, roc_auc_score
 from unusual.models import SchemaError
 from unusual.models.metrics import adjusted_scores, best_f1, label_segments, point_adjust, prf
+from unusual.models.vus import vus
 from unusual.ray_jobs.evaluate import EvaluateJob, main, run
 from unusual.ray_jobs.local_io import DataError
 
@@ -93,12 +95,12 @@ def test_metrics_match_sklearn(tabular, s3_bucket):
 
 @pytest.fixture(scope="module")
 def series(s3_bucket, ray_cluster):
-    """Two entities' series, shuffled across 3 shards; host 'a' ends and host 'b' starts
-    inside a labelled segment, so joining the two series would change the result."""
+    """Three entities' series, shuffled across 3 shards; host 'a' ends and host 'b' starts
+    inside a labelled segment, so joining the two series would change the result; host 'c'
+    has no anomaly (no VUS of its own)."""
     rng = np.random.default_rng(1)
     parts = []
-    for host, starts in (("a", [50, 300, 700, 1180]), ("b", [0, 200, 640, 900])):
-        n = 1200
+    for host, starts, n in (("a", [50, 300, 700, 1180], 1200), ("b", [0, 200, 640, 900], 1200), ("c", [], 300)):
         y = np.zeros(n, bool)
         for a in starts:
             y[a : a + int(rng.integers(20, 40))] = True
@@ -118,13 +120,16 @@ def series(s3_bucket, ray_cluster):
 def test_point_adjusted_per_entity(series, s3_bucket):
     uri, parts = series
     out = f"s3://{s3_bucket}/eval/reports/series"
-    m = run(EvaluateJob(scores=uri, label_column="label", output=out, entity_column="host", time_column="ts"))
+    job = EvaluateJob(
+        scores=uri, label_column="label", output=out, entity_column="host", time_column="ts", vus_window=64
+    )
+    m = run(job)
     # the in-memory functions, per entity in time order (the fixture built each series in order)
     adj = np.concatenate([adjusted_scores(s, y) for _, _, s, y in parts])
     pa_pred = np.concatenate([point_adjust(s >= 5.5, y) for _, _, s, y in parts])
     s = np.concatenate([p[2] for p in parts])
     y = np.concatenate([p[3] for p in parts])
-    assert m["rows"] == 2400 and m["exact"] is True
+    assert m["rows"] == 2700 and m["exact"] is True
     assert m["roc_auc"] == pytest.approx(roc_auc_score(y, s), abs=1e-12)
     assert m["segments"] == sum(len(label_segments(p[3])) for p in parts) == 8
     assert m["pa_roc_auc"] == pytest.approx(roc_auc_score(y, adj), abs=1e-12)
@@ -138,7 +143,24 @@ def test_point_adjusted_per_entity(series, s3_bucket):
     # no job.json: the threshold is the smallest score the model flagged
     assert (m["threshold"], m["threshold_source"]) == (s[s >= 5.5].min(), "smallest flagged score")
     assert _read_json(f"{out}/metrics.json") == m
-    assert s3fs.S3FileSystem().exists(f"{s3_bucket}/eval/reports/series/report.html")
+    # VUS: vus() on each entity's labelled scores in time order, read back from the score files, averaged
+    # over the entities with anomalies ('c' has none)
+    back = pq.read_table(uri.removeprefix("s3://"), filesystem=s3fs.S3FileSystem()).sort_by(
+        [("host", "ascending"), ("ts", "ascending")]
+    )
+    want = {}
+    for host in ("a", "b", "c"):
+        rows = back.filter(pc.equal(back.column("host"), host))
+        y_h, s_h = rows.column("label").to_numpy(), rows.column("anomaly_score").to_numpy()
+        if y_h.any():
+            want[host] = (vus(y_h, s_h, window=64), vus(y_h, s_h))
+    assert sorted(want) == ["a", "b"] and (m["vus_series"], m["vus_window"]) == (2, 64)
+    for key in ("vus_pr", "vus_roc"):
+        assert abs(m[key] - np.mean([w[0][key] for w in want.values()])) <= 1e-9
+        assert abs(m[key] - np.mean([w[1][key] for w in want.values()])) > 1e-6  # the window reached the tasks
+    with s3fs.S3FileSystem().open(f"{s3_bucket}/eval/reports/series/report.html", "r") as fh:
+        report = fh.read()
+    assert "VUS-PR" in report and f'<div class="v">{m["vus_pr"]:.4g}</div>' in report
 
 
 def test_cli_with_more_scores_than_the_sample(s3_bucket, ray_cluster, capsys):

@@ -28,7 +28,7 @@ import pytest
 from unusual.models import Detector
 from unusual.models.metrics import ScoreHistogram, adjusted_scores, label_segments, point_adjust
 from unusual.ray_jobs import sample_data
-from unusual.ray_jobs.eval_stats import ScoreSummary, bin_edges
+from unusual.ray_jobs.eval_stats import ScoreSummary, VusSums, bin_edges
 from unusual.ray_jobs.evaluate import EvaluateJob, evaluation_metrics, model_card
 from unusual.ray_jobs.report import METRIC_LABELS, report_html
 from unusual.ray_jobs.report_charts import ADJUSTED, ANOMALY, NORMAL, _pr_points
@@ -153,12 +153,14 @@ def _assert_value(value: str, v) -> None:
 
 
 def _point_adjusted(evaluation) -> tuple[dict, ScoreHistogram, ScoreHistogram, object]:
-    """The same scores taken as one series in row order, point-adjusted by the project's functions."""
+    """The same scores taken as one series in row order, point-adjusted by the project's functions, with
+    their VUS."""
     _, hist, card, (score, label, flag, edges, spec, summary) = evaluation
     pa_hist = ScoreHistogram.of(adjusted_scores(score, label), label, edges, pred=point_adjust(flag, label))
     pa_hist.segments = len(label_segments(label))
     job = EvaluateJob(scores="file:///scores/cardio", label_column=EVIL_LABEL, time_column="row")
-    metrics = evaluation_metrics(job, summary, edges, True, hist, pa_hist, spec)
+    vus = VusSums.of(np.asarray(label, bool), score, job.vus_window)
+    metrics = evaluation_metrics(job, summary, edges, True, hist, pa_hist, spec, vus)
     return metrics, hist, pa_hist, card
 
 
@@ -179,6 +181,11 @@ def test_every_metric_is_in_the_report_with_its_label(evaluation, report):
         k for k in pa_metrics if "inflated" in METRIC_LABELS[k]
     }
     assert "Time series, point-adjusted (inflated)" in pa_report and "PA-F1" in pa_report
+    # VUS, range-based, beside them and not marked inflated; only with a time column
+    assert {k for k in pa_metrics if k.startswith("vus_")} == {"vus_pr", "vus_roc", "vus_window", "vus_series"}
+    assert pa_metrics["vus_series"] == 1 and 0 < pa_metrics["vus_pr"] <= 1 and 0 < pa_metrics["vus_roc"] <= 1
+    assert '<div class="k">VUS-PR (time series)</div>' in pa_report and "VUS-ROC" in pa_report
+    assert "compare models on VUS-PR" in pa_report and "VUS" not in report
     assert pa_report.count("<svg") == 3 and "point-adjusted (AUC" in pa_report
 
 
