@@ -30,9 +30,10 @@ over series, as TSB-AD's leaderboard; per-set means are given too.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
-import os
 import time
 import traceback
 from dataclasses import dataclass
@@ -156,7 +157,6 @@ def tsb_version() -> str | None:
 
 def run_anchor(method: str, s: Series) -> np.ndarray:
     """The test part's scores of one TSB-AD anchor, with TSB-AD's settings and seed."""
-    os.environ.setdefault("TQDM_DISABLE", "1")
     if not hasattr(np, "Inf"):  # tsb-ad 1.5 predates numpy 2's removal of the alias
         np.Inf = np.inf
     import random
@@ -170,10 +170,12 @@ def run_anchor(method: str, s: Series) -> np.ndarray:
     hp = Optimal_Multi_algo_HP_dict[model]
     fn = getattr(model_wrapper, f"run_{model}")  # called directly: run_*_AD swallow errors into a string
     train, test = s.train.astype(np.float64), s.test.astype(np.float64)
-    if semi:
-        scores = fn(train, test, **hp)
-    else:
-        scores = fn(np.concatenate([train, test]), **hp)[len(train) :]
+    # TSB-AD prints progress bars and shapes; keep the benchmark's own lines readable
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        if semi:
+            scores = fn(train, test, **hp)
+        else:
+            scores = fn(np.concatenate([train, test]), **hp)[len(train) :]
     return np.asarray(scores, np.float64).reshape(-1)
 
 
