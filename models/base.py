@@ -52,8 +52,9 @@ class SquaredErrorModule(AnomalyModule):
 
     def set_error_scale(self, mean_errors: torch.Tensor) -> None:
         # A floor relative to the overall level keeps columns that were
-        # reconstructed perfectly (constant ones) from dividing by ~0.
-        floor = 1e-2 * float(mean_errors.mean()) + 1e-12
+        # reconstructed perfectly (constant ones) from dividing by ~0; a family
+        # may raise it (``error_floor``: the fraction of the mean column error).
+        floor = getattr(self.config, "error_floor", 1e-2) * float(mean_errors.mean()) + 1e-12
         self.error_scale.copy_(mean_errors.clamp(min=floor))
 
 

@@ -9,6 +9,13 @@ Two objectives:
   row t and reconstructs them. Score of row t = the mean squared reconstruction
   error of its own (last) step.
 
+With ``score_steps`` k > 1 a row's score averages the errors of the last k steps
+of its window: each of the k rows before it and itself, each predicted from the
+rows before it (forecast) or reconstructed (reconstruct). Anomalies last longer
+than one row, and the average of a few errors separates them from the one-row
+spikes of ordinary noise. ``train_steps`` sets how many trailing steps of each
+window the training loss covers (0: every step).
+
 Every row gets exactly one score. The rule for rows with less history than the
 window (the start of a series, or a series shorter than the window) is edge
 padding: the missing earlier rows are copies of the series' first row (see
@@ -33,12 +40,23 @@ class LSTMConfig:
     entity_column: str | None = None
     time_column: str | None = None
     normalize_errors: bool = True  # each column's error in units of its usual level (SquaredErrorModule)
+    error_floor: float = 0.01  # no column's error scale below this fraction of the mean column error
+    score_steps: int | None = None  # trailing steps whose errors make the row's score (None: the whole window)
+    train_steps: int | None = None  # trailing steps in the loss (0: all; None: 1 forecast, 0 reconstruct)
 
     def __post_init__(self):
         if self.objective not in ("forecast", "reconstruct"):
             raise ValueError(f"objective must be 'forecast' or 'reconstruct'; got {self.objective!r}")
         if self.window < 1:
             raise ValueError(f"window must be >= 1; got {self.window}")
+        if self.score_steps is None:
+            self.score_steps = self.window
+        if not 1 <= self.score_steps <= self.window:
+            raise ValueError(f"score_steps must be between 1 and window ({self.window}); got {self.score_steps}")
+        if self.train_steps is None:
+            self.train_steps = 1 if self.objective == "forecast" else 0
+        if not 0 <= self.train_steps <= self.window:
+            raise ValueError(f"train_steps must be between 0 and window ({self.window}); got {self.train_steps}")
 
     @property
     def context_length(self) -> int:
@@ -60,21 +78,20 @@ class LSTMDetector(SquaredErrorModule):
     def context_length(self) -> int:
         return self.config.context_length
 
-    def _predict(self, x):
-        """Returns (prediction, target); both (B, width) for forecast, (B, W, width) otherwise."""
+    def _predict(self, x, steps: int):
+        """(prediction, target) of the last ``steps`` steps of each window (0: all), both (B, steps, width)."""
         if self.config.objective == "forecast":
-            out, _ = self.encoder(x[:, :-1])  # (B, W, hidden)
-            return self.head(out[:, -1]), x[:, -1]
+            out, _ = self.encoder(x[:, :-1])  # (B, W, hidden): step j predicts row j + 1
+            return self.head(out[:, -steps:]), x[:, 1:][:, -steps:]
         _, (h, _) = self.encoder(x)  # h: (layers, B, hidden)
         rep = h[-1].unsqueeze(1).expand(-1, x.shape[1], -1)  # (B, W, hidden)
         out, _ = self.decoder(rep)
-        return self.head(out), x
+        return self.head(out[:, -steps:]), x[:, -steps:]
 
     def loss(self, x):
-        pred, target = self._predict(x)
+        pred, target = self._predict(x, self.config.train_steps)
         return ((pred - target) ** 2).mean()
 
     def errors(self, x):
-        pred, target = self._predict(x)
-        err = (pred - target) ** 2
-        return err[:, -1] if err.dim() == 3 else err
+        pred, target = self._predict(x, self.config.score_steps)
+        return ((pred - target) ** 2).mean(dim=1)
