@@ -3,18 +3,20 @@
 Two objectives:
 
 - ``forecast``: the window is the ``window`` rows before row t plus row t; the
-  LSTM reads the first ``window`` rows and predicts row t. Score of row t = the
-  mean squared prediction error.
+  LSTM reads the first ``window`` rows and predicts row t (and, at each earlier
+  step, the row after it); the error of a step is its squared prediction error.
 - ``reconstruct``: an LSTM encoder-decoder reads the ``window`` rows ending at
-  row t and reconstructs them. Score of row t = the mean squared reconstruction
-  error of its own (last) step.
+  row t and reconstructs them; the error of a step is its squared
+  reconstruction error.
 
-With ``score_steps`` k > 1 a row's score averages the errors of the last k steps
-of its window: each of the k rows before it and itself, each predicted from the
-rows before it (forecast) or reconstructed (reconstruct). Anomalies last longer
-than one row, and the average of a few errors separates them from the one-row
-spikes of ordinary noise. ``train_steps`` sets how many trailing steps of each
-window the training loss covers (0: every step).
+A row's score averages the errors of the last ``score_steps`` steps of its
+window (default: half the window): the row itself and the rows just before it,
+each predicted from the rows before it (forecast) or reconstructed
+(reconstruct). Anomalies last longer than one row, and the average of many
+errors separates them from the one-row spikes of ordinary noise; the steps of
+the window's first half are left out because they were predicted from little
+context. ``train_steps`` sets how many trailing steps of each window the
+training loss covers (0: every step).
 
 Every row gets exactly one score. The rule for rows with less history than the
 window (the start of a series, or a series shorter than the window) is edge
@@ -33,7 +35,7 @@ from .base import SquaredErrorModule
 
 @dataclass
 class LSTMConfig:
-    window: int = 32
+    window: int = 64
     objective: str = "forecast"  # "forecast" or "reconstruct"
     hidden: int = 64
     layers: int = 1
@@ -41,7 +43,7 @@ class LSTMConfig:
     time_column: str | None = None
     normalize_errors: bool = True  # each column's error in units of its usual level (SquaredErrorModule)
     error_floor: float = 0.01  # no column's error scale below this fraction of the mean column error
-    score_steps: int | None = None  # trailing steps whose errors make the row's score (None: the whole window)
+    score_steps: int | None = None  # trailing steps whose errors make the row's score (None: half the window)
     train_steps: int | None = None  # trailing steps in the loss (0: all; None: 1 forecast, 0 reconstruct)
 
     def __post_init__(self):
@@ -50,7 +52,7 @@ class LSTMConfig:
         if self.window < 1:
             raise ValueError(f"window must be >= 1; got {self.window}")
         if self.score_steps is None:
-            self.score_steps = self.window
+            self.score_steps = max(1, self.window // 2)
         if not 1 <= self.score_steps <= self.window:
             raise ValueError(f"score_steps must be between 1 and window ({self.window}); got {self.score_steps}")
         if self.train_steps is None:

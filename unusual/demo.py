@@ -230,10 +230,11 @@ def _print_results(evaluations, scored, versions, online, local: Path, seconds: 
     print("\nBatch scoring and evaluation (held-out real data):\n")
     head = f"{'model':<6} {'version':<17} {'rows':>6} {'flagged':>7} {'ROC-AUC':>7} {'PR-AUC':>6} {'F1':>5}"
     head += f" {'best F1':>7}"
-    print(head + "  point-adjusted F1 / best F1")
+    print(head + "  VUS-PR  point-adjusted F1 / best F1 (inflated)")
     for kind, m in evaluations.items():
         s = scored[kind][1]
-        pa_cols = f"  {m['pa_f1']:.3f} / {m['pa_best_f1']:.3f}" if "pa_f1" in m else ""
+        vus = f"{m['vus_pr']:>6.3f}" if m.get("vus_pr") is not None else f"{'-':>6}"
+        pa_cols = f"  {vus}  {m['pa_f1']:.3f} / {m['pa_best_f1']:.3f}" if "pa_f1" in m else ""
         print(
             f"{kind:<6} {versions[kind]:<17} {s['rows_scored']:>6,} {s['anomalies']:>7,} {m['roc_auc']:>7.3f} "
             f"{m['pr_auc']:>6.3f} {m['f1']:>5.3f} {m['best_f1']:>7.3f}{pa_cols}"
