@@ -226,7 +226,6 @@ def suite_timeseries(args, data_dir: Path, methods: list[str]) -> list[dict]:
     anchors = [m for m in methods if m in ANCHORS]
     if anchors and tsb_version() is None:
         raise SystemExit("the TSB-AD anchors need tsb-ad: pip install --no-deps tsb-ad==1.5 and the 'bench' extra")
-    cache = _load_cache() if anchors else {}
     runs = []
     for i, s in enumerate(series):
         log.info(
@@ -243,8 +242,9 @@ def suite_timeseries(args, data_dir: Path, methods: list[str]) -> list[dict]:
             for seed in seeds:
                 rec = {"suite": "timeseries", "set": s.set, "dataset": s.key, "method": method, "seed": seed}
                 key = _cache_key(s, method) if method in ANCHORS else None
-                if key and key in cache and not args.rerun_anchors:
-                    rec.update(cache[key], cached=True)
+                cached = _load_cache().get(key) if key and not args.rerun_anchors else None  # fresh: runs may share it
+                if cached:
+                    rec.update(cached, cached=True)
                 else:
                     try:
                         t0 = time.perf_counter()
@@ -254,6 +254,7 @@ def suite_timeseries(args, data_dir: Path, methods: list[str]) -> list[dict]:
                             scores, info = run_ours(method, {**getattr(args, f"params_{method}"), "seed": seed}, s)
                         rec.update(series_metrics(s, scores), seconds=time.perf_counter() - t0, info=info)
                         if key:
+                            cache = _load_cache()
                             cache[key] = {k: v for k, v in rec.items() if k not in ("suite", "method", "seed")}
                             _save_cache(cache)
                     except Exception as e:  # noqa: BLE001
