@@ -67,6 +67,7 @@ from unusual.models.metrics import (  # noqa: E402  (after the sys.path set-up a
     prf,
     ranking_metrics,
 )
+from unusual.models.vus import series_period, vus  # noqa: E402
 
 SUITES = ("tabular", "smd", "nslkdd", "tabular-unsupervised", "timeseries")
 OURS = ("ae", "vae", "lstm")
@@ -360,11 +361,12 @@ def suite_tabular(args, data_dir: Path, methods: list[str]) -> list[dict]:
     return runs
 
 
-def smd_record(name, method, seed, scores, label, fit_s, score_s, info, pred=None) -> dict:
+def smd_record(name, method, seed, scores, label, fit_s, score_s, info, pred=None, vus_window=100) -> dict:
     rec = {"suite": "smd", "dataset": name, "method": method, "seed": seed}
     rec.update(finite_check(scores))
     s = safe_scores(scores)
     rec.update(ranking_metrics(label, s))
+    rec.update(vus(label, s, vus_window), vus_window=vus_window)
     b, bpa = best_f1(s, label), best_f1_pa(s, label)
     rec.update(best_f1=b["f1"], best_f1_pa=bpa["f1"], best_f1_detail=b, best_f1_pa_detail=bpa)
     if pred is not None:
@@ -408,7 +410,16 @@ def suite_smd(args, data_dir: Path, methods: list[str]) -> list[dict]:
                         out["info"]["predict_matches_score_gt_threshold"] = bool(np.array_equal(pred, manual))
                         out["info"]["predict_rate"] = float(pred.mean())
                     rec = smd_record(
-                        name, method, seed, out["scores"], label, out["fit_s"], out["score_s"], out["info"], pred
+                        name,
+                        method,
+                        seed,
+                        out["scores"],
+                        label,
+                        out["fit_s"],
+                        out["score_s"],
+                        out["info"],
+                        pred,
+                        vus_window=series_period(test[:, 0]),
                     )
                     log.info(
                         "  %-8s seed %d  roc %.4f  pr %.4f  F1 %.4f  F1-PA %.4f  fit %.1fs",
@@ -546,7 +557,17 @@ SUITE_FUNCS = {
 }
 SUITE_METRICS = {
     "tabular": ["roc_auc", "pr_auc", "fit_s"],
-    "smd": ["roc_auc", "pr_auc", "best_f1", "best_f1_pa", "f1_at_threshold", "f1_pa_at_threshold", "fit_s"],
+    "smd": [
+        "vus_pr",
+        "vus_roc",
+        "roc_auc",
+        "pr_auc",
+        "best_f1",
+        "best_f1_pa",
+        "f1_at_threshold",
+        "f1_pa_at_threshold",
+        "fit_s",
+    ],
     "nslkdd": ["roc_auc", "pr_auc", "fit_s"],
     "tabular-unsupervised": ["roc_auc", "pr_auc", "fit_s"],
     "timeseries": list(timeseries.METRICS),
@@ -663,6 +684,8 @@ def markdown(result: dict) -> str:
                     f"\nRun: commit {str(r.get('git_commit'))[:12]}, {r.get('timestamp')}: `{r.get('command')}`"
                 )
             cols = [
+                ("vus_pr", "VUS-PR"),
+                ("vus_roc", "VUS-ROC"),
                 ("roc_auc", "ROC-AUC"),
                 ("pr_auc", "PR-AUC"),
                 ("best_f1", "best F1"),
