@@ -59,6 +59,7 @@ if str(REPO) not in sys.path:
 import timeseries  # noqa: E402
 from harness import environment, loadavg  # noqa: E402
 from timeseries import ANCHORS, SETS  # noqa: E402
+from timeseries import markdown_table as _table  # noqa: E402
 from unusual.models.metrics import (  # noqa: E402  (after the sys.path set-up above)
     best_f1,
     best_f1_pa,
@@ -624,12 +625,6 @@ def _cell(s: dict, digits: int = 3) -> str:
     if s["n"] > 1:
         return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
     return f"{s['mean']:.{digits}f}"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def markdown(result: dict) -> str:

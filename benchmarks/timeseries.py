@@ -326,7 +326,7 @@ def markdown(block: dict, labels: dict) -> str:
                 v = by_method[m][metric]
                 cells.append("—" if v is None else (f"**{v:.3f}**" if v == best else f"{v:.3f}"))
             rows.append([f"**{group}**" if group == "overall" else group, str(by_method[methods[0]]["series"]), *cells])
-        parts.append(f"\n{METRIC_LABELS[metric]}\n\n" + _table(header, rows))
+        parts.append(f"\n{METRIC_LABELS[metric]}\n\n" + markdown_table(header, rows))
     errs = {m: n for m, n in summ.get("errors", {}).items() if n}
     if errs:
         parts.append("\nFailed runs (left out of the means): " + ", ".join(f"{m} {n}" for m, n in errs.items()))
@@ -337,6 +337,6 @@ def markdown(block: dict, labels: dict) -> str:
     return "\n".join(parts)
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])

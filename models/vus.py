@@ -24,13 +24,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from .metrics import label_segments
+
 THRESHOLDS = 250  # TSB-AD's ``thre``: scores at this many evenly spaced ranks are the thresholds
-
-
-def _segments(label: np.ndarray) -> list[tuple[int, int]]:
-    """(first, last) index, inclusive, of every run of 1s (TSB-AD's ``range_convers_new``)."""
-    d = np.diff(np.concatenate([[0], label, [0]]))
-    return list(zip(np.flatnonzero(d == 1).tolist(), (np.flatnonzero(d == -1) - 1).tolist()))
 
 
 def _grown(seq: list[tuple[int, int]], half: int, n: int) -> list[tuple[int, int]]:
@@ -72,7 +68,7 @@ def vus(label, score, window: int = 100, thresholds: int = THRESHOLDS) -> dict:
     window = int(window)
     if window < 0:
         raise ValueError(f"window must be >= 0; got {window}")
-    seq = _segments(y)
+    seq = [(int(a), int(b) - 1) for a, b in label_segments(y)]  # inclusive ends, as TSB-AD's ranges
     if not seq:
         return {"vus_pr": float("nan"), "vus_roc": float("nan")}
     n, P = s.size, int(y.sum())
