@@ -776,6 +776,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="timeseries only: at most N series per set, evenly spaced over the sorted names (default: all)",
     )
     p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="timeseries only: series run in this many processes at once, each with --threads torch threads "
+        "(default 1; on N free cores, N workers of 1 thread finish N times sooner)",
+    )
+    p.add_argument(
         "--rerun-anchors", action="store_true", help="timeseries only: recompute the TSB-AD anchors' cached metrics"
     )
     p.add_argument(
@@ -885,6 +892,7 @@ def main(argv: list[str] | None = None) -> int:
             "seeds": args.seeds,
             "smd_seeds": args.smd_seeds,
             "torch_threads": args.threads,
+            "workers": args.workers,
         },
         "params": {
             "ours": {k: {**getattr(args, f"params_{k}"), "seed": "<seed>"} for k in OURS},

@@ -219,6 +219,49 @@ def _save_cache(cache: dict) -> None:
     tmp.replace(CACHE)
 
 
+def _compute(s: Series, method: str, seed: int, params: dict) -> dict:
+    """One method on one series: its metrics, or the error that stopped it (never raises)."""
+    rec = {"suite": "timeseries", "set": s.set, "dataset": s.key, "method": method, "seed": seed}
+    try:
+        t0 = time.perf_counter()
+        if method in ANCHORS:
+            scores, info = run_anchor(method, s), {}
+        else:
+            scores, info = run_ours(method, {**params, "seed": seed}, s)
+        rec.update(series_metrics(s, scores), seconds=time.perf_counter() - t0, info=info)
+    except Exception as e:  # noqa: BLE001
+        rec.update(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+    return rec
+
+
+def _compute_series(s: Series, jobs: list[tuple], threads: int) -> list[dict]:
+    """Every uncached (method, seed, params) of one series, in a worker process or inline."""
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.getLogger("unusual").setLevel(logging.WARNING)
+    return [_compute(s, *job) for job in jobs]
+
+
+def _log_series(i: int, n: int, s: Series, recs: list[dict]) -> None:
+    pct = 100 * s.label.mean()
+    log.info("[%d/%d] %s: train %s, test %s, %.1f%% anomalous", i + 1, n, s.key, s.train.shape, s.test.shape, pct)
+    for rec in recs:
+        if "error" in rec:
+            log.error("  %-13s failed: %s", rec["method"], rec["error"])
+            continue
+        log.info(
+            "  %-13s VUS-PR %.3f  VUS-ROC %.3f  AUC-PR %.3f  ROC %.3f  %5.1fs%s",
+            rec["method"],
+            rec["vus_pr"],
+            rec["vus_roc"],
+            rec["pr_auc"],
+            rec["roc_auc"],
+            rec.get("seconds", 0),
+            " (cached)" if rec.get("cached") else "",
+        )
+
+
 def suite_timeseries(args, data_dir: Path, methods: list[str]) -> list[dict]:
     series = load_series(data_dir, args.ts_sets, args.per_set, args.datasets)
     if not series:
@@ -226,53 +269,50 @@ def suite_timeseries(args, data_dir: Path, methods: list[str]) -> list[dict]:
     anchors = [m for m in methods if m in ANCHORS]
     if anchors and tsb_version() is None:
         raise SystemExit("the TSB-AD anchors need tsb-ad: pip install --no-deps tsb-ad==1.5 and the 'bench' extra")
-    runs = []
-    for i, s in enumerate(series):
-        log.info(
-            "[%d/%d] %s: train %s, test %s, %.1f%% anomalous",
-            i + 1,
-            len(series),
-            s.key,
-            s.train.shape,
-            s.test.shape,
-            100 * s.label.mean(),
-        )
+    workers = max(1, getattr(args, "workers", 1))
+    cache = {} if args.rerun_anchors else _load_cache()
+    slots: list[list] = []  # per series: a cached record, or the (method, seed, params) still to run
+    for s in series:
+        row = []
         for method in methods:
-            seeds = args.smd_seeds if method not in ANCHORS else [2024]
-            for seed in seeds:
-                rec = {"suite": "timeseries", "set": s.set, "dataset": s.key, "method": method, "seed": seed}
-                key = _cache_key(s, method) if method in ANCHORS else None
-                cached = _load_cache().get(key) if key and not args.rerun_anchors else None  # fresh: runs may share it
-                if cached:
-                    rec.update(cached, cached=True)
-                else:
-                    try:
-                        t0 = time.perf_counter()
-                        if method in ANCHORS:
-                            scores, info = run_anchor(method, s), {}
-                        else:
-                            scores, info = run_ours(method, {**getattr(args, f"params_{method}"), "seed": seed}, s)
-                        rec.update(series_metrics(s, scores), seconds=time.perf_counter() - t0, info=info)
-                        if key:
-                            cache = _load_cache()
-                            cache[key] = {k: v for k, v in rec.items() if k not in ("suite", "method", "seed")}
-                            _save_cache(cache)
-                    except Exception as e:  # noqa: BLE001
-                        rec.update(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
-                        log.error("  %s failed: %s", method, rec["error"])
-                if "error" not in rec:
-                    log.info(
-                        "  %-13s VUS-PR %.3f  VUS-ROC %.3f  AUC-PR %.3f  ROC %.3f  %5.1fs%s",
-                        method,
-                        rec["vus_pr"],
-                        rec["vus_roc"],
-                        rec["pr_auc"],
-                        rec["roc_auc"],
-                        rec.get("seconds", 0),
-                        " (cached)" if rec.get("cached") else "",
-                    )
-                runs.append(rec)
-    return runs
+            for seed in args.smd_seeds if method not in ANCHORS else [2024]:
+                cached = cache.get(_cache_key(s, method)) if method in ANCHORS else None
+                base = {"suite": "timeseries", "set": s.set, "dataset": s.key, "method": method, "seed": seed}
+                params = getattr(args, f"params_{method}", {}) if method not in ANCHORS else {}
+                row.append({**base, **cached, "cached": True} if cached else (method, seed, params))
+        slots.append(row)
+
+    def done(i: int, computed: list[dict]) -> list[dict]:
+        it = iter(computed)
+        recs = [slot if isinstance(slot, dict) else next(it) for slot in slots[i]]
+        fresh = {_cache_key(series[i], r["method"]): r for r in computed if r["method"] in ANCHORS and "error" not in r}
+        if fresh:  # read again before writing: other runs may share the cache
+            _save_cache(_load_cache() | {k: _cache_entry(r) for k, r in fresh.items()})
+        _log_series(i, len(series), series[i], recs)
+        return recs
+
+    results: dict[int, list[dict]] = {}
+    todo = {i: [x for x in row if not isinstance(x, dict)] for i, row in enumerate(slots)}
+    if workers == 1:
+        for i, s in enumerate(series):
+            results[i] = done(i, _compute_series(s, todo[i], args.threads) if todo[i] else [])
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        log.info("%d series on %d worker processes (%d torch thread(s) each)", len(series), workers, args.threads)
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(_compute_series, series[i], todo[i], args.threads): i for i in todo if todo[i]}
+            for i in todo:
+                if not todo[i]:
+                    results[i] = done(i, [])
+            for f in as_completed(futures):
+                results[futures[f]] = done(futures[f], f.result())
+    return [r for i in range(len(series)) for r in results[i]]
+
+
+def _cache_entry(rec: dict) -> dict:
+    return {k: v for k, v in rec.items() if k not in ("suite", "method", "seed")}
 
 
 # ----------------------------------------------------------------------------- summary
