@@ -848,6 +848,8 @@ def _json_default(o):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.workers < 1:
+        raise SystemExit(f"--workers must be at least 1; got {args.workers}")
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(message)s",
