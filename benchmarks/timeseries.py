@@ -269,7 +269,6 @@ def suite_timeseries(args, data_dir: Path, methods: list[str]) -> list[dict]:
     anchors = [m for m in methods if m in ANCHORS]
     if anchors and tsb_version() is None:
         raise SystemExit("the TSB-AD anchors need tsb-ad: pip install --no-deps tsb-ad==1.5 and the 'bench' extra")
-    workers = max(1, getattr(args, "workers", 1))
     cache = {} if args.rerun_anchors else _load_cache()
     slots: list[list] = []  # per series: a cached record, or the (method, seed, params) still to run
     for s in series:
@@ -293,15 +292,15 @@ def suite_timeseries(args, data_dir: Path, methods: list[str]) -> list[dict]:
 
     results: dict[int, list[dict]] = {}
     todo = {i: [x for x in row if not isinstance(x, dict)] for i, row in enumerate(slots)}
-    if workers == 1:
+    if args.workers == 1:
         for i, s in enumerate(series):
-            results[i] = done(i, _compute_series(s, todo[i], args.threads) if todo[i] else [])
+            results[i] = done(i, _compute_series(s, todo[i], args.threads))
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        log.info("%d series on %d worker processes (%d torch thread(s) each)", len(series), workers, args.threads)
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        log.info("%d series on %d worker processes (%d torch thread(s) each)", len(series), args.workers, args.threads)
+        with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as pool:
             futures = {pool.submit(_compute_series, series[i], todo[i], args.threads): i for i in todo if todo[i]}
             for i in todo:
                 if not todo[i]:
