@@ -18,6 +18,19 @@ the window's first half are left out because they were predicted from little
 context. ``train_steps`` sets how many trailing steps of each window the
 training loss covers (0: every step).
 
+That average trails the row: an anomaly raises it only as its errors come in,
+so the score peaks up to ``score_steps`` rows late. ``score_lookahead`` (default:
+``score_steps``) centres it: a row's final score is the mean of its own trailing
+score and those of the next ``score_lookahead`` rows of the same series, i.e. a
+triangular average of the errors from ``score_steps`` rows before the row to
+``score_lookahead`` rows after it (TSB-AD's window methods likewise give each row
+the mean over every window that covers it). The rows near the end of what one
+call scores (a request, a batch, a series) average the rows that follow them
+there, so the newest row's score is its trailing score, known at once, and an
+earlier row's score settles ``score_lookahead`` rows later. ``score_lookahead=0``
+keeps every score causal. The :class:`unusual.models.Scorer` applies it, since it
+sees the rows in series order.
+
 Every row gets exactly one score. The rule for rows with less history than the
 window (the start of a series, or a series shorter than the window) is edge
 padding: the missing earlier rows are copies of the series' first row (see
@@ -45,6 +58,7 @@ class LSTMConfig:
     error_floor: float = 0.01  # no column's error scale below this fraction of the mean column error
     score_steps: int | None = None  # trailing steps whose errors make the row's score (None: half the window)
     train_steps: int | None = None  # trailing steps in the loss (0: all; None: 1 forecast, 0 reconstruct)
+    score_lookahead: int | None = None  # later rows whose scores join a row's (0: causal; None: score_steps)
 
     def __post_init__(self):
         if self.objective not in ("forecast", "reconstruct"):
@@ -55,6 +69,10 @@ class LSTMConfig:
             self.score_steps = max(1, self.window // 2)
         if not 1 <= self.score_steps <= self.window:
             raise ValueError(f"score_steps must be between 1 and window ({self.window}); got {self.score_steps}")
+        if self.score_lookahead is None:
+            self.score_lookahead = self.score_steps
+        if self.score_lookahead < 0:
+            raise ValueError(f"score_lookahead must be >= 0; got {self.score_lookahead}")
         if self.train_steps is None:
             self.train_steps = 1 if self.objective == "forecast" else 0
         if not 0 <= self.train_steps <= self.window:

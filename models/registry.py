@@ -77,6 +77,7 @@ register("ae", "unusual.models.ae:AutoEncoder", "unusual.models.ae:AEConfig", ab
          title="autoencoder")
 register("vae", "unusual.models.vae:VAE", "unusual.models.vae:VAEConfig", absent={"norm": None},
          title="variational autoencoder")
-# LSTM bundles written before ``score_steps`` scored each row by its own step's error alone.
+# LSTM bundles written before ``score_steps`` scored each row by its own step's error alone, and those
+# written before ``score_lookahead`` by the steps up to the row only.
 register("lstm", "unusual.models.lstm:LSTMDetector", "unusual.models.lstm:LSTMConfig", sequence=True,
-         absent={"score_steps": 1}, title="LSTM sequence model")
+         absent={"score_steps": 1, "score_lookahead": 0}, title="LSTM sequence model")

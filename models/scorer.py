@@ -23,8 +23,12 @@ Sequence models (LSTM): rows are grouped per entity and ordered by time within
 a batch, and scored with the window of rows before them. With ``stream=True``
 (the default) the scorer remembers the last ``window`` rows of each entity of
 the previous batch, so when each entity's rows arrive together and in time
-order, the scores do not depend on where the batches are cut. ``reset()``
-forgets that context.
+order, the scores do not depend on where the batches are cut, except that a
+model with a look-ahead (the LSTM's ``score_lookahead``) averages each row's score
+with those of the rows after it in the same batch: the last ``score_lookahead``
+rows of an entity in a batch average fewer rows than they would in one call.
+The batch job scores each entity's rows in one call. ``reset()`` forgets that
+context.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from .errors import ScoreError
 from .registry import family
 from .tables import TOP_FEATURE_TYPE, to_table
 from .training import resolve_device
-from .windows import padded_windows, segments, sort_order
+from .windows import forward_mean, padded_windows, segments, sort_order
 
 
 class Scorer:
@@ -66,6 +70,7 @@ class Scorer:
         cfg = self.bundle.model_config
         self.entity = getattr(cfg, "entity_column", None)
         self.time = getattr(cfg, "time_column", None)
+        self.lookahead = getattr(cfg, "score_lookahead", 0) or 0
         self.allowed_extra = tuple(c for c in (*passthrough, self.entity, self.time) if c)
         self._names = pa.array(self.schema.names, pa.string())
         self._group = None if self.schema.width == len(self.schema.columns) else self.schema.group_matrix()
@@ -191,6 +196,10 @@ class Scorer:
         E = np.concatenate(ends)
         offsets = np.arange(-context + 1, 1)
         scores, terms = self._run(lambda a, b: M[E[a:b, None] + offsets], n)
+        if self.lookahead:  # quarantined and non-finite rows are left out of their neighbours' means
+            valid = np.isfinite(scores) if bad is None else np.isfinite(scores) & ~bad
+            scores = forward_mean(scores, starts, self.lookahead, valid)
+            terms = forward_mean(terms, starts, self.lookahead, valid)
         if order is not None:
             inv = np.empty_like(order)
             inv[order] = np.arange(n)

@@ -122,3 +122,28 @@ def no_windows_error(window: int, context: int, longest: int | None = None) -> S
         f"window {window} is longer than every series: {longest_is}a training window needs {context}; "
         "use a smaller window or more data per entity"
     )
+
+
+def forward_mean(values: np.ndarray, starts: np.ndarray, rows: int, valid: np.ndarray | None = None) -> np.ndarray:
+    """Each row's mean of its own value and those of the next ``rows`` rows of the
+    same series (fewer at the series' end), over the ``valid`` rows only.
+
+    ``values`` is ``(n,)`` or ``(n, k)`` in series order, ``starts`` the series'
+    offsets (as :func:`segments`). A row that is not valid keeps its own value;
+    a valid row whose span holds no other valid row keeps its own too.
+    """
+    if rows <= 0 or len(values) == 0:
+        return values
+    n = len(values)
+    ok = np.ones(n, bool) if valid is None else valid
+    v = values.astype(np.float64)
+    w = ok.reshape((n,) + (1,) * (v.ndim - 1))
+    zero = np.zeros((1,) + v.shape[1:])
+    csum = np.concatenate([zero, np.cumsum(np.where(w, v, 0.0), axis=0)])
+    ccount = np.concatenate([[0], np.cumsum(ok)])
+    seg_end = np.repeat(starts[1:], np.diff(starts))  # one past each row's series end
+    i = np.arange(n)
+    j = np.minimum(i + rows + 1, seg_end)
+    count = (ccount[j] - ccount[i]).reshape(w.shape)
+    out = (csum[j] - csum[i]) / np.maximum(count, 1)
+    return np.where(w & (count > 0), out, v).astype(values.dtype, copy=False)

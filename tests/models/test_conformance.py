@@ -50,8 +50,10 @@ def case(request, tab_train, seq_train) -> Case:
     sequence = family(kind).sequence
     # The contract is about one-row outliers: a family that can average a row's score over the steps
     # before it (the LSTM's default, score_steps = the window) spreads a spike over the next rows by
-    # design (tests/models/test_lstm_scoring.py), so here each row is scored by its own step.
-    one_step = {"score_steps": 1} if "score_steps" in family(kind).config.__dataclass_fields__ else {}
+    # design, and its look-ahead over the rows before it (tests/models/test_lstm_scoring.py), so here each row
+    # is scored by its own step.
+    fields = family(kind).config.__dataclass_fields__
+    one_step = {"score_steps": 1, "score_lookahead": 0} if "score_steps" in fields else {}
     params = tiny_params(kind, **one_step)
     det = Detector(kind, **params)
     train = seq_train if sequence else tab_train

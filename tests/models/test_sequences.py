@@ -1,4 +1,5 @@
 """Sequence (LSTM) scoring: batch independence with streaming context, the
+look-ahead (each row's score averaged with the next rows' of its series), the
 edge-padding rule for short series, window validation, ndarray input."""
 
 from __future__ import annotations
@@ -17,7 +18,18 @@ OBJECTIVES = ("forecast", "reconstruct")
 
 @pytest.fixture(scope="module", params=OBJECTIVES)
 def det(request, seq_train) -> Detector:
-    return Detector("lstm", **tiny_params("lstm", window=WINDOW, objective=request.param)).fit(seq_train)
+    # Causal scores (no look-ahead), so that batch cuts cannot matter; the look-ahead has its own tests below.
+    params = tiny_params("lstm", window=WINDOW, objective=request.param, score_lookahead=0)
+    return Detector("lstm", **params).fit(seq_train)
+
+
+@pytest.fixture(scope="module")
+def ahead(seq_train, det) -> tuple[Detector, Detector]:
+    """The default look-ahead (``score_steps`` = half the window) and the same weights scored causally."""
+    objective = det.bundle_.model_config.objective
+    model = Detector("lstm", **tiny_params("lstm", window=WINDOW, objective=objective)).fit(seq_train)
+    assert model.bundle_.model_config.score_lookahead == WINDOW // 2
+    return model, det
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +66,41 @@ def test_streaming_score_table_matches_one_go(det, scoring_table):
         batched.column("anomaly_score").to_numpy(), whole.column("anomaly_score").to_numpy(), rtol=1e-5, atol=1e-6
     )
     assert batched.column("is_anomaly").equals(whole.column("is_anomaly"))
+
+
+def _forward_mean(s: np.ndarray, rows: int) -> np.ndarray:
+    return np.array([s[i : i + rows + 1].mean() for i in range(len(s))])
+
+
+def test_lookahead_averages_the_next_rows_of_each_entity(ahead, scoring_table):
+    model, causal = ahead
+    np.testing.assert_array_equal(
+        model.bundle_.module.state_dict()["head.weight"], causal.bundle_.module.state_dict()["head.weight"]
+    )  # one seed, one model
+    got, base = model.score(scoring_table), causal.score(scoring_table)
+    entity = scoring_table.column("entity").to_numpy(zero_copy_only=False)
+    t = scoring_table.column("t").to_numpy()
+    for e in np.unique(entity):
+        rows = np.flatnonzero(entity == e)
+        rows = rows[np.argsort(t[rows], kind="stable")]
+        want = _forward_mean(base[rows], WINDOW // 2)
+        np.testing.assert_allclose(got[rows], want, rtol=1e-5, atol=1e-6, err_msg=e)
+        assert got[rows[-1]] == pytest.approx(base[rows[-1]], rel=1e-6)  # the newest row: its own trailing score
+
+
+def test_lookahead_in_a_stream_settles_once_the_next_rows_arrive(ahead, scoring_table):
+    """Streaming batches of one entity: a row's score equals the one-go score once
+    ``score_lookahead`` rows after it are in its batch; the last rows of a batch average
+    the rows there are."""
+    model, _ = ahead
+    one = scoring_table.filter(pa.compute.equal(scoring_table.column("entity"), "b"))  # 90 rows in time order
+    whole = Scorer(model.bundle_).scores(one)
+    scorer = Scorer(model.bundle_, stream=True)
+    cut, look = 50, WINDOW // 2
+    first, second = scorer.scores(one.slice(0, cut)), scorer.scores(one.slice(cut))
+    np.testing.assert_allclose(first[: cut - look], whole[: cut - look], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(second, whole[cut:], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(first[cut - look :], whole[cut - look : cut])
 
 
 def test_without_stream_each_batch_starts_fresh(det, scoring_table):
@@ -116,7 +163,7 @@ def test_ndarray_without_entity_is_one_series():
     rng = np.random.default_rng(0)
     steps = np.arange(300)
     x = np.stack([np.sin(2 * np.pi * steps / p) for p in (10, 17, 23)], axis=1) + 0.05 * rng.normal(size=(300, 3))
-    det = Detector("lstm", hidden=16, window=WINDOW, epochs=3, seed=0).fit(x)
+    det = Detector("lstm", hidden=16, window=WINDOW, epochs=3, seed=0, score_lookahead=0).fit(x)  # causal: batch-free
     s = det.score(x)
     assert s.shape == (300,)
     assert np.isfinite(s).all()
@@ -155,6 +202,24 @@ def test_mask_errors_follow_input_order(det, scoring_table):
     scores = out.column("anomaly_score")
     assert scores.null_count == 4
     assert all(scores[i].as_py() is None for i in range(n) if expected[perm[i]])
+
+
+def test_lookahead_leaves_quarantined_rows_out_of_the_means(ahead, scoring_table):
+    """A bad row (quarantined) is not averaged into the scores of the rows before it."""
+    model, causal = ahead
+    values = scoring_table.column("c1").to_numpy().copy()
+    values[[40, 41, 100]] = np.nan  # entity "b" (rows 37..126): two bad rows together and one alone
+    dirty = scoring_table.set_column(scoring_table.column_names.index("c1"), "c1", pa.array(values))
+    got, base = (
+        Scorer(d.bundle_, errors="mask").score_table(dirty).column("anomaly_score").to_numpy(zero_copy_only=False)
+        for d in (model, causal)
+    )
+    rows = np.arange(37, 127)  # entity "b" in time order
+    ok = ~np.isnan(base[rows])
+    assert np.flatnonzero(~ok).tolist() == [3, 4, 63] and np.isnan(got[rows][~ok]).all()
+    look = WINDOW // 2
+    want = [base[rows][i : i + look + 1][ok[i : i + look + 1]].mean() for i in np.flatnonzero(ok)]
+    np.testing.assert_allclose(got[rows][ok], want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("column", ["entity", "t"])
