@@ -310,6 +310,7 @@ def model_info(name: str, scorer, checkpoint: str | None) -> dict:
         "entity_column": scorer.entity,
         "time_column": scorer.time,
         "window": getattr(scorer.bundle.model_config, "window", None),
+        "score_lookahead": getattr(scorer.bundle.model_config, "score_lookahead", None),
     }
 
 

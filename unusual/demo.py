@@ -200,25 +200,26 @@ def _serve_and_request(bundles: dict, data: dict, scored: dict) -> dict:
             "equal": bool(np.allclose(got, want, rtol=1e-6, atol=1e-9)),
         }
     # LSTM: a request carries an entity's recent rows (its window and the rows to score).
+    listing = requests.get(f"{url}/v1/models", timeout=30).json()
+    w = next(m for m in listing["models"] if m["name"] == "lstm")["window"]
+    n = w + 1 + 60  # 60 rows whose whole window (and look-ahead: the request ends with the series) is in it
     series = data["series_test"].filter(pc.equal(data["series_test"].column("host"), SERIES[0]))
     series = series.sort_by("timestamp")
-    tail = series.slice(series.num_rows - 60)
+    tail = series.slice(series.num_rows - n)
     body = {"rows": [{**r, "timestamp": r["timestamp"].isoformat()} for r in tail.drop_columns(["label"]).to_pylist()]}
     r = requests.post(f"{url}/v1/models/lstm/score", json=body, timeout=60)
     r.raise_for_status()
     got = np.array([x["anomaly_score"] for x in r.json()["rows"]])
     # The batch job saw the whole series: compare the rows whose window lies inside the request.
-    listing = requests.get(f"{url}/v1/models", timeout=30).json()
-    w = next(m for m in listing["models"] if m["name"] == "lstm")["window"]
     batch = batch_scores("lstm")
     batch = batch.filter(pc.equal(batch.column("host"), SERIES[0]))
     batch = batch.sort_by("timestamp")
-    want = batch.column("anomaly_score").to_numpy()[-60:]
+    want = batch.column("anomaly_score").to_numpy()[-n:]
     results["lstm"] = {
         "model_version": r.json()["model_version"],
         "rows": len(got),
         "flagged": int(sum(x["is_anomaly"] for x in r.json()["rows"])),
-        "equal": bool(np.allclose(got[w + 1 :], want[w + 1 :], rtol=1e-5, atol=1e-8)),
+        "equal": len(got) == n and bool(np.allclose(got[w + 1 :], want[w + 1 :], rtol=1e-5, atol=1e-8)),
     }
     results["url"] = url
     serve.shutdown()

@@ -96,11 +96,12 @@ def _nab(name: str):
     return x[:cut], x[cut:], y[cut:]
 
 
-# Measured with the defaults (window 64, score_steps 32; seed 0, 8 epochs) when the floors were set: ec2 0.313,
-# machine temperature 0.279; with score_steps=1 (each row scored by its own step, the earlier rule) 0.147 and
-# 0.321. Floors: about 0.06 under the measured values, so the ec2 floor also fails if scoring falls back to one
-# step (machine temperature's one long anomaly is found either way).
-FLOORS = {"nab_ec2_request_latency": 0.25, "nab_machine_temperature": 0.22}
+# Measured with the defaults (window 64, score_steps 32, score_lookahead 32; seed 0, 8 epochs) when the floors were
+# set: ec2 0.469, machine temperature 0.284; causal (score_lookahead=0) 0.313 and 0.279; with score_steps=1 too (each
+# row scored by its own step, the first rule) 0.147 and 0.321. Floors: about 0.06 under the measured values, so the
+# ec2 floor fails if scoring falls back to causal or to one step (machine temperature's one long anomaly is found
+# either way).
+FLOORS = {"nab_ec2_request_latency": 0.40, "nab_machine_temperature": 0.22}
 
 
 @pytest.mark.parametrize("name", sorted(FLOORS))

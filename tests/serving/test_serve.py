@@ -101,6 +101,8 @@ def test_health_readiness_and_model_listing(server, bundles):
     assert listing.get("default") == "ae", listing
     versions = {m["name"]: m["model_version"] for m in listing["models"]}
     assert versions == {"ae": dets["ae"].version, "vae": dets["vae"].version, "lstm": dets["lstm"].version}
+    lstm = next(m for m in listing["models"] if m["name"] == "lstm")
+    assert (lstm["window"], lstm["score_lookahead"]) == (8, 4)  # the look-ahead: score_steps, half the window
     assert requests.get(f"{url}/openapi.json").json()["info"]["version"] == "v1"
 
 
