@@ -124,6 +124,9 @@ def no_windows_error(window: int, context: int, longest: int | None = None) -> S
     )
 
 
+_BLOCK = 8
+
+
 def forward_mean(values: np.ndarray, starts: np.ndarray, rows: int, valid: np.ndarray | None = None) -> np.ndarray:
     """Each row's mean of its own value and those of the next ``rows`` rows of the
     same series (fewer at the series' end), over the ``valid`` rows only.
@@ -134,6 +137,11 @@ def forward_mean(values: np.ndarray, starts: np.ndarray, rows: int, valid: np.nd
     """
     if rows <= 0 or len(values) == 0:
         return values
+    if values.ndim == 2 and values.shape[1] > _BLOCK:  # bounds the float64 work arrays to _BLOCK columns
+        out = np.empty_like(values)
+        for c in range(0, values.shape[1], _BLOCK):
+            out[:, c : c + _BLOCK] = forward_mean(values[:, c : c + _BLOCK], starts, rows, valid)
+        return out
     n = len(values)
     ok = np.ones(n, bool) if valid is None else valid
     v = values.astype(np.float64)

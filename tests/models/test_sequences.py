@@ -72,6 +72,25 @@ def _forward_mean(s: np.ndarray, rows: int) -> np.ndarray:
     return np.array([s[i : i + rows + 1].mean() for i in range(len(s))])
 
 
+@pytest.mark.parametrize("width", [None, 3, 20])  # scores (n,), and per-column terms in one or several blocks
+def test_forward_mean_against_a_loop(width):
+    from unusual.models.windows import forward_mean
+
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(50,) if width is None else (50, width)).astype(np.float32)
+    starts, ok, rows = np.array([0, 7, 30, 31, 50]), rng.random(50) > 0.2, 5
+    want = v.copy()
+    for a, b in zip(starts[:-1], starts[1:]):
+        for i in range(a, b):
+            span = slice(i, min(i + rows + 1, b))
+            if ok[i]:
+                want[i] = v[span][ok[span]].mean(0)
+    got = forward_mean(v, starts, rows, ok)
+    assert got.dtype == v.dtype and got.shape == v.shape
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(forward_mean(v, starts, 0, ok), v)  # no look-ahead: unchanged
+
+
 def test_lookahead_averages_the_next_rows_of_each_entity(ahead, scoring_table):
     model, causal = ahead
     np.testing.assert_array_equal(
