@@ -69,7 +69,7 @@ def trained(ray_cluster, store, tmp_path_factory):
     return bundle, run(job)
 
 
-def test_the_run_has_the_parameters_and_one_loss_per_epoch(trained):
+def test_the_run_has_the_parameters_and_one_loss_per_epoch(trained, tmp_path):
     import mlflow
 
     bundle, manifest = trained
@@ -92,19 +92,20 @@ def test_the_run_has_the_parameters_and_one_loss_per_epoch(trained):
     assert run.data.metrics["threshold"] == manifest["threshold"]["value"]
     assert run.data.tags["unusual.model_version"] == manifest["model_version"]
     # The bundle is the run's artifact too, byte for byte.
-    local = mlflow.artifacts.download_artifacts(run_id=record["run_id"], artifact_path="bundle")
+    # (into tmp_path: without dst_path MLflow downloads into a new folder under /tmp and leaves it there)
+    local = mlflow.artifacts.download_artifacts(run_id=record["run_id"], artifact_path="bundle", dst_path=str(tmp_path))
     assert sorted(os.listdir(local)) == ["manifest.json", "weights.pt"]
     assert Path(local, "weights.pt").read_bytes() == Path(bundle, "weights.pt").read_bytes()
 
 
-def test_the_registered_model_scores_like_the_detector(trained):
+def test_the_registered_model_scores_like_the_detector(trained, tmp_path):
     import mlflow
 
     bundle, manifest = trained
     version = mlflow.MlflowClient().get_model_version(NAME, "1")
     assert version.run_id == manifest["mlflow"]["run_id"]
     df = sample_data.load("cardio").drop_columns(["label"]).to_pandas()
-    out = mlflow.pyfunc.load_model(f"models:/{NAME}/1").predict(df)
+    out = mlflow.pyfunc.load_model(f"models:/{NAME}/1", dst_path=str(tmp_path)).predict(df)
     det = Detector.load(bundle)
     assert list(out.columns) == ["anomaly_score", "is_anomaly"] and len(out) == len(df)
     np.testing.assert_allclose(out["anomaly_score"].to_numpy(), det.score(df), rtol=0, atol=1e-6)
