@@ -124,7 +124,7 @@ def no_windows_error(window: int, context: int, longest: int | None = None) -> S
     )
 
 
-_BLOCK = 8
+_BLOCK = 8  # columns per pass: bounds the float64 work arrays of a wide, long series
 
 
 def forward_mean(values: np.ndarray, starts: np.ndarray, rows: int, valid: np.ndarray | None = None) -> np.ndarray:
@@ -137,21 +137,19 @@ def forward_mean(values: np.ndarray, starts: np.ndarray, rows: int, valid: np.nd
     """
     if rows <= 0 or len(values) == 0:
         return values
-    if values.ndim == 2 and values.shape[1] > _BLOCK:  # bounds the float64 work arrays to _BLOCK columns
-        out = np.empty_like(values)
-        for c in range(0, values.shape[1], _BLOCK):
-            out[:, c : c + _BLOCK] = forward_mean(values[:, c : c + _BLOCK], starts, rows, valid)
-        return out
     n = len(values)
     ok = np.ones(n, bool) if valid is None else valid
-    v = values.astype(np.float64)
-    w = ok.reshape((n,) + (1,) * (v.ndim - 1))
-    zero = np.zeros((1,) + v.shape[1:])
-    csum = np.concatenate([zero, np.cumsum(np.where(w, v, 0.0), axis=0)])
-    ccount = np.concatenate([[0], np.cumsum(ok)])
     seg_end = np.repeat(starts[1:], np.diff(starts))  # one past each row's series end
     i = np.arange(n)
     j = np.minimum(i + rows + 1, seg_end)
-    count = (ccount[j] - ccount[i]).reshape(w.shape)
-    out = (csum[j] - csum[i]) / np.maximum(count, 1)
-    return np.where(w & (count > 0), out, v).astype(values.dtype, copy=False)
+    ccount = np.concatenate([[0], np.cumsum(ok)])
+    count = ccount[j] - ccount[i]
+    keep = ~(ok & (count > 0))  # rows that keep their own value
+    flat = values.reshape(n, -1)
+    out = np.empty_like(flat)
+    for c in range(0, flat.shape[1], _BLOCK):
+        v = flat[:, c : c + _BLOCK].astype(np.float64)
+        csum = np.concatenate([np.zeros((1, v.shape[1])), np.cumsum(np.where(ok[:, None], v, 0.0), axis=0)])
+        mean = (csum[j] - csum[i]) / np.maximum(count, 1)[:, None]
+        out[:, c : c + _BLOCK] = np.where(keep[:, None], v, mean)
+    return out.reshape(values.shape)
