@@ -132,24 +132,28 @@ def forward_mean(values: np.ndarray, starts: np.ndarray, rows: int, valid: np.nd
     same series (fewer at the series' end), over the ``valid`` rows only.
 
     ``values`` is ``(n,)`` or ``(n, k)`` in series order, ``starts`` the series'
-    offsets (as :func:`segments`). A row that is not valid keeps its own value;
-    a valid row whose span holds no other valid row keeps its own too.
+    offsets (as :func:`segments`). A row that is not valid keeps its own value.
+    The sums are built by adding the shifted rows, never as differences of running
+    totals: one huge score (a glitch) would swamp a running total and turn the means
+    of every later row of the series into rounding noise.
     """
     if rows <= 0 or len(values) == 0:
         return values
     n = len(values)
     ok = np.ones(n, bool) if valid is None else valid
     seg_end = np.repeat(starts[1:], np.diff(starts))  # one past each row's series end
-    i = np.arange(n)
-    j = np.minimum(i + rows + 1, seg_end)
-    ccount = np.concatenate([[0], np.cumsum(ok)])
-    count = ccount[j] - ccount[i]
-    keep = ~(ok & (count > 0))  # rows that keep their own value
+    reach = min(rows, int(np.diff(starts).max()) - 1)  # no series has rows beyond this
+    # joins[k - 1]: row i + k is in row i's series and valid (rows i < n - k)
+    joins = [(np.arange(n - k) + k < seg_end[: n - k]) & ok[k:] for k in range(1, reach + 1)]
+    count = ok.astype(np.int64)
+    for k, join in enumerate(joins, 1):
+        count[: n - k] += join
     flat = values.reshape(n, -1)
     out = np.empty_like(flat)
     for c in range(0, flat.shape[1], _BLOCK):
         v = flat[:, c : c + _BLOCK].astype(np.float64)
-        csum = np.concatenate([np.zeros((1, v.shape[1])), np.cumsum(np.where(ok[:, None], v, 0.0), axis=0)])
-        mean = (csum[j] - csum[i]) / np.maximum(count, 1)[:, None]
-        out[:, c : c + _BLOCK] = np.where(keep[:, None], v, mean)
+        total = np.where(ok[:, None], v, 0.0)
+        for k, join in enumerate(joins, 1):
+            np.add(total[: n - k], v[k:], out=total[: n - k], where=join[:, None])
+        out[:, c : c + _BLOCK] = np.where(ok[:, None], total / np.maximum(count, 1)[:, None], v)
     return out.reshape(values.shape)

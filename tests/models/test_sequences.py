@@ -96,6 +96,18 @@ def test_forward_mean_against_a_loop(width):
     np.testing.assert_array_equal(forward_mean(v, starts, 0, ok), v)  # no look-ahead: unchanged
 
 
+def test_forward_mean_after_a_huge_score():
+    """A glitch's score (float32 allows 3e38) must not wash out the means of the rows after it."""
+    from unusual.models.windows import forward_mean
+
+    v = np.linspace(1.0, 2.0, 40).astype(np.float32)
+    v[10] = 1e30
+    starts = np.array([0, 40])
+    got = forward_mean(v, starts, 4)
+    np.testing.assert_allclose(got, _loop_mean(v, 4), rtol=1e-6)
+    assert got[11:36] == pytest.approx([v[i : i + 5].mean() for i in range(11, 36)], rel=1e-6)
+
+
 def test_lookahead_averages_the_next_rows_of_each_entity(ahead, scoring_table):
     model, causal = ahead
     np.testing.assert_array_equal(
