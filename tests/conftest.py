@@ -4,6 +4,8 @@ localhost) and one local Ray cluster, shared by every test that needs them."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -38,15 +40,30 @@ def ray_cluster(s3_endpoint):
     if ray.is_initialized():
         ray.shutdown()
     fastpath.configure()
-    ray.init(
-        address="local",  # never join another Ray running on the machine
-        num_cpus=2,
-        include_dashboard=True,  # the job API (serving's /v1/jobs) lives in the dashboard
-        log_to_driver=False,
-        runtime_env={"env_vars": {k: os.environ[k] for k in AWS_ENV}},
-    )
+    # Ray's dashboard runs its modules under a multiprocessing forkserver and is killed at shutdown, which
+    # left an empty /tmp/pymp-* folder per session: the cluster's processes get a temporary folder of their
+    # own, removed with it (RAY_TMPDIR keeps Ray's session files where Ray puts them by default).
+    scratch = tempfile.mkdtemp(prefix="unusual-tests-ray-")
+    saved = {k: os.environ.get(k) for k in ("TMPDIR", "RAY_TMPDIR")}
+    os.environ["RAY_TMPDIR"] = saved["RAY_TMPDIR"] or saved["TMPDIR"] or "/tmp"
+    os.environ["TMPDIR"] = scratch
+    try:
+        ray.init(
+            address="local",  # never join another Ray running on the machine
+            num_cpus=2,
+            include_dashboard=True,  # the job API (serving's /v1/jobs) lives in the dashboard
+            log_to_driver=False,
+            runtime_env={"env_vars": {k: os.environ[k] for k in AWS_ENV}},
+        )
+    finally:  # this process's own temporary files stay where they were
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
     try:
         yield ray
     finally:
         ray.shutdown()
         fastpath.cleanup()
+        shutil.rmtree(scratch, ignore_errors=True)
