@@ -141,3 +141,23 @@ def test_native_stderr_past_a_pipe_buffer_with_the_gil_held_does_not_block():
     lines = p.stderr.splitlines()
     assert lines.count("native line") == 20000 and "done" in lines
     assert not any("a Ray log line" in line for line in lines)  # Ray's own line is still filtered
+
+
+def test_ray_error_messages_go_to_stderr_and_the_serve_shutdown_one_is_dropped(capsys, monkeypatch):
+    """Quiet mode: the messages Ray's driver prints about its processes stay off stdout (a command's JSON
+    result), and the one every `serve.shutdown()` causes is not shown at all."""
+    from ray._private import worker
+
+    from unusual.runtime import _filter_error_messages
+
+    monkeypatch.setattr(worker, "print_to_stdstream", worker.print_to_stdstream)  # restored afterwards
+    _filter_error_messages()
+    _filter_error_messages()  # a second Ray connection in the same process does not wrap it twice
+    benign = ("Task ServeController.graceful_shutdown failed. There are infinite retries remaining, so the task "
+              "will be retried. Error: The actor is dead because it was killed by `ray.kill`.")
+    oom = "Task model.score failed: the worker was killed because the node ran low on memory (unusual-test-7)."
+    worker.print_to_stdstream({"lines": [benign], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    worker.print_to_stdstream({"lines": [benign, oom], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "graceful_shutdown" not in err and err.count("ran low on memory (unusual-test-7)") == 1, err

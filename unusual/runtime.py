@@ -157,6 +157,35 @@ def _filter_worker_output() -> None:
         dispatcher.add_handler("ray_print_logs", _OurLines())
 
 
+# Serve's shutdown kills its controller while the controller's own graceful_shutdown task is pending, and
+# Ray reports that, benign, as an error message of the job: one line after every `serve.shutdown()`.
+_BENIGN_ERRORS = (("ServeController.graceful_shutdown failed", "killed by `ray.kill`"),)
+
+
+def _filter_error_messages() -> None:
+    """Quiet mode: the error messages Ray sends the driver about its processes (a worker killed for
+    memory, a task that failed and will be retried) go to stderr, not to stdout, which carries the
+    command's JSON result, and the benign ones in ``_BENIGN_ERRORS`` are dropped."""
+    try:  # Ray's driver prints them through this function; if it moved, Ray prints as it always did
+        from ray._private import worker
+    except ImportError:
+        return
+    original = worker.print_to_stdstream
+    if getattr(original, "unusual_filter", False):
+        return
+
+    def print_to_stdstream(data: dict, ignore_prefix: bool):
+        if data.get("pid") == "raylet":
+            lines = [x for x in data.get("lines") or () if not any(all(p in x for p in b) for b in _BENIGN_ERRORS)]
+            if not lines:
+                return None
+            data = {**data, "lines": lines, "is_err": True}
+        return original(data, ignore_prefix)
+
+    print_to_stdstream.unusual_filter = True
+    worker.print_to_stdstream = print_to_stdstream
+
+
 def configure_ray_data() -> None:
     """Ray Data settings of every job: aggregations and groupbys shuffle with tasks (Ray's
     hash shuffle starts aggregator actors, seconds of fixed cost for our one-object
@@ -196,6 +225,7 @@ def ensure_ray(address: str | None = None, **init_kwargs):
         if quiet:
             _quiet_loggers()  # ray.init sets up its loggers again
             _filter_worker_output()
+            _filter_error_messages()
     configure_ray_data()
     return ray
 
