@@ -44,10 +44,9 @@ def ray_cluster(s3_endpoint):
     # left an empty /tmp/pymp-* folder per session: the cluster's processes get a temporary folder of their
     # own, removed with it (RAY_TMPDIR keeps Ray's session files where Ray puts them by default).
     scratch = tempfile.mkdtemp(prefix="unusual-tests-ray-")
-    saved = {k: os.environ.get(k) for k in ("TMPDIR", "RAY_TMPDIR")}
-    os.environ["RAY_TMPDIR"] = saved["RAY_TMPDIR"] or saved["TMPDIR"] or "/tmp"
-    os.environ["TMPDIR"] = scratch
-    try:
+    with pytest.MonkeyPatch.context() as env:  # this process's own temporary files stay where they were
+        env.setenv("RAY_TMPDIR", os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp")
+        env.setenv("TMPDIR", scratch)
         ray.init(
             address="local",  # never join another Ray running on the machine
             num_cpus=2,
@@ -55,12 +54,6 @@ def ray_cluster(s3_endpoint):
             log_to_driver=False,
             runtime_env={"env_vars": {k: os.environ[k] for k in AWS_ENV}},
         )
-    finally:  # this process's own temporary files stay where they were
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k)
-            else:
-                os.environ[k] = v
     try:
         yield ray
     finally:

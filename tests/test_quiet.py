@@ -152,7 +152,9 @@ def test_ray_error_messages_go_to_stderr_and_the_serve_shutdown_one_is_dropped(c
 
     monkeypatch.setattr(worker, "print_to_stdstream", worker.print_to_stdstream)  # restored afterwards
     _filter_error_messages()
-    _filter_error_messages()  # a second Ray connection in the same process does not wrap it twice
+    wrapped = worker.print_to_stdstream
+    _filter_error_messages()
+    assert worker.print_to_stdstream is wrapped  # a second Ray connection in the same process does not wrap it twice
     benign = ("Task ServeController.graceful_shutdown failed. There are infinite retries remaining, so the task "
               "will be retried. Error: The actor is dead because it was killed by `ray.kill`.")
     oom = "Task model.score failed: the worker was killed because the node ran low on memory (unusual-test-7)."
