@@ -14,13 +14,16 @@ Suites (see benchmarks/README.md for the protocol of each):
 - ``timeseries``: every shared time-series set (SMD, NAB, SMAP, MSL, ASD), our ``lstm`` beside TSB-AD's
   own LSTMAD, CNN, PCA, KMeansAD and IForest, scored with TSB-AD's VUS-PR / VUS-ROC first
   (``benchmarks/timeseries.py`` has the protocol; ``--per-set N`` for a shorter run).
-- ``tabular-unsupervised``: PyOD's usual unsupervised protocol on the ODDS sets
-  and NSL-KDD: a stratified 60 / 40 split of ALL rows per seed, so the training
-  split is contaminated with its share of the anomalies; fit on the 60 %, score
-  the 40 %. Our ``ae`` / ``vae`` with their defaults beside PyOD's AutoEncoder,
-  VAE, IForest, PCA and ECOD (PyOD defaults; NSL-KDD's categorical columns
-  one-hot encoded for PyOD, given as they are to ours). ``--max-rows N``
-  subsamples each set (stratified, seeded) to N rows before the split.
+- ``tabular-unsupervised``: ADBench's unsupervised protocol on every shared
+  tabular set (the ODDS sets, the ADBench ``.npz`` sets and NSL-KDD): a
+  stratified 70 / 30 split of ALL rows per seed, so the training split is
+  contaminated with its share of the anomalies; fit on the 70 %, score the
+  30 %. Our ``ae`` / ``vae`` with their defaults beside PyOD's AutoEncoder, VAE,
+  IForest, PCA, ECOD, KNN and MCD (PyOD defaults; NSL-KDD's categorical columns
+  one-hot encoded for PyOD, given as they are to ours). Means are reported over
+  all sets and apart over the sets with more than 15 % anomalies and the rest.
+  ``--max-rows N`` subsamples each set (stratified, seeded) to N rows before the
+  split.
 
 Each run replaces the suites it ran in the JSON / markdown and keeps the others
 from the file it writes to (each suite block records its own commit, time and
@@ -72,14 +75,14 @@ from unusual.models.vus import series_period, vus  # noqa: E402
 
 SUITES = ("tabular", "smd", "nslkdd", "tabular-unsupervised", "timeseries")
 OURS = ("ae", "vae", "lstm")
-PYOD = ("pyod_ae", "pyod_vae", "iforest", "pca", "ecod")
+PYOD = ("pyod_ae", "pyod_vae", "iforest", "pca", "ecod", "knn", "mcd")
 TSB = tuple(ANCHORS)
 ALL_METHODS = OURS + PYOD + TSB
 SUITE_METHODS = {
     "tabular": ("ae", "vae", "pyod_ae", "pyod_vae", "iforest"),
     "smd": ("lstm", "ae", "iforest"),
     "nslkdd": ("ae", "vae", "iforest"),
-    "tabular-unsupervised": ("ae", "vae", "pyod_ae", "pyod_vae", "iforest", "pca", "ecod"),
+    "tabular-unsupervised": ("ae", "vae", "pyod_ae", "pyod_vae", "iforest", "pca", "ecod", "knn", "mcd"),
     "timeseries": ("lstm", *TSB),
 }
 METHOD_LABELS = {
@@ -91,6 +94,8 @@ METHOD_LABELS = {
     "iforest": "PyOD IForest",
     "pca": "PyOD PCA",
     "ecod": "PyOD ECOD",
+    "knn": "PyOD KNN",
+    "mcd": "PyOD MCD",
     "tsb_lstmad": "TSB-AD LSTMAD",
     "tsb_cnn": "TSB-AD CNN",
     "tsb_pca": "TSB-AD PCA",
@@ -98,7 +103,14 @@ METHOD_LABELS = {
     "tsb_iforest": "TSB-AD IForest",
 }
 TRAIN_FRACTION = 0.7
-UNSUPERVISED_TRAIN_FRACTION = 0.6
+UNSUPERVISED_TRAIN_FRACTION = 0.7  # ADBench: stratified 70 / 30 split of all rows
+HIGH_CONTAMINATION = 0.15  # tabular-unsupervised: sets with a larger anomaly share are averaged apart
+# tabular-unsupervised: the pseudo-datasets of its summary (means over groups of sets) and their labels
+UNSUPERVISED_GROUPS = {
+    "average": "mean over all sets",
+    "average_high_contamination": "mean over high-contamination sets (>15 % anomalies)",
+    "average_rest": "mean over the rest",
+}
 
 log = logging.getLogger("quality")
 
@@ -162,7 +174,7 @@ def semi_supervised_split(y: np.ndarray, seed: int, frac: float = TRAIN_FRACTION
 
 
 def stratified_split(y: np.ndarray, seed: int, frac: float = UNSUPERVISED_TRAIN_FRACTION):
-    """PyOD's unsupervised protocol: a stratified random ``frac`` of all rows (anomalies included) to
+    """ADBench's unsupervised protocol: a stratified random ``frac`` of all rows (anomalies included) to
     train on, the rest to test on; both keep the data set's contamination."""
     from sklearn.model_selection import train_test_split
 
@@ -188,6 +200,21 @@ def load_odds(data_dir: Path) -> dict:
     for path in sorted((data_dir / "tabular" / "odds").glob("*.mat")):
         m = scipy.io.loadmat(path)
         out[path.stem] = (np.asarray(m["X"], dtype=np.float64), np.asarray(m["y"]).ravel().astype(int))
+    return out
+
+
+def load_adbench(data_dir: Path) -> dict:
+    """ADBench's classical sets, ``tabular/adbench/<k>_<name>.npz`` with keys ``X`` and ``y``, named
+    by the file stem without its numeric prefix (``22_magic.gamma.npz`` -> ``magic.gamma``)."""
+    out = {}
+    for path in sorted((data_dir / "tabular" / "adbench").glob("*.npz")):
+        prefix, sep, name = path.stem.partition("_")
+        if not (sep and prefix.isdigit() and name):
+            name = path.stem
+        if name in out:
+            raise SystemExit(f"two ADBench files map to the data set name {name!r} (last: {path})")
+        with np.load(path, allow_pickle=True) as d:
+            out[name] = (np.asarray(d["X"], dtype=np.float64), np.asarray(d["y"]).ravel().astype(int))
     return out
 
 
@@ -231,8 +258,11 @@ class MethodError(Exception):
     pass
 
 
-def our_params(args, kind: str, seed: int) -> dict:
-    return {**getattr(args, f"params_{kind}"), "seed": seed}
+def our_params(args, kind: str, seed: int, clean: bool = False) -> dict:
+    """Our parameters: ``--params-<kind>``, the seed and, on a semi-supervised split (training rows all
+    normal), ``clean=True``, the documented switch for clean training data (README: Data with anomalies)."""
+    switch = {"clean": True} if clean and kind in ("ae", "vae") else {}
+    return {**switch, **getattr(args, f"params_{kind}"), "seed": seed}
 
 
 def run_ours(kind: str, params: dict, X_train, X_test) -> dict:
@@ -279,6 +309,15 @@ def run_pyod(method: str, seed: int, X_train: np.ndarray, X_test: np.ndarray) ->
         from pyod.models.ecod import ECOD
 
         model = ECOD()
+    elif method == "knn":
+        from pyod.models.knn import KNN
+
+        model = KNN()
+    elif method == "mcd":
+        from pyod.models.mcd import MCD
+
+        # can fail on a singular covariance (one-hot or constant columns): recorded as that run's error
+        model = MCD(random_state=seed)
     else:
         raise MethodError(f"unknown PyOD method {method}")
     t0 = time.perf_counter()
@@ -290,9 +329,9 @@ def run_pyod(method: str, seed: int, X_train: np.ndarray, X_test: np.ndarray) ->
     return {"scores": np.asarray(scores, dtype=np.float64), "fit_s": fit_s, "score_s": score_s, "info": {}}
 
 
-def run_method(args, method: str, seed: int, X_train, X_test) -> dict:
+def run_method(args, method: str, seed: int, X_train, X_test, clean: bool = False) -> dict:
     if method in OURS:
-        return run_ours(method, our_params(args, method, seed), X_train, X_test)
+        return run_ours(method, our_params(args, method, seed, clean), X_train, X_test)
     return run_pyod(method, seed, X_train, X_test)
 
 
@@ -344,7 +383,7 @@ def suite_tabular(args, data_dir: Path, methods: list[str]) -> list[dict]:
                     "n_test_anomalies": int(y[te].sum()),
                 }
                 try:
-                    out = run_method(args, method, seed, X[tr], X[te])
+                    out = run_method(args, method, seed, X[tr], X[te], clean=True)
                     rec.update(finite_check(out["scores"]))
                     rec.update(ranking_metrics(y[te], safe_scores(out["scores"])))
                     rec.update(fit_s=out["fit_s"], score_s=out["score_s"], info=out["info"])
@@ -470,7 +509,7 @@ def suite_nslkdd(args, data_dir: Path, methods: list[str]) -> list[dict]:
             }
             try:
                 if method in OURS:
-                    out = run_method(args, method, seed, Xtr, Xte)
+                    out = run_method(args, method, seed, Xtr, Xte, clean=True)
                 else:
                     a, b = one_hot_like(Xtr, Xte, cats)
                     out = run_method(args, method, seed, a, b)
@@ -492,10 +531,14 @@ def suite_nslkdd(args, data_dir: Path, methods: list[str]) -> list[dict]:
 
 
 def suite_unsupervised(args, data_dir: Path, methods: list[str]) -> list[dict]:
-    """ODDS + NSL-KDD, PyOD's unsupervised protocol (stratified 60 / 40 split of all rows)."""
+    """ODDS + ADBench + NSL-KDD, ADBench's unsupervised protocol (stratified 70 / 30 split of all rows)."""
     sets: dict = dict(load_odds(data_dir))
     if not sets:
         raise SystemExit(f"no ODDS .mat files under {data_dir / 'tabular' / 'odds'}")
+    for name, Xy in load_adbench(data_dir).items():
+        if name in sets:
+            raise SystemExit(f"ADBench set {name!r} has the name of an ODDS set")
+        sets[name] = Xy
     if (data_dir / "network" / "nsl_kdd").is_dir():
         sets["nsl_kdd_train20"] = load_nslkdd(data_dir)
     cats = ["protocol_type", "service", "flag"]
@@ -503,6 +546,8 @@ def suite_unsupervised(args, data_dir: Path, methods: list[str]) -> list[dict]:
     for name, (X, y) in sets.items():
         if args.datasets and name not in args.datasets:
             continue
+        # the set's own anomaly share (before any --max-rows subsample) decides its contamination group
+        n_rows, n_anomalies = int(len(y)), int(y.sum())
         keep = stratified_subsample(y, args.max_rows)
         if keep.size < len(y):
             X = X.iloc[keep].reset_index(drop=True) if hasattr(X, "iloc") else X[keep]
@@ -522,6 +567,9 @@ def suite_unsupervised(args, data_dir: Path, methods: list[str]) -> list[dict]:
                     "dataset": name,
                     "method": method,
                     "seed": seed,
+                    "n_rows": n_rows,
+                    "n_anomalies": n_anomalies,
+                    "anomaly_share": n_anomalies / n_rows,
                     "n_train": int(tr.size),
                     "n_train_anomalies": int(y[tr].sum()),
                     "n_test": int(te.size),
@@ -585,15 +633,69 @@ def _mean_std(values: list[float]) -> dict:
     return {"mean": float(v.mean()), "std": float(v.std(ddof=0)), "n": int(v.size)}
 
 
+def unsupervised_sets(runs: list[dict]) -> dict:
+    """tabular-unsupervised: {dataset: rows, anomalies, anomaly share (of the whole set, before any
+    --max-rows subsample), rows used, and whether it counts as a high-contamination set}."""
+    out = {}
+    for r in runs:
+        if r["dataset"] in out or r.get("anomaly_share") is None:
+            continue
+        out[r["dataset"]] = {
+            "n_rows": r["n_rows"],
+            "n_anomalies": r["n_anomalies"],
+            "anomaly_share": r["anomaly_share"],
+            "n_rows_used": r["n_train"] + r["n_test"],
+            "high_contamination": r["anomaly_share"] > HIGH_CONTAMINATION,
+        }
+    return {d: out[d] for d in sorted(out, key=_set_order)}
+
+
+def _set_order(name: str):
+    return (name.lower(), name)
+
+
+def _group_mean(runs: list[dict], metrics: list[str], method: str, group: list[str]) -> dict:
+    """Mean over the data sets of ``group`` within each seed, then mean and std over seeds, for one method.
+
+    A set on which the method failed in any seed is left out (``n_sets`` < ``n_sets_total``,
+    ``sets_left_out`` names them), so that every seed averages the same sets.
+    """
+    mine = [r for r in runs if r["method"] == method and r["dataset"] in group]
+    failed = {r["dataset"] for r in mine if "error" in r}
+    sets_ok = {r["dataset"] for r in mine} - failed
+    ok = [r for r in mine if r["dataset"] in sets_ok]
+    per_seed: dict = {k: [] for k in metrics}
+    for seed in sorted({r["seed"] for r in ok}):
+        rs = [r for r in ok if r["seed"] == seed]
+        if {r["dataset"] for r in rs} != sets_ok:
+            continue
+        for k in metrics:
+            vals = [r.get(k) for r in rs]
+            if all(v is not None for v in vals):
+                per_seed[k].append(float(np.mean(vals)))
+    out = {k: _mean_std(v) for k, v in per_seed.items()}
+    out.update(
+        n_sets=len(sets_ok),
+        n_sets_total=len(group),
+        sets_left_out=sorted(set(group) - sets_ok, key=_set_order),
+        errors=sum("error" in r for r in mine),
+    )
+    return out
+
+
 def summarize(runs: list[dict], suite: str) -> dict:
     """{dataset: {method: {metric: {mean, std, n}}}} plus an 'average' pseudo-dataset.
 
     The average row averages over datasets within each seed, then takes mean and
     std over seeds (only seeds where the method ran on every dataset count).
+
+    tabular-unsupervised instead has three such rows (UNSUPERVISED_GROUPS): the mean over all
+    sets, over the sets with more than HIGH_CONTAMINATION anomalies and over the rest; each
+    leaves out the sets where the method failed and says how many it averaged (_group_mean).
     """
     metrics = SUITE_METRICS[suite]
     ok = [r for r in runs if "error" not in r]
-    datasets = sorted({r["dataset"] for r in runs})
+    datasets = sorted({r["dataset"] for r in runs}, key=_set_order)
     methods = list(dict.fromkeys(r["method"] for r in runs))
     out: dict = {}
     for d in datasets:
@@ -603,6 +705,17 @@ def summarize(runs: list[dict], suite: str) -> dict:
             errs = [r for r in runs if r["dataset"] == d and r["method"] == m and "error" in r]
             out[d][m] = {k: _mean_std([r.get(k) for r in rs]) for k in metrics}
             out[d][m]["errors"] = len(errs)
+    if suite == "tabular-unsupervised":
+        sets = unsupervised_sets(runs)
+        high = [d for d in datasets if sets.get(d, {}).get("high_contamination")]
+        groups = {
+            "average": datasets,
+            "average_high_contamination": high,
+            "average_rest": [d for d in datasets if d not in high],
+        }
+        for key, group in groups.items():
+            out[key] = {m: _group_mean(runs, metrics, m, group) for m in methods}
+        return out
     if len(datasets) > 1:
         out["average"] = {}
         for m in methods:
@@ -627,6 +740,51 @@ def _cell(s: dict, digits: int = 3) -> str:
     return f"{s['mean']:.{digits}f}"
 
 
+def _unsupervised_tables(summ: dict, sets: dict, methods: list[str]) -> str:
+    """tabular-unsupervised's tables: each set with its anomaly share, then the mean over all sets,
+    over the high-contamination sets and over the rest (UNSUPERVISED_GROUPS)."""
+    datasets = sorted((d for d in summ if d not in UNSUPERVISED_GROUPS), key=_set_order)
+    groups = [g for g in UNSUPERVISED_GROUPS if g in summ]
+    parts = []
+    for metric, label in (
+        ("roc_auc", "ROC-AUC"),
+        ("pr_auc", "PR-AUC (average precision)"),
+        ("fit_s", "fit seconds"),
+    ):
+        digits = 1 if metric == "fit_s" else 3
+        rows = []
+        for d in datasets:
+            share = sets.get(d, {}).get("anomaly_share")
+            row = [d, "—" if share is None else f"{100 * share:.1f} %"]
+            for m in methods:
+                s = summ[d].get(m, {})
+                cell = _cell(s.get(metric, {}), digits)
+                if s.get("errors"):
+                    cell += f" ({s['errors']} err)"
+                row.append(cell)
+            rows.append(row)
+        for g in groups:
+            n_total = max((s.get("n_sets_total", 0) for s in summ[g].values()), default=0)
+            row = [f"**{UNSUPERVISED_GROUPS[g]}**", f"{n_total} set{'s' if n_total != 1 else ''}"]
+            for m in methods:
+                s = summ[g].get(m, {})
+                cell = _cell(s.get(metric, {}), digits)
+                if s.get("n_sets", n_total) < n_total:
+                    cell += f" ({s['n_sets']} of {n_total} sets)"
+                row.append(cell)
+            rows.append(row)
+        parts.append(f"\n{label}\n\n" + _table(["dataset", "anomalies", *[METHOD_LABELS[m] for m in methods]], rows))
+    high = [d for d in datasets if sets.get(d, {}).get("high_contamination")]
+    rest = [d for d in datasets if d not in high]
+    parts.append(
+        f"\nanomalies = the set's share of anomalous rows. High-contamination sets (>{100 * HIGH_CONTAMINATION:.0f} % "
+        f"anomalies): {', '.join(high) or 'none'}; the rest: {', '.join(rest) or 'none'}. Each mean row averages "
+        "the sets within each seed, then takes mean ± std over seeds; a set on which a method failed "
+        "(err) is left out of that method's means, which then say over how many sets they are."
+    )
+    return "\n".join(parts)
+
+
 def markdown(result: dict) -> str:
     parts = []
     for suite, block in result["suites"].items():
@@ -641,12 +799,21 @@ def markdown(result: dict) -> str:
         datasets = list(summ)
         n_seeds = len(block["seeds"])
         if suite in ("tabular", "nslkdd", "tabular-unsupervised"):
+            # tabular-unsupervised blocks written since the ADBench sets came in carry "sets" (anomaly
+            # shares) and the group means; older blocks kept from an earlier file render as they did
+            sets = block.get("sets") if suite == "tabular-unsupervised" else None
             title = {
-                "tabular": "Tabular (ODDS), semi-supervised",
-                "nslkdd": "NSL-KDD (KDDTrain+_20Percent)",
+                "tabular": "Tabular (ODDS), semi-supervised (ours with clean=True, the switch for clean training data)",
+                "nslkdd": "NSL-KDD (KDDTrain+_20Percent), semi-supervised (ours with clean=True)",
                 "tabular-unsupervised": "Tabular (ODDS + NSL-KDD), unsupervised (stratified 60 / 40 split of all rows, "
                 "anomalies in the training split)",
             }[suite]
+            if sets:
+                f = round(100 * block.get("train_fraction", UNSUPERVISED_TRAIN_FRACTION))
+                title = (
+                    f"Tabular (ODDS + ADBench + NSL-KDD), unsupervised (stratified {f} / {100 - f} split of all "
+                    "rows, anomalies in the training split)"
+                )
             parts.append(f"### {title}: mean ± std over {n_seeds} seed(s)")
             if block.get("run"):
                 r = block["run"]
@@ -655,6 +822,10 @@ def markdown(result: dict) -> str:
                 )
             if block.get("max_rows"):
                 parts.append(f"\nEach data set subsampled (stratified) to at most {block['max_rows']} rows.")
+            if sets:
+                parts.append(_unsupervised_tables(summ, sets, methods))
+                parts.append(f"\nSuite wall time: {block['seconds']:.0f} s\n")
+                continue
             for metric, label in (
                 ("roc_auc", "ROC-AUC"),
                 ("pr_auc", "PR-AUC (average precision)"),
@@ -903,6 +1074,8 @@ def main(argv: list[str] | None = None) -> int:
             "iforest": "pyod.models.iforest.IForest(random_state=seed), other args default",
             "pca": "pyod.models.pca.PCA(random_state=seed), other args default",
             "ecod": "pyod.models.ecod.ECOD(), args default",
+            "knn": "pyod.models.knn.KNN(), args default",
+            "mcd": "pyod.models.mcd.MCD(random_state=seed), other args default",
         },
         "load_average_start": loadavg(),
         "suites": {},
@@ -930,8 +1103,14 @@ def main(argv: list[str] | None = None) -> int:
         if suite == "timeseries":
             result["suites"][suite].update(sets=args.ts_sets, per_set=args.per_set, tsb_ad=timeseries.tsb_version())
         if suite == "tabular-unsupervised":
-            result["suites"][suite]["max_rows"] = args.max_rows
-            result["suites"][suite]["train_fraction"] = UNSUPERVISED_TRAIN_FRACTION
+            blk = result["suites"][suite]
+            blk.update(
+                max_rows=args.max_rows,
+                train_fraction=UNSUPERVISED_TRAIN_FRACTION,
+                high_contamination_share=HIGH_CONTAMINATION,
+                sets=unsupervised_sets(runs),  # per set: rows, anomalies, anomaly share, group
+            )
+            blk["runs"] = blk.pop("runs")  # the long list last
         result["total_seconds"] = time.perf_counter() - t_all
         merged = {**kept, **result["suites"]}
         result["suites"] = {k: merged[k] for k in SUITES if k in merged}

@@ -34,7 +34,7 @@ from .training import (
     History,
     TrainConfig,
     _batches,
-    calibrate_error_scale,
+    calibrate,
     epoch_progress,
     fit_module,
     split_indices,
@@ -45,7 +45,12 @@ log = logging.getLogger("unusual")
 
 
 def split_params(kind: str, params: dict):
-    """Sort keyword parameters into the typed configs; unknown names are an error."""
+    """Sort keyword parameters into the typed configs; unknown names and values of the wrong type are
+    errors naming the parameter.
+
+    Parameters the user leaves out take the family's defaults for data as users have it
+    (``train_defaults`` in the registry, then the config classes' own), or with ``clean=True`` (the
+    training data holds no anomalies) the family's ``clean_defaults``."""
     fam = family(kind)
     groups = {"model": fam.config, "features": FeatureConfig, "train": TrainConfig, "threshold": ThresholdConfig}
     out = {g: {} for g in groups}
@@ -53,6 +58,9 @@ def split_params(kind: str, params: dict):
     for name, value in params.items():
         if name not in owners:
             raise TypeError(f"unknown parameter {name!r} for kind {kind!r}; known: {sorted(owners)}")
+        check_type(name, value, groups[owners[name]])
+    defaults = {**fam.train_defaults, **(fam.clean_defaults if params.get("clean") else {})}
+    for name, value in {**defaults, **params}.items():
         out[owners[name]][name] = value
     return (
         fam.config(**out["model"]),
@@ -60,6 +68,42 @@ def split_params(kind: str, params: dict):
         TrainConfig(**out["train"]),
         ThresholdConfig(**out["threshold"]),
     )
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list"}
+
+
+def check_type(name: str, value, cls) -> None:
+    """A TypeError naming ``name`` unless ``value`` fits the type of ``cls``'s field (an int where a float
+    is asked is fine; bools are not numbers): ``--param epochs=three`` is one line, not a comparison
+    error deep inside a config."""
+    import types
+    import typing
+
+    hint = typing.get_type_hints(cls)[name]
+    union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    options = typing.get_args(hint) if union else (hint,)
+    ok = []
+    for t in options:
+        base = typing.get_origin(t) or t
+        if t is type(None):
+            ok.append(value is None)
+        elif base is float:
+            ok.append(isinstance(value, (int, float)) and not isinstance(value, bool))
+        elif base is int:
+            ok.append(isinstance(value, int) and not isinstance(value, bool))
+        elif base in (list, tuple):
+            ok.append(isinstance(value, (list, tuple)))
+        elif isinstance(base, type):
+            ok.append(isinstance(value, base))
+        else:
+            ok.append(True)
+    if not any(ok):
+        words = " or ".join(
+            "null" if t is type(None) else _TYPE_WORDS.get(typing.get_origin(t) or t, getattr(t, "__name__", str(t)))
+            for t in options
+        )
+        raise TypeError(f"parameter {name!r} must be {words}; got {value!r}")
 
 
 def prepare_training_data(table: pa.Table, schema: FeatureSchema, model_cfg, context: int | None):
@@ -115,7 +159,7 @@ class Detector:
             hist: History = fit_module(module, data, train_idx, val_idx, train_cfg, on_epoch=on_epoch)
         module.to("cpu")
         calib = val_idx if len(val_idx) else train_idx
-        calibrate_error_scale(module, _batches(data, calib, 8192, "cpu"))
+        calibrate(module, _batches(data, calibration_rows(module, train_idx, val_idx), 8192, "cpu"))
         val_scores = _module_scores(module, data, calib)
         threshold = fit_threshold(val_scores, thr_cfg)
         threshold["fit_on"] = "validation" if len(val_idx) else "training"
@@ -207,6 +251,14 @@ class Detector:
     @property
     def version(self) -> str:
         return self._scorer().version
+
+
+def calibration_rows(module, train_idx: np.ndarray, val_idx: np.ndarray) -> np.ndarray:
+    """The rows a family calibrates on: the validation split (or the training split when there is none),
+    or every row where the family says so (``calibrate_on = "all"``)."""
+    if getattr(module, "calibrate_on", "validation") == "all" or not len(val_idx):
+        return np.sort(np.concatenate([train_idx, val_idx]))
+    return val_idx
 
 
 @torch.no_grad()

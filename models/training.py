@@ -37,6 +37,10 @@ class TrainConfig:
     grad_clip: float = 5.0
     seed: int = 0
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", or "auto"
+    # The training data holds no anomalies (semi-supervised: cleaned, or normal by construction): the
+    # family trains with its ``clean_defaults`` (models/registry.py) instead of the defaults for data
+    # as users have it, anomalies included.
+    clean: bool = False
 
     def __post_init__(self):
         if not 0.0 <= self.val_fraction < 1.0:
@@ -204,25 +208,26 @@ def eval_loss(objective, batches) -> tuple[float, int]:
 
 
 @torch.no_grad()
-def error_sums(module, batches):
-    """Per-column sums of a squared-error family's raw errors and the row count
-    (None for families that do not normalise errors)."""
-    if not hasattr(module, "set_error_scale"):
+def calibration_sums(module, batches):
+    """Sums over ``batches`` of a family's per-row calibration statistics
+    (:meth:`unusual.models.base.SquaredErrorModule.calibration_rows`) and the row count; None for
+    families that calibrate nothing."""
+    if not hasattr(module, "set_calibration"):
         return None
     module.eval()
     total, n = None, 0
     for x in batches:
-        e = module.errors(x).double().sum(0).cpu()
+        e = module.calibration_rows(x).double().sum(0).cpu()
         total = e if total is None else total + e
         n += len(x)
     return total, n
 
 
-def calibrate_error_scale(module, batches) -> None:
-    """Set a squared-error family's ``error_scale`` from held-out normal data."""
-    sums = error_sums(module, batches)
+def calibrate(module, batches) -> None:
+    """Set a family's calibration (error scale, latent statistics) from held-out data."""
+    sums = calibration_sums(module, batches)
     if sums is not None and sums[1]:
-        module.set_error_scale((sums[0] / sums[1]).float())
+        module.set_calibration((sums[0] / sums[1]).float())
 
 
 def batch_size_for(batch_size: int, n_train: int) -> int:

@@ -1,6 +1,7 @@
 """Calibrating a trained module on a Ray Dataset of encoded rows (or windows), without collecting them:
-the per-column error scale of squared-error families, then the threshold on the full distribution of
-validation scores. The in-memory twin is ``Detector.fit`` (``calibrate_error_scale`` + ``fit_threshold``).
+the calibration of squared-error families (per-column error scale, latent statistics), then the
+threshold on the full distribution of validation scores. The in-memory twin is ``Detector.fit``
+(``calibrate`` + ``fit_threshold``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ..models.columns import as_float
 from ..models.registry import family
 from ..models.stats import NumStats
 from ..models.thresholds import fit_threshold_tail, tail_fraction
-from ..models.training import error_sums
+from ..models.training import calibration_sums
 from .aggregates import merged
 
 # --------------------------------------------------------------------------- the module on Ray Data blocks
@@ -47,36 +48,40 @@ def _score_block(batch: dict, kind: str, model_config: dict, width: int, state) 
 
 
 @dataclass
-class ErrorSums:
-    """Per-column sums of a squared-error family's raw errors over some rows: mergeable."""
+class CalibrationSums:
+    """Sums of a family's per-row calibration statistics over some rows: mergeable."""
 
     total: np.ndarray
     rows: int
 
-    def merge(self, other: ErrorSums) -> ErrorSums:
-        return ErrorSums(self.total + other.total, self.rows + other.rows)
+    def merge(self, other: CalibrationSums) -> CalibrationSums:
+        return CalibrationSums(self.total + other.total, self.rows + other.rows)
 
 
-def _block_error_sums(block: pa.Table, kind: str, model_config: dict, width: int, state) -> ErrorSums | None:
+def _block_calibration_sums(block: pa.Table, kind: str, model_config: dict, width: int, state):
     if block.num_rows == 0:
         return None
-    total, rows = error_sums(_block_module(kind, model_config, width, state), [_block_x(block)])
-    return ErrorSums(total.numpy(), rows)
+    total, rows = calibration_sums(_block_module(kind, model_config, width, state), [_block_x(block)])
+    return CalibrationSums(total.numpy(), rows)
 
 
-def calibrate_at_scale(module, data, kind: str, model_config: dict, width: int, thr_cfg) -> dict:
-    """Set ``module``'s error scale from ``data`` (a Ray Dataset with an ``x`` column of encoded rows
-    or windows, ``width`` features wide) and fit the threshold on its scores; returns the threshold record.
-    The error sums reduce through Ray Data's aggregation API; the scores' top tail is all that is collected."""
+def calibrate_at_scale(
+    module, data, kind: str, model_config: dict, width: int, thr_cfg, every=None
+) -> dict:
+    """Calibrate ``module`` (error scale, latent statistics) on ``data`` (a Ray Dataset with an ``x``
+    column of encoded rows or windows, ``width`` features wide) and fit the threshold on its scores;
+    returns the threshold record. A family with ``calibrate_on = "all"`` calibrates on ``every`` (the
+    training and validation rows) instead of ``data``. The calibration sums reduce through Ray Data's
+    aggregation API; the scores' top tail is all that is collected."""
     import ray
 
-    if hasattr(module, "set_error_scale"):  # a squared-error family: normalise each column's error
-        summarise = partial(
-            _block_error_sums, kind=kind, model_config=model_config, width=width, state=ray.put(module.state_dict())
-        )
-        sums = merged(data, summarise)
+    if hasattr(module, "set_calibration"):  # a squared-error family: error scale (and latent statistics)
+        state = ray.put(module.state_dict())
+        summarise = partial(_block_calibration_sums, kind=kind, model_config=model_config, width=width, state=state)
+        rows = every if every is not None and getattr(module, "calibrate_on", "validation") == "all" else data
+        sums = merged(rows, summarise)
         if sums is not None and sums.rows:
-            module.set_error_scale(torch.from_numpy(sums.total / sums.rows).float())
+            module.set_calibration(torch.from_numpy(sums.total / sums.rows).float())
     kwargs = {"kind": kind, "model_config": model_config, "width": width, "state": ray.put(module.state_dict())}
     scores = data.map_batches(_score_block, batch_format="numpy", fn_kwargs=kwargs).materialize()
     return fit_threshold_at_scale(scores, thr_cfg)

@@ -152,7 +152,8 @@ def _train(job: TrainJob) -> dict:
         progress("scoring the validation split for the threshold …")
         module.load_state_dict(state["stopper"]["best_state"])
         calib = prep.val_ds if train_cfg.val_fraction > 0 else prep.train_ds
-        threshold = calibrate_at_scale(module, calib, kind, asdict(model_cfg), prep.schema.width, thr_cfg)
+        every = prep.train_ds.union(prep.val_ds) if train_cfg.val_fraction > 0 else prep.train_ds
+        threshold = calibrate_at_scale(module, calib, kind, asdict(model_cfg), prep.schema.width, thr_cfg, every)
         threshold["fit_on"] = "validation" if train_cfg.val_fraction > 0 else "training"
     training = {
         **hist.summary(),

@@ -38,7 +38,7 @@ from ..models.training import (
     Objective,
     TrainConfig,
     batch_size_for,
-    error_sums,
+    calibration_sums,
     make_optimizer,
     train_epochs,
 )
@@ -155,18 +155,20 @@ def _chunks(x: torch.Tensor, size: int, device):
 
 @torch.inference_mode()
 def calibrate(module, xt, xv, coll: Collectives, thr_cfg: ThresholdConfig, device) -> dict:
-    """Error scale and threshold from every worker's share of the validation split (or of
-    the training split when there is none), as ``Detector.fit`` computes them in memory."""
+    """Calibration (error scale, latent statistics) and threshold from every worker's share of the
+    validation split (or of the training split when there is none; calibration on both where the family
+    asks, ``calibrate_on = "all"``), as ``Detector.fit`` computes them in memory."""
     n_val = coll.sum([float(len(xv))])[0]
     data = xv if n_val > 0 else xt
     module.eval()
-    if hasattr(module, "set_error_scale"):
-        sums = error_sums(module, _chunks(data, 8192, device))
-        width = module.error_scale.numel()
+    if hasattr(module, "set_calibration"):
+        rows = [xt, xv] if getattr(module, "calibrate_on", "validation") == "all" else [data]
+        sums = calibration_sums(module, (x for part in rows for x in _chunks(part, 8192, device)))
+        width = module.calibration_size()
         total = sums[0].tolist() if sums and sums[0] is not None else [0.0] * width
         reduced = coll.sum([*total, float(sums[1] if sums else 0)])
         if reduced[-1]:
-            module.set_error_scale((torch.tensor(reduced[:-1], dtype=torch.float64) / reduced[-1]).float().to(device))
+            module.set_calibration((torch.tensor(reduced[:-1], dtype=torch.float64) / reduced[-1]).float().to(device))
     parts = [module.score_terms(x)[0].double().cpu().numpy() for x in _chunks(data, 8192, device)]
     scores = np.concatenate(parts) if parts else np.empty(0)
     if coll.world == 1:

@@ -24,6 +24,7 @@ import importlib
 import json
 import sys
 
+from . import __version__
 from .config import JOBS, VERBOSE_HELP, JobConfig, opt, run_parsed
 
 # command -> (the function that runs its config, help). The function is looked up when the
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="unusual", description="Deep-learning anomaly detection at cluster scale.", allow_abbrev=False
     )
     parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
+    parser.add_argument("--version", action="version", version=f"unusual {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help) in COMMANDS.items():
         cls = CONFIGS[name]

@@ -61,6 +61,11 @@ class ModelSpec(JobConfig):
     window: int | None = opt(None, "sequence models: rows of history per window", ge=1)
     epochs: int | None = opt(None, "maximum training epochs (early stopping may end sooner)", ge=1)
     seed: int | None = opt(None, "random seed (default 0)")
+    clean: bool = opt(
+        False,
+        "the training data holds no anomalies (cleaned, or normal by construction): train with the clean-data "
+        "defaults; without it the defaults expect anomalies among the training rows, as most data has",
+    )
     params: KeyValues = opt(
         {},
         "any other Detector parameter, e.g. --param latent=8 --param threshold=pot",
@@ -90,6 +95,8 @@ class ModelSpec(JobConfig):
         params.pop("kind", None)
         shortcuts = ("features", "exclude", "categorical", "entity_column", "time_column", "window", "epochs", "seed")
         params.update({k: getattr(self, k) for k in shortcuts if getattr(self, k) is not None})
+        if self.clean:
+            params["clean"] = True
         params.update(self.params)
         return kind, params
 

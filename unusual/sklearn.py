@@ -46,6 +46,7 @@ way the threshold is stored in the bundle, so ``Detector.load(uri).predict`` fla
 
 from __future__ import annotations
 
+import inspect
 from numbers import Integral, Real
 
 import numpy as np
@@ -68,6 +69,7 @@ except ImportError:  # pragma: no cover - scikit-learn < 1.6
 
 from .models.bundle import Bundle, seal
 from .models.detector import Detector, split_params
+from .models.registry import family
 from .models.thresholds import fit_threshold
 
 __all__ = ["AutoencoderDetector", "DeepOutlierDetector", "VAEDetector"]
@@ -112,16 +114,22 @@ class DeepOutlierDetector(OutlierMixin, BaseEstimator):
         "contamination": [Interval(Real, 0, 0.5, closed="neither")],
         "threshold": [StrOptions({"quantile", "pot"})],
         "pot_level": [Interval(Real, 0.5, 1, closed="left")],
+        "clean": ["boolean"],
         "threshold_on": [StrOptions({"training", "validation"})],
         "verbose": ["boolean", None],
     }
 
     # ----------------------------------------------------------------- parameters
     def _detector_params(self) -> dict:
-        """The Detector's keyword parameters from this estimator's (validated) parameters."""
+        """The Detector's keyword parameters from this estimator's (validated) parameters.
+
+        With ``clean=True``, a parameter left at its default that the family sets for clean data
+        (``epochs``, ``patience``, ``trim``) is not passed on, so the Detector's clean-data default applies."""
         params = {}
+        defaults = inspect.signature(type(self).__init__).parameters
+        clean = family(self._kind).clean_defaults if self.get_params(deep=False).get("clean") else {}
         for name, value in self.get_params(deep=False).items():
-            if name in _OWN:
+            if name in _OWN or (name in clean and name in defaults and value == defaults[name].default):
                 continue
             if name == "hidden":
                 if len(value) == 0 or not all(_positive_int(h) for h in value):
@@ -274,18 +282,24 @@ class DeepOutlierDetector(OutlierMixin, BaseEstimator):
 
 
 class AutoencoderDetector(DeepOutlierDetector):
-    """Dense autoencoder outlier detector (``Detector(kind="ae")``): the anomaly score is the mean squared
-    reconstruction error of the scaled features.
+    """Dense autoencoder outlier detector (``Detector(kind="ae")``): by default (``score_type="joint"``) the
+    anomaly score is the reconstruction error, each column in units of its usual error, plus the distance
+    of the row's latent code from the usual codes (``"reconstruction"``: the mean squared reconstruction
+    error alone).
 
     Parameters (defaults as :class:`unusual.models.Detector`'s):
 
     - model: ``hidden`` layer sizes, ``latent`` size (None: ``max(2, min(32, n_features // 4))``),
       ``dropout``, ``norm`` (``"layer"`` or None), ``trim`` (each batch's loss leaves out its worst-fitted
-      fraction of rows: robustness to anomalies in the training data), ``normalize_errors`` (each column's
-      error in units of its usual level);
+      fraction of rows: robustness to anomalies in the training data), ``score_type`` (``"joint"`` or
+      ``"reconstruction"``), ``latent_ridge``, ``normalize_errors`` (with ``"reconstruction"``: each
+      column's error in units of its usual level);
     - features: ``scaling`` (``"standard"``, ``"robust"`` or ``"none"``);
     - training: ``epochs``, ``batch_size``, ``lr``, ``weight_decay``, ``val_fraction`` (held out for early
-      stopping), ``patience``, ``grad_clip``, ``seed``, ``device`` (``"cpu"``, ``"cuda"``, ``"auto"``…);
+      stopping), ``patience``, ``grad_clip``, ``seed``, ``device`` (``"cpu"``, ``"cuda"``, ``"auto"``…),
+      ``clean``: the defaults expect anomalies among the training rows (data as users have it);
+      ``clean=True`` says the training rows are all normal, and ``epochs``, ``patience`` and ``trim`` left at
+      their defaults take the clean-data values (60, 8 and 0);
     - threshold: ``contamination``, ``threshold`` (``"quantile"`` or ``"pot"``), ``pot_level``,
       ``threshold_on`` (``"training"`` or ``"validation"``, see the module docstring);
     - ``verbose``: the epoch progress bar (True always, False never, None on a terminal after 2 s).
@@ -296,6 +310,8 @@ class AutoencoderDetector(DeepOutlierDetector):
         **DeepOutlierDetector._parameter_constraints,
         "normalize_errors": ["boolean"],
         "trim": [Interval(Real, 0, 1, closed="left")],
+        "score_type": [StrOptions({"joint", "reconstruction"})],
+        "latent_ridge": [Interval(Real, 0, None, closed="left")],
     }
 
     def __init__(
@@ -305,18 +321,21 @@ class AutoencoderDetector(DeepOutlierDetector):
         latent=None,
         dropout=0.0,
         norm="layer",
-        trim=0.0,
+        trim=0.2,
+        score_type="joint",
+        latent_ridge=0.05,
         normalize_errors=False,
         scaling="standard",
-        epochs=60,
+        epochs=20,
         batch_size=128,
         lr=1e-3,
         weight_decay=1e-5,
         val_fraction=0.15,
-        patience=8,
+        patience=3,
         grad_clip=5.0,
         seed=0,
         device="cpu",
+        clean=False,
         contamination=0.01,
         threshold="quantile",
         pot_level=0.98,
@@ -328,6 +347,8 @@ class AutoencoderDetector(DeepOutlierDetector):
         self.dropout = dropout
         self.norm = norm
         self.trim = trim
+        self.score_type = score_type
+        self.latent_ridge = latent_ridge
         self.normalize_errors = normalize_errors
         self.scaling = scaling
         self.epochs = epochs
@@ -339,6 +360,7 @@ class AutoencoderDetector(DeepOutlierDetector):
         self.grad_clip = grad_clip
         self.seed = seed
         self.device = device
+        self.clean = clean
         self.contamination = contamination
         self.threshold = threshold
         self.pot_level = pot_level
@@ -372,21 +394,22 @@ class VAEDetector(DeepOutlierDetector):
         latent=None,
         dropout=0.0,
         norm="layer",
-        trim=0.0,
+        trim=0.1,
         score_type="elbo",
         n_samples=16,
         beta=1.0,
         min_logvar=-6.0,
         scaling="standard",
-        epochs=60,
+        epochs=20,
         batch_size=128,
         lr=1e-3,
         weight_decay=1e-5,
         val_fraction=0.15,
-        patience=8,
+        patience=3,
         grad_clip=5.0,
         seed=0,
         device="cpu",
+        clean=False,
         contamination=0.01,
         threshold="quantile",
         pot_level=0.98,
@@ -412,6 +435,7 @@ class VAEDetector(DeepOutlierDetector):
         self.grad_clip = grad_clip
         self.seed = seed
         self.device = device
+        self.clean = clean
         self.contamination = contamination
         self.threshold = threshold
         self.pot_level = pot_level

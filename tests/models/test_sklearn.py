@@ -23,6 +23,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from unusual.models import Detector
 from unusual.models.ae import AEConfig
 from unusual.models.columns import FeatureConfig
+from unusual.models.registry import family
 from unusual.models.thresholds import ThresholdConfig
 from unusual.models.training import TrainConfig
 from unusual.models.vae import VAEConfig
@@ -43,6 +44,14 @@ def tiny(kind: str, **extra):
 
 # Kept minimal: each entry is a check the estimator fails, and why.
 EXPECTED_FAILED = {
+    "AutoencoderDetector": {
+        "check_methods_subset_invariance": (
+            "the encoder's float32 matmul rounds differently with the batch size (a code differs by up to "
+            "2.4e-7 between a row alone and in a batch), and the joint score weighs the code by the inverse "
+            "latent covariance: the score of a row alone and in a batch differ by ~1e-6 relative, over the "
+            "check's rtol=1e-7"
+        ),
+    },
     "VAEDetector": {
         "check_methods_subset_invariance": (
             "the VAE scores in float32 through PyTorch, whose matmul kernels round differently with the "
@@ -107,7 +116,7 @@ def test_defaults_are_the_detectors(kind):
     """Every parameter the estimator passes on has the Detector's default (tuples for lists)."""
     model = AEConfig() if kind == "ae" else VAEConfig()
     defaults = {}
-    for cfg in (model, TrainConfig(), ThresholdConfig(), FeatureConfig()):
+    for cfg in (model, TrainConfig(**family(kind).train_defaults), ThresholdConfig(), FeatureConfig()):
         defaults.update({f.name: getattr(cfg, f.name) for f in fields(cfg)})
     defaults["score_type"] = defaults.get("score")
     params = CLASSES[kind]().get_params()
