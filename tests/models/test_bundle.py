@@ -160,6 +160,22 @@ def test_bundle_from_before_the_norm_field_loads(kind, train, test_x, tmp_path):
     assert any("norm" in type(m).__name__.lower() for m in Detector(kind, **TINY).fit(train).bundle_.module.modules())
 
 
+def test_ae_bundle_from_before_the_score_field_loads(train, test_x, tmp_path):
+    """AE bundles written before ``score`` existed scored by reconstruction alone and have no latent
+    statistics; they load as ``score="reconstruction"`` and score as before."""
+    old = Detector("ae", score="reconstruction", **TINY).fit(train)
+    uri = str(tmp_path / "old")
+    old.save(uri)
+    m = _read_manifest(uri)
+    del m["model_config"]["score"], m["model_config"]["latent_ridge"]
+    _write_manifest(uri, m, reseal=True)
+    b = load_bundle(uri)
+    assert b.model_config.score == "reconstruction"
+    assert np.array_equal(Detector.load(uri).score(test_x), old.score(test_x))
+    # The default (joint) model carries the latent statistics, so its weights would not fit that config.
+    assert "latent_precision" in Detector("ae", **TINY).fit(train).bundle_.module.state_dict()
+
+
 # --------------------------------------------------------------------------- errors
 
 
