@@ -327,6 +327,7 @@ def summarize(out: Output, spec: dict, seconds: float, resumed: int = 0) -> dict
             f"{tot['quarantined']:,} quarantined"
         )
     qfiles = [p for ps in part_files(listing, QUARANTINE_DIR).values() for *_, p in ps]
+    reasons = quarantine_reasons(out, qfiles)
     return {
         "output": out.uri,
         "model_version": spec["model_version"],
@@ -340,6 +341,7 @@ def summarize(out: Output, spec: dict, seconds: float, resumed: int = 0) -> dict
         "parts": len(files),
         "quarantine_parts": len(qfiles),
         "quarantine": f"{out.uri}/{QUARANTINE_DIR}" if qfiles else None,
+        "quarantine_reasons": reasons,
         "units": spec["out_units"],
         "units_resumed": resumed,
         "seconds": round(seconds, 3),
@@ -347,12 +349,32 @@ def summarize(out: Output, spec: dict, seconds: float, resumed: int = 0) -> dict
     }
 
 
+def quarantine_reasons(out: Output, qfiles: list[str], top: int = 5) -> dict[str, int]:
+    """The most frequent reasons in the quarantine parts (their ``error`` column, read alone), with their
+    row counts: what a partly quarantined run says on the terminal and in its summary."""
+    import pyarrow.parquet as pq
+
+    counts: collections.Counter = collections.Counter()
+    for rel in qfiles:
+        reasons = pq.read_table(out.join(rel), columns=["error"], filesystem=out.pafs)["error"]
+        counts.update(str(r) for r in reasons.to_pylist())
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top])
+
+
 # --------------------------------------------------------------------------- entrypoints
 
 
 def command(job: ScoreJob) -> int:
-    """``unusual score``: run the job, print its summary (JSON) on stdout."""
-    print(json.dumps(run(job), indent=1))
+    """``unusual score``: run the job, print its summary (JSON) on stdout; on a partly quarantined run, a
+    line on stderr says how many rows were not scored and why."""
+    summary = run(job)
+    if summary["rows_quarantined"]:
+        why = "; ".join(f"{reason} ({n:,} rows)" for reason, n in summary["quarantine_reasons"].items())
+        progress(
+            f"{summary['rows_quarantined']:,} of {summary['rows_in']:,} rows quarantined, not scored: {why}; "
+            f"the rows and their reasons are in {summary['quarantine']}"
+        )
+    print(json.dumps(summary, indent=1))
     return 0
 
 

@@ -161,6 +161,25 @@ def test_bad_rows_and_bad_files_go_to_the_quarantine_with_the_reason(ae, cardio,
     assert len(whole) == 1 and whole[0].num_rows == 50
     assert "column 'f01' has type string" in whole[0].column("error")[0].as_py()
     assert whole[0].column("source_file")[0].as_py().endswith("part-009.parquet")
+    # The summary (and the terminal line of `unusual score`) say why, most frequent reason first.
+    reasons = summary["quarantine_reasons"]
+    assert list(reasons.values()) == [50, 2] and reasons["f00: NaN/inf/null"] == 2
+    assert "column 'f01' has type string" in next(iter(reasons))
+
+
+def test_a_partly_quarantined_run_says_why_on_the_terminal(monkeypatch, capsys):
+    import unusual.ray_jobs.score as score
+
+    summary = {"rows_in": 1881, "rows_quarantined": 52, "quarantine": "s3://b/out/_quarantine",
+               "quarantine_reasons": {"f01: not a number": 50, "f00: NaN/inf/null": 2}}  # fmt: skip
+    monkeypatch.setattr(score, "run", lambda job: summary)
+    assert score.command(None) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out) == summary
+    assert out.err.strip() == (
+        "[unusual] 52 of 1,881 rows quarantined, not scored: f01: not a number (50 rows); f00: NaN/inf/null "
+        "(2 rows); the rows and their reasons are in s3://b/out/_quarantine"
+    )
 
 
 def test_extreme_finite_values_are_scored_and_flagged_not_lost(ae, cardio, s3_bucket):
