@@ -4,10 +4,10 @@ Two scores (``score``):
 
 - ``"joint"`` (the default): how unlikely the row is under the autoencoder read as a non-linear
   probabilistic PCA. Two terms, each about 1 on a typical row:
-  the reconstruction error, each column in units of its usual error on held-out data (the part of
-  the row off the learned surface), plus the squared Mahalanobis distance of the row's latent code
-  from the held-out codes' mean under their covariance, divided by the latent width (how far along
-  the surface the row lies). Reconstruction alone misses rows that sit on the surface but far out
+  the reconstruction error, each column in units of its usual error on the training rows (the part
+  of the row off the learned surface), plus the squared Mahalanobis distance of the row's latent code
+  from the training rows' codes (their mean, under their covariance), divided by the latent width
+  (how far along the surface the row lies). Reconstruction alone misses rows that sit on the surface but far out
   along it: an autoencoder reconstructs a cluster of anomalies it was trained on (data as users have
   it, anomalies included), yet their codes lie apart from the normal rows' codes.
 - ``"reconstruction"``: the mean squared reconstruction error of the scaled features (optionally
@@ -89,7 +89,7 @@ class AutoEncoder(SquaredErrorModule):
         self.encoder = mlp([width, *config.hidden, latent], dropout=config.dropout, norm=config.norm)
         self.decoder = mlp([latent, *reversed(config.hidden), width], dropout=config.dropout, norm=config.norm)
         self._init_error_scale(width)
-        if config.score == "joint":  # set by set_calibration from held-out codes
+        if config.score == "joint":  # set by set_calibration from the training rows' codes
             self.register_buffer("latent_mean", torch.zeros(latent))
             self.register_buffer("latent_precision", torch.eye(latent))
 
