@@ -81,6 +81,13 @@ _RENAMED = {"score_type": "score"}
 _OWN = ("threshold_on", "verbose")
 
 
+def _store(est, args: dict) -> None:
+    """``__init__``'s arguments stored unchanged as attributes, as scikit-learn requires (no validation)."""
+    for name, value in args.items():
+        if name != "self":
+            setattr(est, name, value)
+
+
 def _positive_int(v) -> bool:
     return isinstance(v, Integral) and not isinstance(v, bool) and v >= 1
 
@@ -342,30 +349,7 @@ class AutoencoderDetector(DeepOutlierDetector):
         threshold_on="training",
         verbose=None,
     ):
-        self.hidden = hidden
-        self.latent = latent
-        self.dropout = dropout
-        self.norm = norm
-        self.trim = trim
-        self.score_type = score_type
-        self.latent_ridge = latent_ridge
-        self.normalize_errors = normalize_errors
-        self.scaling = scaling
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.val_fraction = val_fraction
-        self.patience = patience
-        self.grad_clip = grad_clip
-        self.seed = seed
-        self.device = device
-        self.clean = clean
-        self.contamination = contamination
-        self.threshold = threshold
-        self.pot_level = pot_level
-        self.threshold_on = threshold_on
-        self.verbose = verbose
+        _store(self, locals())
 
 
 class VAEDetector(DeepOutlierDetector):
@@ -416,28 +400,4 @@ class VAEDetector(DeepOutlierDetector):
         threshold_on="training",
         verbose=None,
     ):
-        self.hidden = hidden
-        self.latent = latent
-        self.dropout = dropout
-        self.norm = norm
-        self.trim = trim
-        self.score_type = score_type
-        self.n_samples = n_samples
-        self.beta = beta
-        self.min_logvar = min_logvar
-        self.scaling = scaling
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.val_fraction = val_fraction
-        self.patience = patience
-        self.grad_clip = grad_clip
-        self.seed = seed
-        self.device = device
-        self.clean = clean
-        self.contamination = contamination
-        self.threshold = threshold
-        self.pot_level = pot_level
-        self.threshold_on = threshold_on
-        self.verbose = verbose
+        _store(self, locals())
