@@ -40,18 +40,18 @@ class SquaredErrorModule(AnomalyModule):
         self.register_buffer("error_scale", torch.ones(width))
 
     def calibration_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-row statistics ``(B, K)`` whose mean over held-out rows :meth:`set_calibration` takes.
+        """Per-row statistics ``(B, K)`` whose mean over the calibration rows :meth:`set_calibration` takes.
 
         A mean is all any runner needs to gather (the in-memory fit, the Ray Train workers' all-reduce,
         Ray Data's aggregation); here the squared error per column."""
         return self.errors(x)
 
     def calibration_size(self) -> int:
-        """K, the columns of :meth:`calibration_rows` (a worker with no held-out rows sends K zeros)."""
+        """K, the columns of :meth:`calibration_rows` (a worker with no calibration rows sends K zeros)."""
         return self.error_scale.numel()
 
     def set_calibration(self, means: torch.Tensor) -> None:
-        """Set what scoring needs from held-out data, given the mean of :meth:`calibration_rows`."""
+        """Set what scoring needs (error scale, …), given the mean of :meth:`calibration_rows`."""
         self.set_error_scale(means)
 
     def errors(self, x: torch.Tensor) -> torch.Tensor:

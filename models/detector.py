@@ -128,8 +128,11 @@ class Detector:
     ``time_column``), of :class:`FeatureConfig` (``features``, ``exclude``,
     ``categorical``, ``scaling``, ``nan_policy``, ``unseen_category``), of
     :class:`TrainConfig` (``epochs``, ``batch_size``, ``lr``, ``seed``,
-    ``device`` …) and of :class:`ThresholdConfig` (``threshold``,
+    ``device``, ``clean`` …) and of :class:`ThresholdConfig` (``threshold``,
     ``contamination``, ``pot_level``).
+
+    The defaults expect training data that still holds its anomalies (data as users have it);
+    ``clean=True`` says the training rows are all normal and trains with the clean-data defaults.
     """
 
     def __init__(self, kind: str = DEFAULT_KIND, *, verbose: bool | None = None, **params):
@@ -159,7 +162,7 @@ class Detector:
             hist: History = fit_module(module, data, train_idx, val_idx, train_cfg, on_epoch=on_epoch)
         module.to("cpu")
         calib = val_idx if len(val_idx) else train_idx
-        calibrate(module, _batches(data, calibration_rows(module, train_idx, val_idx), 8192, "cpu"))
+        calibrate(module, _batches(data, calibration_indices(module, train_idx, val_idx), 8192, "cpu"))
         val_scores = _module_scores(module, data, calib)
         threshold = fit_threshold(val_scores, thr_cfg)
         threshold["fit_on"] = "validation" if len(val_idx) else "training"
@@ -253,7 +256,7 @@ class Detector:
         return self._scorer().version
 
 
-def calibration_rows(module, train_idx: np.ndarray, val_idx: np.ndarray) -> np.ndarray:
+def calibration_indices(module, train_idx: np.ndarray, val_idx: np.ndarray) -> np.ndarray:
     """The rows a family calibrates on: the validation split (or the training split when there is none),
     or every row where the family says so (``calibrate_on = "all"``)."""
     if getattr(module, "calibrate_on", "validation") == "all" or not len(val_idx):

@@ -92,7 +92,7 @@ DEFAULT_KIND = "ae"
 # before ``score`` scored by reconstruction alone. On data as users have it (anomalies included) the
 # AE and VAE train at most 20 epochs, stopping after 3 without improvement, with a trimmed loss: trained
 # longer they learn to reconstruct the anomalies they are shown. With ``clean=True`` they train as long
-# as clean data rewards, on every row (benchmarks/README.md, "Data as users have it").
+# as clean data rewards, without trimming (benchmarks/README.md, "Data as users have it").
 CLEAN = {"trim": 0.0, "epochs": 60, "patience": 8}
 register("ae", "unusual.models.ae:AutoEncoder", "unusual.models.ae:AEConfig",
          absent={"norm": None, "score": "reconstruction"}, title="autoencoder",
