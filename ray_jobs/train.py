@@ -33,7 +33,15 @@ from ..config import TrainJob, main_for
 from ..models.bundle import build_manifest, save_bundle, threshold_of
 from ..models.detector import split_params
 from ..models.registry import family
-from ..runtime import ResourceError, ensure_ray, progress, quick_ray_train, sweep_temp_dirs, train_worker_resources
+from ..runtime import (
+    ResourceError,
+    checkpoint_directory,
+    ensure_ray,
+    progress,
+    quick_ray_train,
+    sweep_temp_dirs,
+    train_worker_resources,
+)
 from .local_io import filesystem, refuse_existing_bundle
 from .threshold import calibrate_at_scale
 from .train_data import prepare
@@ -140,7 +148,7 @@ def _train(job: TrainJob) -> dict:
         raise result.error
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
-    with result.checkpoint.as_directory() as d:
+    with checkpoint_directory(result.checkpoint) as d:
         state = load_state(d)
     hist = state["history"]
 

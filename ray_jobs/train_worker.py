@@ -42,7 +42,7 @@ from ..models.training import (
     make_optimizer,
     train_epochs,
 )
-from ..runtime import MARK, temp_dir
+from ..runtime import MARK, checkpoint_directory, temp_dir
 from .train_data import fetch_share
 
 STATE_FILE = "state.pt"
@@ -201,7 +201,7 @@ def train_loop(config: dict) -> None:
     stopper, hist, start, opt_state, calibrated = EarlyStopping(cfg.patience), History(), 0, None, None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
-        with ckpt.as_directory() as d:
+        with checkpoint_directory(ckpt) as d:
             st = load_state(d)
         module.load_state_dict(st["model"])
         opt_state = st["optimizer"]

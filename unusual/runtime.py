@@ -284,6 +284,30 @@ def free_port(host: str = "0.0.0.0") -> int:
 # --------------------------------------------------------------------------- temporary folders
 
 
+def checkpoint_directory(checkpoint):
+    """``checkpoint.as_directory()``, leaving no lock files behind: Ray Train's ``TempFileLock`` keeps one
+    empty file per local path it locked (the checkpoint's download folder, and that path + ".lock") in
+    ``<tmp>/_ray_lockfiles``, never removed, so every training run left two there. The paths are the
+    download's own (a fresh uuid), so no other process holds their locks once the download is done."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def directory():
+        with checkpoint.as_directory() as d:
+            yield d
+        try:  # where Ray keeps the lock files; if it moved, they stay as Ray leaves them
+            from ray.air._internal.filelock import TempFileLock
+        except ImportError:
+            return
+        for path in (d, f"{os.path.normpath(d)}.lock"):
+            try:
+                os.remove(TempFileLock(path)._lock_path)
+            except (OSError, AttributeError):
+                pass
+
+    return directory()
+
+
 def temp_dir(kind: str) -> tempfile.TemporaryDirectory:
     """A temporary folder named ``unusual-<kind>-<pid>-…``: removed when its ``with`` ends, and by
     :func:`sweep_temp_dirs` in a later run when its process died first."""

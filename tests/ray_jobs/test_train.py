@@ -7,6 +7,9 @@ real data (the shipped ODDS cardio set) with a ROC-AUC floor.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -65,7 +68,7 @@ def test_ae_bundle_from_s3(ae_run):
     assert manifest["threshold"]["fit_on"] == "validation"
     det = Detector.load(out)
     assert det.version == manifest["model_version"]
-    # Per-column error levels were calibrated on the validation split across the cluster.
+    # Per-column error levels (and the joint score's latent statistics) were calibrated across the cluster.
     scale = det.bundle_.module.error_scale
     assert (scale > 0).all() and not torch.allclose(scale, torch.ones_like(scale))
     cardio = sample_data.load("cardio")
@@ -87,6 +90,10 @@ def test_vae_resumes_after_a_worker_dies(cardio_uri, s3_bucket):
     This run also streams the shards from S3 every epoch (no cache), the path for
     data larger than memory, and keeps its checkpoints."""
     out = f"s3://{s3_bucket}/models/vae"
+    from ray._common.utils import get_default_system_temp_dir
+
+    locks = Path(get_default_system_temp_dir()) / "_ray_lockfiles"  # Ray Train's TempFileLock files
+    before = set(os.listdir(locks)) if locks.is_dir() else set()
     manifest = run(
         TrainJob(
             data=cardio_uri,
@@ -108,6 +115,8 @@ def test_vae_resumes_after_a_worker_dies(cardio_uri, s3_bucket):
     assert s3fs.S3FileSystem().ls(f"{s3_bucket}/runs/vae-resumes") and t["storage"] == f"s3://{s3_bucket}/runs"
     # Restarted once, from the checkpoint of epoch 1, not from scratch.
     assert t["started_at_epoch"] == [0, 2]
+    # Reading the checkpoints back (the restarted workers, the driver) left no lock files behind.
+    assert (set(os.listdir(locks)) if locks.is_dir() else set()) <= before
     assert len(t["val_loss"]) == 3
     det = Detector.load(out)
     cardio = sample_data.load("cardio")
