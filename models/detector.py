@@ -35,6 +35,7 @@ from .training import (
     TrainConfig,
     _batches,
     calibrate,
+    calibrates_on_every_row,
     epoch_progress,
     fit_module,
     split_indices,
@@ -259,7 +260,7 @@ class Detector:
 def calibration_indices(module, train_idx: np.ndarray, val_idx: np.ndarray) -> np.ndarray:
     """The rows a family calibrates on: the validation split (or the training split when there is none),
     or every row where the family says so (``calibrate_on = "all"``)."""
-    if getattr(module, "calibrate_on", "validation") == "all" or not len(val_idx):
+    if calibrates_on_every_row(module) or not len(val_idx):
         return np.sort(np.concatenate([train_idx, val_idx]))
     return val_idx
 

@@ -223,6 +223,12 @@ def calibration_sums(module, batches):
     return total, n
 
 
+def calibrates_on_every_row(module) -> bool:
+    """Whether a family calibrates on every training row (``calibrate_on = "all"``, the AE's joint score)
+    rather than on the validation split: the one check every runner asks."""
+    return getattr(module, "calibrate_on", "validation") == "all"
+
+
 def calibrate(module, batches) -> None:
     """Set a family's calibration (error scale, latent statistics) from held-out data."""
     sums = calibration_sums(module, batches)

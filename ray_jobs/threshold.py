@@ -18,7 +18,7 @@ from ..models.columns import as_float
 from ..models.registry import family
 from ..models.stats import NumStats
 from ..models.thresholds import fit_threshold_tail, tail_fraction
-from ..models.training import calibration_sums
+from ..models.training import calibrates_on_every_row, calibration_sums
 from .aggregates import merged
 
 # --------------------------------------------------------------------------- the module on Ray Data blocks
@@ -78,7 +78,7 @@ def calibrate_at_scale(
     if hasattr(module, "set_calibration"):  # a squared-error family: error scale (and latent statistics)
         state = ray.put(module.state_dict())
         summarise = partial(_block_calibration_sums, kind=kind, model_config=model_config, width=width, state=state)
-        rows = every if every is not None and getattr(module, "calibrate_on", "validation") == "all" else data
+        rows = every if every is not None and calibrates_on_every_row(module) else data
         sums = merged(rows, summarise)
         if sums is not None and sums.rows:
             module.set_calibration(torch.from_numpy(sums.total / sums.rows).float())

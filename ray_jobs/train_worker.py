@@ -38,6 +38,7 @@ from ..models.training import (
     Objective,
     TrainConfig,
     batch_size_for,
+    calibrates_on_every_row,
     calibration_sums,
     make_optimizer,
     train_epochs,
@@ -162,7 +163,7 @@ def calibrate(module, xt, xv, coll: Collectives, thr_cfg: ThresholdConfig, devic
     data = xv if n_val > 0 else xt
     module.eval()
     if hasattr(module, "set_calibration"):
-        rows = [xt, xv] if getattr(module, "calibrate_on", "validation") == "all" else [data]
+        rows = [xt, xv] if calibrates_on_every_row(module) else [data]
         sums = calibration_sums(module, (x for part in rows for x in _chunks(part, 8192, device)))
         width = module.calibration_size()
         total = sums[0].tolist() if sums and sums[0] is not None else [0.0] * width
