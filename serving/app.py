@@ -36,7 +36,7 @@ from ..config import ServeConfig, ServeJob, loopback
 from ..models.errors import UnusualError
 from ..runtime import ResourceError, embedded, ensure_ray, progress
 from . import fastpath
-from .deployments import Gateway, ModelServer
+from .deployments import Gateway, ModelReplica, ModelServer
 from .handling import token_digest
 from .versions import pinned
 
@@ -85,11 +85,12 @@ def check_cluster(config: ServeConfig, resources: dict) -> None:
 # --------------------------------------------------------------------------- building the application
 
 
-def model_deployment(name: str, checkpoint: str, config: ServeConfig, args: dict | None = None):
-    """The bound ``ModelServer`` of one model; its checkpoint is the ``user_config`` (swapped live).
-    ``args``: the config its replicas get (default ``config``'s)."""
+def model_deployment(name: str, checkpoint: str | None, config: ServeConfig, args: dict | None = None,
+                     cls=ModelServer):
+    """The bound ``ModelServer`` (``cls``) of one model; its checkpoint is the ``user_config`` (swapped
+    live; None: a Serve config file's ``deployments:`` gives it). ``args``: what its replicas get."""
     deployment = serve.deployment(
-        ModelServer,
+        cls,
         name=f"model-{name}",
         ray_actor_options=replica_resources(config),
         autoscaling_config={
@@ -103,7 +104,7 @@ def model_deployment(name: str, checkpoint: str, config: ServeConfig, args: dict
             "downscale_delay_s": config.downscale_delay_s,
         },
         max_ongoing_requests=max(8, 4 * config.max_batch_size),
-        user_config={"checkpoint": checkpoint, "top_k": config.top_k},
+        user_config=None if checkpoint is None else {"checkpoint": checkpoint, "top_k": config.top_k},
         health_check_period_s=5,
         graceful_shutdown_wait_loop_s=0.5,
         graceful_shutdown_timeout_s=5,
@@ -186,7 +187,7 @@ def build(config: ServeConfig):
     a cluster whose autoscaler adds the GPU nodes later. :func:`start` checks them
     (:func:`check_cluster`) before it deploys."""
     config = as_config(config)
-    models = {name: model_deployment(name, uri, config) for name, uri in config.models.items()}
+    models = {name: model_deployment(name, uri, config, cls=ModelReplica) for name, uri in config.models.items()}
     return gateway_deployment(config, models)
 
 
@@ -376,6 +377,11 @@ def serve_forever(job: ServeJob) -> int:
     import ray
 
     config = job.app_config()
+    if job.print_config:
+        from .configfile import config_file, dump
+
+        print(dump(config_file(config, port=job.port)), end="", flush=True)
+        return 0
     if job.insecure and not config.auth_token and not loopback(job.host):
         progress(f"no token on {job.host} (--insecure): anyone who reaches port {job.port} can score")
     start(config, host=job.host, port=job.port, address=job.address, ready_timeout=None)

@@ -28,6 +28,7 @@ of a redeploy; every response names the model version that scored it.
 import logging
 import os
 import shlex
+import time
 
 import pyarrow as pa
 from fastapi import FastAPI, Request
@@ -38,6 +39,7 @@ from . import handling
 from .codec import ARROW_STREAM, PARQUET_TYPES, RequestError
 
 API_VERSION = "v1"
+NO_CHECKPOINT_S = 10  # Serve calls reconfigure right after __init__: no checkpoint by then, none is coming
 log = logging.getLogger("unusual.serve")
 
 
@@ -81,14 +83,14 @@ model_api = FastAPI(
 )
 
 
-@serve.ingress(model_api)
-class ModelServer:
+class ModelReplica:
     """One model: loads its bundle (``reconfigure``), scores requests.
 
-    Its own HTTP routes (``POST …/score``, ``GET …/``) make it the ingress of a Serve application at
-    ``/v1/models/<name>`` (:func:`unusual.serving.app.applications`): a scoring request crosses one
-    hop, proxy -> this replica. The gateway reaches it through handles (``handle``, ``info``) for
-    ``POST /v1/score`` and when it is deployed inside the gateway's application (Serve config files)."""
+    As :class:`ModelServer` (this class with its HTTP routes, ``POST …/score`` and ``GET …/``) it is
+    the ingress of a Serve application at ``/v1/models/<name>`` (:func:`unusual.serving.app.applications`,
+    :mod:`.configfile`): a scoring request crosses one hop, proxy -> this replica. The gateway reaches it
+    through handles (``handle``, ``info``) for ``POST /v1/score``, and reaches this class, deployed
+    without routes inside the gateway's application, for every route (:func:`unusual.serving.app.build_app`)."""
 
     def __init__(self, name: str, config: dict):
         from ray.serve import metrics
@@ -97,8 +99,17 @@ class ModelServer:
         self.config = ServeConfig.model_validate(config)
         self.scorer = None
         self.checkpoint = None
+        self.started = time.monotonic()
         self.metrics = handling.ModelMetrics(metrics, name)
         self.batcher = handling.Batcher(self._score_many, self._score_one, self.config.max_batch_size)
+
+    def check_health(self) -> None:
+        """Serve's health check: a replica that was never given a checkpoint can never answer."""
+        if self.checkpoint is None and time.monotonic() - self.started > NO_CHECKPOINT_S:
+            raise RuntimeError(
+                f"model {self.name} has no checkpoint: set user_config: {{checkpoint: URI}} on deployment "
+                f"model-{self.name} (a Serve config file's `deployments:`)"
+            )
 
     def reconfigure(self, user_config: dict) -> None:
         """Load (or swap to) the bundle at ``user_config["checkpoint"]``."""
@@ -160,6 +171,9 @@ class ModelServer:
         except RequestError as e:
             return _error(e)
         return handling.finite(self.info())
+
+
+ModelServer = serve.ingress(model_api)(ModelReplica)
 
 
 # --------------------------------------------------------------------------- the gateway

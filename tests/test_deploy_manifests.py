@@ -340,6 +340,9 @@ def test_bad_flag_is_reported_with_file_and_flag():
 # --------------------------------------------------------------------------- KubeRay manifests
 
 
+FAST_PATH = ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED")
+
+
 def ray_cluster_specs() -> list[tuple[str, dict]]:
     out = []
     for path, doc in kuberay_docs():
@@ -391,6 +394,14 @@ def test_kuberay_cluster_specs_are_well_formed():
                 limits = c.get("resources", {}).get("limits", {})
                 assert "cpu" in limits and "memory" in limits, f"{where}: group {name}: set cpu and memory limits"
         assert len(images) == 1, f"{where}: every node must run the same image (same Ray, same code): {images}"
+        for name, group in groups if "(RayJob " not in where else ():  # a RayJob's cluster serves nothing
+            for c in pod_containers(group):
+                env = {e["name"]: e.get("value") for e in c.get("env", [])}
+                for switch in FAST_PATH:
+                    assert env.get(switch) == "1", (
+                        f"{where}: group {name}: container {c.get('name')} must set {switch}=1 (Serve's fast path; "
+                        "every Ray process reads it at its start)"
+                    )
         for g in spec["workerGroupSpecs"]:
             lo, n, hi = g.get("minReplicas", 0), g.get("replicas", 0), g.get("maxReplicas", 0)
             assert 0 <= lo <= n <= hi, f"{where}: group {g['groupName']}: need minReplicas <= replicas <= maxReplicas"
@@ -473,26 +484,52 @@ def test_rayservice_serve_config_is_valid_for_serve():
             pytest.fail(f"{rel(path)}: serveConfigV2 is not a valid Serve config: {e}")
 
 
-def test_rayservice_builds_the_application_from_its_args(monkeypatch):
-    """build_app only binds the deployments (ServeConfig checks the args); nothing is loaded."""
+def test_serve_configs_deploy_the_topology_of_unusual_serve(monkeypatch):
+    """The RayService's serveConfigV2 and serving/serve_config.yaml: an application per model (its
+    ModelServer the ingress at /v1/models/NAME, the checkpoint an object-storage URI in its deployment's
+    user_config) and the gateway at / naming each; every application builds from its args (only binds:
+    nothing is loaded)."""
     from ray.serve.deployment import Application
-    from unusual.serving.app import build_app
+    from unusual.serving import configfile
 
     from unusual.config import ServeConfig
 
     monkeypatch.delenv("UNUSUAL_SERVE_TOKEN", raising=False)
-    for path, config in serve_configs():
-        for app in config["applications"]:
-            where = f"{rel(path)}: application {app['name']}"
-            assert app["import_path"] == "unusual.serving.app:build_app", f"{where}: import_path {app['import_path']!r}"
-            args = copy.deepcopy(app.get("args") or {})
+    shipped = REPO / "serving" / "serve_config.yaml"
+    for path, config in [*serve_configs(), (shipped, load_docs(shipped)[0])]:
+        apps = {a["name"]: a for a in config["applications"]}
+        gateways = [a for a in apps.values() if a["import_path"] == "unusual.serving.configfile:gateway_app"]
+        assert len(gateways) == 1 and gateways[0]["route_prefix"] == "/", f"{rel(path)}: one gateway application at /"
+        served = ServeConfig.model_validate(gateways[0]["args"]).models
+        checkpoints = configfile.checkpoints(config)
+        assert set(checkpoints) == set(served), f"{rel(path)}: models {sorted(checkpoints)}, gateway {served}"
+        for model, app_name in served.items():
+            where = f"{rel(path)}: model {model}"
+            app = apps.get(app_name)
+            assert app, f"{where}: the gateway names application {app_name!r}, which is not there"
+            assert app["import_path"] == "unusual.serving.configfile:model_app", f"{where}: {app['import_path']}"
+            assert app["route_prefix"] == f"/v1/models/{model}" and app["args"]["model"] == model, where
+            assert [d["name"] for d in app["deployments"]] == [f"model-{model}"], where
+            assert checkpoints[model].startswith("s3://"), f"{where}: {checkpoints[model]} is not an object-storage URI"
+        for app in apps.values():
+            builder = getattr(configfile, app["import_path"].split(":")[1])
             try:
-                built = build_app(args)
+                built = builder(copy.deepcopy(app.get("args") or {}))
             except (ValueError, TypeError) as e:
-                pytest.fail(f"{where}: unusual.serving.app:build_app rejects its args: {e}")
+                pytest.fail(f"{rel(path)}: application {app['name']}: {app['import_path']} rejects its args: {e}")
             assert isinstance(built, Application)
-            for name, uri in ServeConfig.model_validate(args).models.items():
-                assert uri.startswith("s3://"), f"{rel(path)}: model {name}: {uri} is not an object-storage URI"
+
+
+def test_the_shipped_serve_config_is_what_print_config_writes():
+    """serving/serve_config.yaml is `unusual serve --print-config` of the command in its own header."""
+    from unusual.cli import main
+
+    shipped = REPO / "serving" / "serve_config.yaml"
+    [command] = [c for c in yaml_comment_commands(shipped) if "--print-config" in c]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(split_command(command)[1:]) == 0
+    assert yaml.safe_load(out.getvalue()) == load_docs(shipped)[0]
 
 
 # --------------------------------------------------------------------------- the cluster launcher
@@ -532,6 +569,12 @@ def test_aws_launcher_installs_the_project_and_enables_token_auth():
     assert pins == {ray.__version__}, f"cluster/aws.yaml: pins Ray {pins}; the project uses {ray.__version__}"
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         assert "RAY_AUTH_MODE=token" in " ".join(config[key]), f"cluster/aws.yaml: {key} must enable token auth"
+        start = [c for c in config[key] if "ray start" in c]
+        assert start, f"cluster/aws.yaml: {key} has no ray start"
+        for switch in FAST_PATH:  # set before ray start, in the same shell
+            assert all(re.search(rf"\b{switch}=1\b.*ray start", c, re.S) for c in start), (
+                f"cluster/aws.yaml: {key} must set {switch}=1 before ray start (Serve's fast path)"
+            )
     assert "~/.ray/auth_token" in config["file_mounts"], "cluster/aws.yaml: mount the cluster's token on every node"
 
 

@@ -336,6 +336,31 @@ def loopback(host: str) -> bool:
         return False
 
 
+class ModelAppConfig(ServeConfig):
+    """One model's own application in a Serve config file (``unusual.serving.configfile:model_app``):
+    ServeConfig's fields but ``models`` and ``default_model``; ``model`` names it (its route is
+    ``/v1/models/NAME``). Its checkpoint is not an argument but its deployment's ``user_config``, which
+    Serve swaps on the running replicas (a changed argument redeploys the application)."""
+
+    model: str = opt(help="the model's name: its route is /v1/models/NAME", cli=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_model(cls, values):
+        if isinstance(values, dict):
+            if "models" in values or "default_model" in values:
+                raise ValueError(
+                    "a model application serves one model: name it with `model: NAME` and give its checkpoint "
+                    "as its deployment's user_config ({checkpoint: URI}), not `models` / `default_model`"
+                )
+            if isinstance(values.get("model"), str):
+                values = {**values, "models": {values["model"]: USER_CONFIG}}
+        return values
+
+
+USER_CONFIG = "user_config"  # a model application's checkpoint: its deployment's user_config
+
+
 class ServeJob(ServeConfig):
     """Start the Ray Serve endpoint (online JSON + bulk Arrow / Parquet scoring)."""
 
@@ -343,10 +368,13 @@ class ServeJob(ServeConfig):
     port: int = opt(8000, "HTTP port", ge=1, le=65535)
     address: str | None = opt(None, "Ray cluster address (default: RAY_ADDRESS, or start a local Ray)")
     insecure: bool = opt(False, "allow a --host beyond this machine without a token")
+    print_config: bool = opt(
+        False, "print the Serve config file of these flags (serve deploy, a RayService's serveConfigV2) and exit"
+    )
 
     @model_validator(mode="after")
     def _reachable_only_with_a_token(self):
-        if not self.auth_token and not self.insecure and not loopback(self.host):
+        if not self.auth_token and not self.insecure and not self.print_config and not loopback(self.host):
             raise ValueError(
                 f"--host {self.host} is reachable beyond this machine and no token is set: anyone who reaches "
                 f"it could score with your models. Set --token (or ${TOKEN_ENV}), or pass --insecure"
