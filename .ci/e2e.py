@@ -9,7 +9,9 @@
 3. ``ray job submit`` of the training job, then of the batch scoring job and
    the evaluation job, all against the S3 endpoint (and again: no temporary folder left);
 4. the Serve application (``unusual serve --address``) on that cluster, and a
-   real request whose scores must equal the batch job's for the same rows;
+   real request whose scores must equal the batch job's for the same rows; then the same
+   applications from a Serve config file (``unusual serve --print-config``, ``serve deploy``),
+   checked the same way;
 5. the cluster is stopped (the ``ray start --block`` process this script
    started is terminated, which stops every Ray process it launched) and the
    S3 endpoint with it. Exits non-zero on the first failure.
@@ -82,7 +84,7 @@ def stop(p: subprocess.Popen | None) -> None:
 
 def main() -> int:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token"}
-    s3_port, gcs_port, dash_port, serve_port = free_port(), free_port(), free_port(), free_port()
+    s3_port, gcs_port, dash_port, serve_port, config_port = (free_port() for _ in range(5))
     procs: list[subprocess.Popen] = []
     cleanup: list = []
     before = temp_dirs()
@@ -144,6 +146,18 @@ def main() -> int:
         url = f"http://127.0.0.1:{serve_port}"
         wait_http(f"{url}/readyz", 180)
         check_online_equals_batch(url, env)
+        stop(serve)  # it shuts its applications down (serve.shutdown) on SIGTERM
+        procs.remove(serve)
+
+        step("the same applications from a Serve config file: unusual serve --print-config, serve deploy")
+        config = ROOT / "artifacts" / "e2e-serve.yaml"
+        config.write_text(run([str(BIN / "unusual"), "serve", "--print-config", "--checkpoint", f"ae={MODEL}",
+                               "--port", str(config_port)], env))
+        run([str(BIN / "serve"), "deploy", str(config), "--address", dashboard], env)
+        url = f"http://127.0.0.1:{config_port}"
+        wait_http(f"{url}/readyz", 180)
+        check_online_equals_batch(url, env)
+        run([str(BIN / "serve"), "shutdown", "--address", dashboard, "--yes"], env)
         print("\n[e2e] all steps passed", flush=True)
         return 0
     finally:

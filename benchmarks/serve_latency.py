@@ -1,25 +1,42 @@
-"""Online scoring latency: Ray Serve (a minimal app and the project's, fast path off and on) vs a bare
-FastAPI + uvicorn process vs the plain in-process ``Scorer`` loop, in one invocation on one machine.
+"""Online scoring as production deploys it, next to the plain alternative at its best: a minimal FastAPI
+app, the same app doing the Serve application's work, the project's Serve application started by
+``unusual.serving.app.start`` and deployed from its Serve config file, and the plain in-process ``Scorer``
+loop, in one invocation on one machine.
 
-    python benchmarks/serve_latency.py [--servers fastapi,serve-minimal,...] [--seconds 8]
+    python benchmarks/serve_latency.py [--servers minimal,same-work,unusual-fast,config-fast] [--seconds 8]
                                        [--concurrency 1,8,32] [--bulk-rows 1000,100000]
 
 The same AE bundle (trained once on the shipped ``cardio`` data and cached under ``--workdir``) is
-served by, one after the other, each in a subprocess of its own:
+served by, one after the other in the order of ``--servers``, each in a subprocess of its own:
 
-- **fastapi**: one uvicorn worker serving a bare FastAPI app: the request parsing / response encoding
-  of ``unusual.serving.codec`` and one ``Scorer.score_table`` call per request, in Starlette's
-  threadpool (``--fastapi-inline``: in the event loop), torch on ``--fastapi-threads`` threads (1);
-- **serve-minimal** / **serve-minimal-fast**: the bare app's handler moved into one Ray Serve
-  deployment (``@serve.ingress`` of a FastAPI app, 1 replica of 0.25 CPU, no batching, access log off),
-  ``serve.run(..., route_prefix="/")`` on a local Ray started for it;
-- **unusual** / **unusual-fast**: the project's application, ``unusual.serving.app.start(ServeConfig(
-  models={"ae": B}, ...))`` on a local Ray started for it (the config's defaults except
-  ``--max-batch-size`` / ``--max-replicas``).
+- **minimal** (the reference): one uvicorn worker (uvloop and httptools; access log off) serving a minimal
+  FastAPI app that scores in its event loop and answers only the scores: ``json.loads`` of the body
+  ``{"rows": [{column: value, ...}]}``, a float32 matrix in the bundle's feature order with the bundle's
+  own scaling (each column's ``(x - center) / scale`` in float64, clipped to ``±Z_LIMIT``, as
+  ``FeatureSchema.transform`` computes it; numpy, no pyarrow), one ``module.score_terms(x)[0]`` under
+  ``torch.inference_mode()`` on one torch thread, answered as ``{"scores": [...]}`` (stdlib json). A bulk
+  Arrow IPC body is answered with an Arrow stream of one ``anomaly_score`` column;
+- **same-work**: one uvicorn worker serving a bare FastAPI app that does the Serve application's
+  per-request work: the request parsing / response encoding of ``unusual.serving.codec`` and one
+  ``Scorer.score_table`` per request, in the event loop (``--same-work-scoring threadpool``: in
+  Starlette's threadpool), the full answer (scores, flags, top features, model version);
+- **unusual-fast** (and **unusual**, fast path off): the project's application,
+  ``unusual.serving.app.start(ServeConfig(models={"ae": B}, ...))`` on a local Ray started for it (the
+  config's defaults except ``--max-batch-size`` / ``--max-replicas``);
+- **config-fast** (and **config**, fast path off): the config-file deployment: the Serve config that
+  ``unusual serve --print-config --checkpoint ae=B --port P`` prints (``unusual.serving.configfile.
+  config_file`` + ``dump``, the same settings as unusual's, bound to 127.0.0.1), deployed through the
+  dashboard's REST API (``ServeSubmissionClient.deploy_applications``, what ``serve deploy`` and KubeRay
+  do) on a local Ray started for it with its dashboard; one application per model at ``/v1/models/ae``
+  (``unusual-ae``) and the gateway at ``/`` (``/readyz``);
+- **serve-minimal** / **serve-minimal-fast** (not in the default list): same-work's handler moved into one
+  Ray Serve deployment (``@serve.ingress`` of a FastAPI app, 1 replica of 0.25 CPU, no batching, access
+  log off), ``serve.run(..., route_prefix="/")`` on a local Ray started for it.
 
 The ``-fast`` servers switch on Serve's fast path (HAProxy in front of the replicas' own HTTP servers,
 throughput-optimized Serve) with ``unusual.serving.fastpath.configure(True)`` in the server process
-before ``ray.init``; the others call ``configure(False)``.
+before ``ray.init``, so every Ray process inherits it; the other Serve servers call ``configure(False)``.
+Ray's worker logs are not forwarded to the server process (``log_to_driver=False``).
 
 The load is generated per scenario by ``--client``: ``wrk`` (the default where it is on PATH: C, one
 thread, ``wrk -t1 -c<C> -d<seconds>s --latency -s <lua> <url>``, one body per scenario read from a file by
@@ -30,16 +47,20 @@ requests of each ``--bulk-rows`` rows (cardio rows tiled beyond its 1,831) and b
 ``--bulk-json-rows``. Each scenario is a warm-up (``--warmup`` answers, at most ``--warmup-seconds``) and a
 measured phase of ``--seconds``. Recorded per scenario: p50 / p90 / p99 / mean latency, requests/s, rows/s,
 non-200 answers (wrk: non-2xx/3xx and socket errors), the client's CPU seconds and the CPU seconds of the
-server's processes. The plain ``Scorer(bundle).score_table`` loop over the same bulk tables runs
-in a subprocess before and after the servers: the denominator of the bulk ratios.
+server's processes (per kind of process; for the Serve servers also the model replicas running). The plain
+``Scorer(bundle).score_table`` loop over the same bulk tables runs in a subprocess before and after the
+servers: the denominator of the bulk ratios.
 
-Ratios (JSON and table): single rows, req/s and p99 ÷ fastapi's at the same concurrency (targets
->= 0.6 and <= 2.5); bulk, rows/s ÷ the Scorer loop's at the same rows (target >= 0.3).
+Ratios (JSON ``ratios`` and ``targets_met``, and the table): single rows, req/s and p99 ÷ the **minimal**
+app's at the same concurrency, with the issue's targets for ``unusual-fast`` and ``config-fast``: req/s
+ratio >= 0.5 and p99 ratio <= 3.0 at every concurrency; bulk Arrow, rows/s ÷ the Scorer loop's at the same
+rows (target >= 0.3).
 
 Before the load, 1,000 cardio rows are scored through each endpoint (bulk Arrow and JSON, and 200
 of them as concurrent single-row requests) and compared with an in-process ``Scorer`` on the same
-rows; the batch job (``unusual.ray_jobs.score``) scores the same rows once more (``--skip-batch-job``).
-Written to ``benchmarks/results/serve_latency.json``; a markdown table is printed at the end.
+rows (scores, flags and top features; for minimal, which answers only the scores, the scores); the
+batch job (``unusual.ray_jobs.score``) scores the same rows once more (``--skip-batch-job``).
+Written to ``benchmarks/results/serve_latency.json`` (``--out``); a markdown table is printed at the end.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the routes' signatures (``request: Request``)
@@ -73,23 +94,37 @@ from harness import MIB, environment, loadavg, psutil_module  # noqa: E402
 MODEL = "ae"
 ROUTE = f"/v1/models/{MODEL}/score"
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
-# name -> (application, fast path); None: the bare FastAPI process
+# name -> (what serves, fast path). A bare uvicorn process ("minimal", "same-work"; fast path None) or a
+# Serve application on a local Ray started for it ("serve-minimal", "unusual", "config") with the fast path
+# off / on.
 SERVERS = {
-    "fastapi": None,
-    "serve-minimal": ("minimal", False),
-    "serve-minimal-fast": ("minimal", True),
+    "minimal": ("minimal", None),
+    "same-work": ("same-work", None),
+    "serve-minimal": ("serve-minimal", False),
+    "serve-minimal-fast": ("serve-minimal", True),
     "unusual": ("unusual", False),
     "unusual-fast": ("unusual", True),
+    "config": ("config", False),
+    "config-fast": ("config", True),
 }
+BARE = ("minimal", "same-work")  # no Ray: a uvicorn process
+SERVE_APPS = ("serve-minimal", "unusual", "config")
+DEFAULT_SERVERS = ("minimal", "same-work", "unusual-fast", "config-fast")
+ALIASES = {"fastapi": "same-work"}  # the earlier name of same-work
+REFERENCE = "minimal"  # the single-row ratios' denominator
+TARGET_SERVERS = ("unusual-fast", "config-fast")  # the servers the single-row targets are for
 KINDS = ("single", "bulk-json", "bulk-arrow")
 MINIMAL_APP, MINIMAL_DEPLOYMENT = "minimal", "score"
-# A model replica's process title holds all of these (``ray::ServeReplica:<app>:<deployment>``); the
-# project's application names its apps and deployments as it likes, its model deployment is model-<name>.
-REPLICA_MATCH = {"minimal": ("ServeReplica:", f"{MINIMAL_APP}:{MINIMAL_DEPLOYMENT}"),
-                 "unusual": ("ServeReplica:", f"model-{MODEL}")}
+# The Serve application a config file (unusual.serving.configfile.config_file, name "unusual") and
+# unusual.serving.app.start give the model: "<name>-<model>", its deployment "model-<model>".
+MODEL_APP = f"unusual-{MODEL}"
+# A model replica's process title holds all of these (``ray::ServeReplica:<app>:<deployment>``).
+REPLICA_MATCH = {"serve-minimal": ("ServeReplica:", f"{MINIMAL_APP}:{MINIMAL_DEPLOYMENT}"),
+                 "unusual": ("ServeReplica:", f"{MODEL_APP}:model-{MODEL}"),
+                 "config": ("ServeReplica:", f"{MODEL_APP}:model-{MODEL}")}
 TARGETS = {  # the issue's targets
-    "single_req_per_s_vs_fastapi_min": 0.6,
-    "single_p99_vs_fastapi_max": 2.5,
+    "single_req_per_s_vs_minimal_min": 0.5,
+    "single_p99_vs_minimal_max": 3.0,
     "bulk_arrow_rows_per_s_vs_scorer_loop_min": 0.3,
 }
 GENERATOR = "serve-v1"  # bump when the bundle recipe changes, so the cached bundle is retrained
@@ -255,10 +290,12 @@ def minimal_app(bundle: str, threads: int):
 
 
 def serve_worker(argv: list[str]) -> int:
-    """``serve_latency.py _serve --app unusual|minimal --fast 0|1 --bundle B --port P``: a Serve application
-    on a local Ray, until SIGTERM."""
+    """``serve_latency.py _serve --app unusual|config|serve-minimal --fast 0|1 --bundle B --port P``: a Serve
+    application on a local Ray, until SIGTERM. ``unusual``: ``unusual.serving.app.start``; ``config``: the
+    Serve config file of ``unusual serve --print-config`` (``unusual.serving.configfile``) deployed through the
+    dashboard's REST API, as ``serve deploy`` and KubeRay deploy it; ``serve-minimal``: :func:`minimal_app`."""
     p = argparse.ArgumentParser(prog="serve_latency.py _serve")
-    p.add_argument("--app", choices=("unusual", "minimal"), required=True)
+    p.add_argument("--app", choices=SERVE_APPS, required=True)
     p.add_argument("--fast", type=int, choices=(0, 1), required=True)
     p.add_argument("--bundle", required=True)
     p.add_argument("--port", type=int, required=True)
@@ -266,6 +303,7 @@ def serve_worker(argv: list[str]) -> int:
     p.add_argument("--max-batch-size", type=int)
     p.add_argument("--max-replicas", type=int)
     p.add_argument("--ready-timeout", type=float, default=120)
+    p.add_argument("--config-out", help="config: where to write the Serve config file (default: a temporary one)")
     a = p.parse_args(argv)
 
     # The fast path's variables must be in this process's environment before Ray starts: every Ray
@@ -279,12 +317,17 @@ def serve_worker(argv: list[str]) -> int:
     from ray import serve
 
     from unusual.config import ServeConfig
+    from unusual.runtime import free_port
 
     # address="local": a Ray of its own even when another one runs on this machine (a bare ray.init()
     # joins the latest cluster started here, and serve.shutdown() would then end someone else's apps).
     # log_to_driver=False: replica logs stay in Ray's log files (as in a deployed cluster) instead of being
     # forwarded to this process's stderr, which would cost CPU in this driver on a 2-core machine.
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    # The config file is deployed through the dashboard (its REST API: `serve deploy`, KubeRay); the other
+    # applications run without one.
+    dashboard = {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": free_port()} \
+        if a.app == "config" else {"include_dashboard": False}
+    ctx = ray.init(address="local", num_cpus=os.cpu_count(), log_to_driver=False, **dashboard)
     # After ray.init: its core worker installs a SIGTERM handler of its own that aborts the process
     # (exit -6) without shutting Serve down and leaves Ray's agents running.
     stop = threading.Event()
@@ -292,13 +335,32 @@ def serve_worker(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     info = {"app": a.app, "fast_path_requested": bool(a.fast), "fast_path": fast_on, "fast_path_line": fast_line,
             "fast_path_env": {k: os.environ.get(k) for k in fastpath.SWITCHES},
-            "ray": ray.__version__, "num_cpus": os.cpu_count(), "log_to_driver": False}
+            "ray": ray.__version__, "num_cpus": os.cpu_count(), "log_to_driver": False,
+            "dashboard": a.app == "config"}
+    overrides = {k: v for k, v in (("max_batch_size", a.max_batch_size), ("max_replicas", a.max_replicas)) if v}
     try:
-        if a.app == "unusual":
+        if a.app == "config":
+            import yaml
+            from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+            from unusual.serving.configfile import config_file, dump
+
+            settings = ServeConfig(models={MODEL: a.bundle}, **overrides)
+            info["settings"] = settings.model_dump()
+            # `unusual serve --print-config --checkpoint ae=B --port P` (the same settings as unusual), bound to
+            # the loopback here instead of its 0.0.0.0.
+            text = dump(config_file(settings, host="127.0.0.1", port=a.port))
+            dashboard_url = "http://" + ctx.dashboard_url
+            info.update(config_file=a.config_out, config_yaml=text, dashboard_url=dashboard_url,
+                        deployed_with="ServeSubmissionClient(dashboard).deploy_applications (as `serve deploy`)")
+            if a.config_out:
+                Path(a.config_out).write_text(text)
+            ServeSubmissionClient(dashboard_url).deploy_applications(yaml.safe_load(text))
+            if not _wait_http(f"http://127.0.0.1:{a.port}/readyz", a.ready_timeout):
+                print(f"/readyz did not answer 200 within {a.ready_timeout:.0f} s", file=sys.stderr, flush=True)
+                return 1
+        elif a.app == "unusual":
             from unusual.serving.app import start
 
-            overrides = {k: v for k, v in (("max_batch_size", a.max_batch_size), ("max_replicas", a.max_replicas))
-                         if v}
             settings = ServeConfig(models={MODEL: a.bundle}, **overrides)
             info["settings"] = settings.model_dump()
             t0 = time.time()
@@ -338,14 +400,16 @@ def serve_worker(argv: list[str]) -> int:
     return 0
 
 
-def fastapi_worker(argv: list[str]) -> int:
-    """``serve_latency.py _fastapi --bundle B --port P``: a bare FastAPI app in one uvicorn worker."""
-    p = argparse.ArgumentParser(prog="serve_latency.py _fastapi")
+def same_work_worker(argv: list[str]) -> int:
+    """``serve_latency.py _same_work --bundle B --port P``: a bare FastAPI app in one uvicorn worker doing the
+    Serve application's per-request work (:func:`score_request`)."""
+    p = argparse.ArgumentParser(prog="serve_latency.py _same_work")
     p.add_argument("--bundle", required=True)
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    p.add_argument("--inline", action="store_true", help="score in the event loop instead of the threadpool")
+    p.add_argument("--threadpool", action="store_true", help="score in Starlette's threadpool, not the event loop")
     a = p.parse_args(argv)
+    inline = not a.threadpool
 
     import torch
     import uvicorn
@@ -368,17 +432,106 @@ def fastapi_worker(argv: list[str]) -> int:
     # serving machinery differs.
     @app.post("/v1/score")
     async def score_default(request: Request):
-        return await score_request(scorer, MODEL, request, a.inline)
+        return await score_request(scorer, MODEL, request, inline)
 
     @app.post("/v1/models/{name}/score")
     async def score_model(name: str, request: Request):
-        return await score_request(scorer, name, request, a.inline)
+        return await score_request(scorer, name, request, inline)
 
-    info = {"torch_threads": torch.get_num_threads(), "scoring": "inline" if a.inline else "threadpool",
+    info = {"torch_threads": torch.get_num_threads(), "scoring": "inline" if inline else "threadpool",
             "uvicorn": uvicorn.__version__, "workers": 1, "access_log": True}
     print("INFO " + json.dumps(info), flush=True)
     # uvicorn's defaults (access log on); it handles SIGTERM itself.
     uvicorn.run(app, host="127.0.0.1", port=a.port, workers=1)
+    return 0
+
+
+def minimal_worker(argv: list[str]) -> int:
+    """``serve_latency.py _minimal --bundle B --port P``: the plain alternative at its best, a minimal FastAPI
+    app in one uvicorn worker that scores in its event loop and answers only the scores.
+
+    JSON (``{"rows": [{column: value, ...}, ...]}``): ``json.loads`` the body, a float64 matrix of the rows in
+    the bundle's feature order, the bundle's own scaling (``(x - center) / scale`` of each column, clipped to
+    ``±Z_LIMIT``, as ``FeatureSchema.transform`` computes it) stored as float32, one
+    ``module.score_terms(x)[0]`` under ``torch.inference_mode()``; answers ``{"scores": [...]}`` (stdlib json).
+    An Arrow IPC stream body: the same from its columns, answering an Arrow stream of one ``anomaly_score``
+    column. A bundle with categorical columns is encoded by ``scorer.schema.transform`` instead (cardio has
+    none). No checks beyond what a KeyError or ValueError gives (422)."""
+    p = argparse.ArgumentParser(prog="serve_latency.py _minimal")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--access-log", action="store_true", help="uvicorn's access log (off: the least work)")
+    a = p.parse_args(argv)
+
+    import torch
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from fastapi.responses import Response
+    from unusual.models import Scorer
+    from unusual.models.features import Z_LIMIT
+
+    torch.set_num_threads(a.threads)
+    bundle = Scorer(a.bundle, stream=False).bundle  # loads the bundle: its module (in eval mode) and schema
+    module, schema = bundle.module, bundle.schema
+    names = [c.name for c in schema.columns]
+    numeric = all(c.kind == "numeric" for c in schema.columns)
+    center = np.array([c.center for c in schema.columns], dtype=np.float64)
+    scale = np.array([c.scale for c in schema.columns], dtype=np.float64)
+
+    def scaled(x: np.ndarray) -> np.ndarray:  # float64 (rows, columns) -> the model's float32 input
+        np.subtract(x, center, out=x)
+        np.divide(x, scale, out=x)
+        return np.clip(x, -Z_LIMIT, Z_LIMIT, out=x).astype(np.float32)
+
+    def from_rows(rows: list) -> np.ndarray:
+        if not numeric:
+            return schema.transform(pa.Table.from_pylist(rows))[0]
+        return scaled(np.array([[r[n] for n in names] for r in rows], dtype=np.float64))
+
+    def from_arrow(body: bytes) -> np.ndarray:
+        table = ipc.open_stream(body).read_all()
+        if not numeric:
+            return schema.transform(table)[0]
+        x = np.empty((table.num_rows, len(names)), dtype=np.float64)
+        for j, n in enumerate(names):
+            x[:, j] = table.column(n).to_numpy()
+        return scaled(x)
+
+    def score(x: np.ndarray) -> torch.Tensor:
+        with torch.inference_mode():
+            return module.score_terms(torch.from_numpy(x))[0]
+
+    app = FastAPI(title="unusual-minimal")
+
+    @app.get("/readyz")
+    def readyz():
+        return {"status": "ready"}
+
+    @app.post("/v1/models/{name}/score")
+    async def score_model(name: str, request: Request):
+        if name != MODEL:
+            return Response(b'{"error":"no such model"}', status_code=404, media_type="application/json")
+        body = await request.body()
+        try:
+            if request.headers.get("content-type", "").startswith(ARROW_STREAM):
+                s = score(from_arrow(body)).double().numpy()
+                sink = pa.BufferOutputStream()
+                out = pa.table({"anomaly_score": s})
+                with ipc.new_stream(sink, out.schema) as w:
+                    w.write_table(out)
+                return Response(sink.getvalue().to_pybytes(), media_type=ARROW_STREAM)
+            s = score(from_rows(json.loads(body)["rows"])).tolist()
+        except (KeyError, TypeError, ValueError, pa.ArrowException) as e:
+            return Response(json.dumps({"error": repr(e)}).encode(), status_code=422, media_type="application/json")
+        return Response(json.dumps({"scores": s}, separators=(",", ":")).encode(), media_type="application/json")
+
+    info = {"torch_threads": torch.get_num_threads(), "scoring": "inline", "uvicorn": uvicorn.__version__,
+            "workers": 1, "access_log": a.access_log, "encoding": "numpy" if numeric else "schema.transform",
+            "z_limit": Z_LIMIT, "answer": "scores only"}
+    print("INFO " + json.dumps(info), flush=True)
+    # it handles SIGTERM itself; uvloop and httptools where installed (uvicorn's "auto")
+    uvicorn.run(app, host="127.0.0.1", port=a.port, workers=1, access_log=a.access_log, log_level="warning")
     return 0
 
 
@@ -473,7 +626,8 @@ def load_worker(argv: list[str]) -> int:
         try:
             if a.kind == "bulk-arrow":
                 return ipc.open_stream(data).read_all().num_rows == rows_per
-            return len(json.loads(data)["rows"]) == rows_per
+            body = json.loads(data)
+            return len(body["rows"] if "rows" in body else body["scores"]) == rows_per
         except Exception:  # noqa: BLE001
             return False
 
@@ -580,7 +734,9 @@ class Server:
 
     def __init__(self, name: str, cmd: list[str], port: int, env: dict):
         self.name, self.cmd, self.port, self.env = name, cmd, port, env
-        self.app = SERVERS[name][0] if SERVERS[name] else None  # minimal / unusual; None: the bare process
+        kind = SERVERS[name][0]
+        self.app = kind if kind in SERVE_APPS else None  # the Serve application; None: a bare uvicorn process
+        self.scores_only = kind == "minimal"  # answers only the scores
         self.url = f"http://127.0.0.1:{port}"
         self.psutil = psutil_module()
         self.out = tempfile.TemporaryFile("w+")
@@ -765,7 +921,8 @@ def run_scenario(server: Server, args, kind: str, conc: int, rows: int, env: dic
 WRK_TIMEOUT_S = 60  # wrk's own default is 2 s: a slow answer would count as a timeout, not as latency
 # The Lua script of a wrk run: POSTs the one body in BODY_PATH; done() prints one JSON line (WRK_TAG ...).
 # With LIMIT > 0 (the warm-up), response() checks a sample of the answers (JSON: one "anomaly_score" per row
-# sent; Arrow: an IPC stream, 0xFFFFFFFF first) and after LIMIT answers prints WARMED and stops the thread.
+# sent, or with SCORES_ONLY a {"scores":[...]} of as many numbers; Arrow: an IPC stream, 0xFFFFFFFF first)
+# and after LIMIT answers prints WARMED and stops the thread.
 WRK_TAG = "WRKJSON "
 WRK_WARMED = "WRKWARMED"  # printed by the warm-up's script once it has its answers; the harness then SIGINTs wrk
 WRK_LUA = r"""-- written by benchmarks/serve_latency.py
@@ -789,6 +946,9 @@ if LIMIT > 0 then
       local good
       if KIND == "bulk-arrow" then
         good = #body > 8 and body:sub(1, 4) == "\255\255\255\255"
+      elseif SCORES_ONLY then
+        local inner = body:match('^{"scores":%[(.*)%]}$')
+        good = inner ~= nil and select(2, inner:gsub(",", "")) + 1 == ROWS
       else
         local _, n = body:gsub('"anomaly_score"', "")
         good = n == ROWS
@@ -904,7 +1064,7 @@ def run_scenario_wrk(server: Server, args, kind: str, conc: int, rows: int) -> d
             path = Path(tmp) / f"load-{limit}.lua"
             head = (f"BODY_PATH = {json.dumps(str(body_path))}\nCTYPE = {json.dumps(ctype)}\n"
                     f"KIND = {json.dumps(kind)}\nROWS = {rows_per}\nLIMIT = {limit}\nTAG = {json.dumps(WRK_TAG)}\n"
-                    f"WARMED = {json.dumps(WRK_WARMED)}\n")
+                    f"WARMED = {json.dumps(WRK_WARMED)}\nSCORES_ONLY = {str(server.scores_only).lower()}\n")
             path.write_text(head + WRK_LUA)
             return str(path)
 
@@ -1090,24 +1250,30 @@ def _post(url: str, body: bytes, ctype: str, timeout: float = 120) -> tuple[int,
         return e.code, e.read()
 
 
-def _compare(ref: pa.Table, scores, flags, top) -> dict:
+def _compare(ref: pa.Table, scores, flags=None, top=None) -> dict:
+    """Scores (and, where the server answers them, flags and top features) vs the in-process Scorer's
+    ``ref``; a comparison not made is None."""
     exp = ref.column("anomaly_score").to_numpy()
     got = np.asarray(scores, dtype=np.float64)
-    exp_top = [[f["feature"] for f in r] for r in ref.column("top_features").to_pylist()]
-    got_top = [[f["feature"] for f in r] for r in top]
     diff = np.abs(got - exp)
-    return {
+    out = {
         "rows": int(len(got)),
         "max_abs_diff": float(diff.max()) if diff.size else None,
         "max_rel_diff": float((diff / np.maximum(np.abs(exp), 1e-12)).max()) if diff.size else None,
-        "is_anomaly_equal": list(flags) == ref.column("is_anomaly").to_pylist(),
-        "top_feature_names_equal": got_top == exp_top,
+        "is_anomaly_equal": None if flags is None else list(flags) == ref.column("is_anomaly").to_pylist(),
+        "top_feature_names_equal": None,
     }
+    if top is not None:
+        exp_top = [[f["feature"] for f in r] for r in ref.column("top_features").to_pylist()]
+        out["top_feature_names_equal"] = [[f["feature"] for f in r] for r in top] == exp_top
+    return out
 
 
-def equality_check(url: str, ref: pa.Table, rows: pa.Table, singles: int, conc: int) -> dict:
+def equality_check(url: str, ref: pa.Table, rows: pa.Table, singles: int, conc: int,
+                   scores_only: bool = False) -> dict:
     """The endpoint's scores for ``rows`` (bulk Arrow, bulk JSON, ``singles`` single-row requests sent
-    ``conc`` at a time, so that Serve batches them) vs the in-process Scorer's ``ref``."""
+    ``conc`` at a time, so that Serve batches them) vs the in-process Scorer's ``ref``. ``scores_only``
+    (the minimal app): the answers hold only the scores, and only they are compared."""
     from concurrent.futures import ThreadPoolExecutor
 
     res: dict = {}
@@ -1117,17 +1283,24 @@ def equality_check(url: str, ref: pa.Table, rows: pa.Table, singles: int, conc: 
     status, data = _post(url + ROUTE, sink.getvalue().to_pybytes(), ARROW_STREAM)
     if status == 200:
         out = ipc.open_stream(data).read_all()
-        res["bulk_arrow"] = _compare(ref, out.column("anomaly_score").to_numpy(),
-                                     out.column("is_anomaly").to_pylist(), out.column("top_features").to_pylist())
-        res["bulk_arrow"]["model_version"] = out.column("model_version")[0].as_py()
+        if scores_only:
+            res["bulk_arrow"] = _compare(ref, out.column("anomaly_score").to_numpy())
+        else:
+            res["bulk_arrow"] = _compare(ref, out.column("anomaly_score").to_numpy(),
+                                         out.column("is_anomaly").to_pylist(), out.column("top_features").to_pylist())
+            res["bulk_arrow"]["model_version"] = out.column("model_version")[0].as_py()
     else:
         res["bulk_arrow"] = {"error": f"{status}: {data[:300]!r}"}
     status, data = _post(url + ROUTE, json.dumps({"rows": rows.to_pylist()}).encode(), "application/json")
     if status == 200:
         body = json.loads(data)
-        res["bulk_json"] = _compare(ref, [r["anomaly_score"] for r in body["rows"]],
-                                    [r["is_anomaly"] for r in body["rows"]], [r["top_features"] for r in body["rows"]])
-        res["bulk_json"]["model_version"] = body["model_version"]
+        if scores_only:
+            res["bulk_json"] = _compare(ref, body["scores"])
+        else:
+            res["bulk_json"] = _compare(ref, [r["anomaly_score"] for r in body["rows"]],
+                                        [r["is_anomaly"] for r in body["rows"]],
+                                        [r["top_features"] for r in body["rows"]])
+            res["bulk_json"]["model_version"] = body["model_version"]
     else:
         res["bulk_json"] = {"error": f"{status}: {data[:300]!r}"}
     one = rows.slice(0, singles).to_pylist()
@@ -1140,6 +1313,9 @@ def equality_check(url: str, ref: pa.Table, rows: pa.Table, singles: int, conc: 
     bad = [s for s, _ in answers if s != 200]
     if bad:
         res["single_rows"] = {"error": f"{len(bad)} of {len(one)} requests failed, e.g. {answers[0][1][:300]!r}"}
+    elif scores_only:
+        res["single_rows"] = _compare(ref.slice(0, singles), [json.loads(d)["scores"][0] for _, d in answers])
+        res["single_rows"]["concurrency"] = conc
     else:
         got = [json.loads(d)["rows"][0] for _, d in answers]
         res["single_rows"] = _compare(ref.slice(0, singles), [g["anomaly_score"] for g in got],
@@ -1159,7 +1335,7 @@ def score_problems(chk: dict) -> list[str]:
             problems.append(f"{k}: max |diff| {v['max_abs_diff']:.3g} >= {BULK_TOLERANCE:g}")
         if k == "single_rows" and not v["max_rel_diff"] < SINGLE_REL_TOLERANCE:
             problems.append(f"{k}: max relative diff {v['max_rel_diff']:.3g} >= {SINGLE_REL_TOLERANCE:g}")
-        if not v["is_anomaly_equal"]:
+        if v["is_anomaly_equal"] is False:  # None: not answered (the minimal app)
             problems.append(f"{k}: is_anomaly differs")
     return problems
 
@@ -1259,25 +1435,27 @@ def _div(a, b):
 
 def ratios(record: dict) -> list[dict]:
     """Every server's scenarios against the references measured in this invocation: single rows, req/s,
-    p50 and p99 ÷ fastapi's at the same concurrency; bulk, rows/s ÷ the Scorer loop's at the same rows
-    (and ÷ fastapi's). Each with whether it meets the issue's target (None: no reference)."""
-    fa = {_key(s): s for s in record["servers"].get("fastapi", {}).get("scenarios", []) if "error" not in s}
+    p50 and p99 ÷ the minimal app's (:data:`REFERENCE`) at the same concurrency; bulk, rows/s ÷ the Scorer
+    loop's at the same rows. Each with whether it meets the issue's target: single rows for
+    :data:`TARGET_SERVERS` only, bulk Arrow for every server (None: no target or no reference)."""
+    ref = {_key(s): s for s in record["servers"].get(REFERENCE, {}).get("scenarios", []) if "error" not in s}
     loop = record.get("scorer_loop", {}).get("rows_per_s", {})
     out = []
     for name, srv in record["servers"].items():
         for s in srv.get("scenarios", []):
             if "error" in s:
                 continue
-            f = fa.get(_key(s), {})
+            f = ref.get(_key(s), {})
             r = {"server": name, "kind": s["kind"], "rows": s["rows_per_request"], "concurrency": s["concurrency"],
-                 "req_per_s_vs_fastapi": _div(s["req_per_s"], f.get("req_per_s")),
-                 "p50_vs_fastapi": _div(s["p50_ms"], f.get("p50_ms")),
-                 "p99_vs_fastapi": _div(s["p99_ms"], f.get("p99_ms"))}
+                 "req_per_s_vs_minimal": _div(s["req_per_s"], f.get("req_per_s")),
+                 "p50_vs_minimal": _div(s["p50_ms"], f.get("p50_ms")),
+                 "p99_vs_minimal": _div(s["p99_ms"], f.get("p99_ms"))}
             meets = None
             if s["kind"] == "single":
-                if name != "fastapi" and r["req_per_s_vs_fastapi"] is not None and r["p99_vs_fastapi"] is not None:
-                    meets = (r["req_per_s_vs_fastapi"] >= TARGETS["single_req_per_s_vs_fastapi_min"]
-                             and r["p99_vs_fastapi"] <= TARGETS["single_p99_vs_fastapi_max"])
+                if name in TARGET_SERVERS and r["req_per_s_vs_minimal"] is not None \
+                        and r["p99_vs_minimal"] is not None:
+                    meets = (r["req_per_s_vs_minimal"] >= TARGETS["single_req_per_s_vs_minimal_min"]
+                             and r["p99_vs_minimal"] <= TARGETS["single_p99_vs_minimal_max"])
             else:
                 r["rows_per_s_vs_scorer_loop"] = _div(s["rows_per_s"], loop.get(str(s["rows_per_request"])))
                 if s["kind"] == "bulk-arrow" and r["rows_per_s_vs_scorer_loop"] is not None:
@@ -1285,6 +1463,23 @@ def ratios(record: dict) -> list[dict]:
             r["meets_target"] = meets
             s["ratios"] = {k: v for k, v in r.items() if k not in ("server", "kind", "rows", "concurrency")}
             out.append(r)
+    return out
+
+
+def target_summary(record: dict) -> dict:
+    """The single-row targets per target server: met at every concurrency measured (None: not measured)."""
+    out = {}
+    for name in TARGET_SERVERS:
+        rs = [r for r in record.get("ratios", []) if r["server"] == name and r["kind"] == "single"]
+        if name not in record["servers"]:
+            continue
+        verdicts = [r["meets_target"] for r in rs]
+        out[name] = {
+            "single_rows_met": None if not rs or None in verdicts else all(verdicts),
+            "by_concurrency": {str(r["concurrency"]): {k: r[k] for k in
+                                                       ("req_per_s_vs_minimal", "p99_vs_minimal", "meets_target")}
+                               for r in rs},
+        }
     return out
 
 
@@ -1301,7 +1496,7 @@ def _what(s: dict) -> str:
 def _fast_label(srv: dict) -> str:
     info = srv.get("info") or {}
     if "fast_path" not in info:
-        return "" if srv.get("app") is None else "?"
+        return "" if srv.get("app") in BARE else "?"
     on = "on" if info["fast_path"] else "off"
     if info["fast_path"] != info.get("fast_path_requested"):
         on += " (asked " + ("on" if info.get("fast_path_requested") else "off") + ")"
@@ -1312,8 +1507,8 @@ def markdown(record: dict) -> str:
     t = TARGETS
     lines = [
         f"| server | fast path | requests | conc | n | non-200 | req/s | rows/s | p50 ms | p99 ms | "
-        f"server CPU ms/req | req/s ÷ fastapi (≥ {t['single_req_per_s_vs_fastapi_min']}) | "
-        f"p99 ÷ fastapi (≤ {t['single_p99_vs_fastapi_max']}) | "
+        f"server CPU ms/req | req/s ÷ minimal (≥ {t['single_req_per_s_vs_minimal_min']}) | "
+        f"p99 ÷ minimal (≤ {t['single_p99_vs_minimal_max']}) | "
         f"rows/s ÷ Scorer loop (≥ {t['bulk_arrow_rows_per_s_vs_scorer_loop_min']}) | target |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, srv in record["servers"].items():
@@ -1331,8 +1526,8 @@ def markdown(record: dict) -> str:
                 f"| {name} | {fast} | {_what(s)} | {s['concurrency']} | {s['requests']} | {s['errors']} | "
                 f"{s['req_per_s']:,.1f} | {s['rows_per_s']:,.0f} | {_fmt(s['p50_ms'], '.1f')} | "
                 f"{_fmt(s['p99_ms'], '.1f')} | {s['server_cpu_ms_per_request']:.1f} | "
-                f"{_fmt(r.get('req_per_s_vs_fastapi') if s['kind'] == 'single' else None, '.2f')} | "
-                f"{_fmt(r.get('p99_vs_fastapi') if s['kind'] == 'single' else None, '.2f')} | "
+                f"{_fmt(r.get('req_per_s_vs_minimal') if s['kind'] == 'single' else None, '.2f')} | "
+                f"{_fmt(r.get('p99_vs_minimal') if s['kind'] == 'single' else None, '.2f')} | "
                 f"{_fmt(r.get('rows_per_s_vs_scorer_loop'), '.2f')} | {meets} |")
     loop = record.get("scorer_loop") or {}
     if loop.get("rows_per_s"):
@@ -1366,9 +1561,10 @@ def markdown(record: dict) -> str:
             if "error" in v:
                 lines.append(f"  - {k}: {v['error']}")
             else:
+                extra = "scores only" if v["is_anomaly_equal"] is None else (
+                    f"is_anomaly equal {v['is_anomaly_equal']}, top features equal {v['top_feature_names_equal']}")
                 lines.append(f"  - {k} vs in-process Scorer: {v['rows']} rows, max |diff| {v['max_abs_diff']:.3g} "
-                             f"(relative {v['max_rel_diff']:.3g}), is_anomaly equal {v['is_anomaly_equal']}, "
-                             f"top features equal {v['top_feature_names_equal']}")
+                             f"(relative {v['max_rel_diff']:.3g}), {extra}")
     b = record.get("batch_job_check")
     if b:
         if "max_abs_diff" in b:
@@ -1377,6 +1573,12 @@ def markdown(record: dict) -> str:
                          f"({b['wall_seconds']} s)")
         else:
             lines.append(f"- batch job: {b.get('skipped') or b.get('error')}")
+    for name, v in (record.get("targets_met") or {}).items():
+        per = ", ".join(f"c={c}: {x['req_per_s_vs_minimal']} / {x['p99_vs_minimal']}"
+                        for c, x in v["by_concurrency"].items())
+        verdict = {True: "met", False: "**not met**", None: "not measured"}[v["single_rows_met"]]
+        lines.append(f"- single-row targets of {name} (req/s ÷ minimal ≥ {TARGETS['single_req_per_s_vs_minimal_min']}, "
+                     f"p99 ÷ minimal ≤ {TARGETS['single_p99_vs_minimal_max']}): {verdict} ({per})")
     st = record.get("settings", {})
     lines.append(f"- load generator: {st.get('client', 'aiohttp')}" + (f" ({st['wrk']})" if st.get("wrk") else ""))
     lines.append(f"- load average: start {record.get('load_average_start')}, end {record.get('load_average_end')}; "
@@ -1398,14 +1600,18 @@ def _csv_ints(s: str) -> list[int]:
 
 def server_cmd(name: str, args, bundle: Path, port: int) -> list[str]:
     script = str(Path(__file__).resolve())
-    spec = SERVERS[name]
-    if spec is None:
-        return [sys.executable, script, "_fastapi", "--bundle", str(bundle), "--port", str(port),
-                "--threads", str(args.fastapi_threads)] + (["--inline"] if args.fastapi_inline else [])
-    app, fast = spec
+    app, fast = SERVERS[name]
+    bare = ["--bundle", str(bundle), "--port", str(port), "--threads", str(args.bare_threads)]
+    if app == "minimal":
+        return [sys.executable, script, "_minimal", *bare] + (["--access-log"] if args.minimal_access_log else [])
+    if app == "same-work":
+        return [sys.executable, script, "_same_work", *bare] + (
+            ["--threadpool"] if args.same_work_scoring == "threadpool" else [])
     cmd = [sys.executable, script, "_serve", "--app", app, "--fast", str(int(fast)), "--bundle", str(bundle),
-           "--port", str(port), "--threads", str(args.fastapi_threads), "--ready-timeout", str(args.ready_timeout)]
-    if app == "unusual":
+           "--port", str(port), "--threads", str(args.bare_threads), "--ready-timeout", str(args.ready_timeout)]
+    if app == "config" and args.config_out:
+        cmd += ["--config-out", f"{args.config_out}.{name}.yaml"]
+    if app in ("unusual", "config"):
         for flag, v in (("--max-batch-size", args.max_batch_size), ("--max-replicas", args.max_replicas)):
             if v:
                 cmd += [flag, str(v)]
@@ -1428,13 +1634,14 @@ def scenario_list(args) -> list[tuple[str, int, int]]:
 
 
 def main() -> int:
-    workers = {"_serve": serve_worker, "_fastapi": fastapi_worker, "_load": load_worker, "_batch": batch_worker,
-               "_scorer": scorer_worker}
+    workers = {"_serve": serve_worker, "_same_work": same_work_worker, "_minimal": minimal_worker,
+               "_load": load_worker, "_batch": batch_worker, "_scorer": scorer_worker}
     if len(sys.argv) > 1 and sys.argv[1] in workers:
         return workers[sys.argv[1]](sys.argv[2:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--servers", default=",".join(SERVERS),
-                   help=f"comma list of {', '.join(SERVERS)} (measured in this order; default all)")
+    p.add_argument("--servers", default=",".join(DEFAULT_SERVERS),
+                   help=f"comma list of {', '.join(SERVERS)} (measured in the order given; default "
+                        f"{','.join(DEFAULT_SERVERS)}); the single-row ratios need {REFERENCE}")
     p.add_argument("--client", choices=("aiohttp", "wrk"), default="wrk" if shutil.which("wrk") else "aiohttp",
                    help="load generator: wrk (C, one thread; the default where `wrk` is on PATH) or aiohttp "
                         "(Python, one event loop)")
@@ -1456,11 +1663,16 @@ def main() -> int:
     p.add_argument("--bulk-warmup", type=int, default=3, help="unrecorded bulk requests first")
     p.add_argument("--scorer-repeats", type=int, default=3, help="repeats of the plain Scorer loop per size")
     p.add_argument("--scorer-seconds", type=float, default=1.0, help="seconds per repeat of the Scorer loop")
-    p.add_argument("--max-batch-size", type=int, help="ServeConfig.max_batch_size of unusual (default: the app's)")
-    p.add_argument("--max-replicas", type=int, help="ServeConfig.max_replicas of unusual (default: the app's)")
-    p.add_argument("--fastapi-threads", type=int, default=1,
-                   help="torch threads of the FastAPI server and of the minimal Serve replica")
-    p.add_argument("--fastapi-inline", action="store_true", help="score in the event loop, not the threadpool")
+    p.add_argument("--max-batch-size", type=int,
+                   help="ServeConfig.max_batch_size of unusual and config (default: the app's)")
+    p.add_argument("--max-replicas", type=int,
+                   help="ServeConfig.max_replicas of unusual and config (default: the app's)")
+    p.add_argument("--bare-threads", "--fastapi-threads", dest="bare_threads", type=int, default=1,
+                   help="torch threads of minimal, same-work and the serve-minimal replica")
+    p.add_argument("--same-work-scoring", choices=("inline", "threadpool"), default="inline",
+                   help="same-work scores in its event loop (default) or in Starlette's threadpool")
+    p.add_argument("--minimal-access-log", action="store_true", help="uvicorn's access log in minimal (off)")
+    p.add_argument("--config-out", help="config: keep the deployed Serve config as PREFIX.<server>.yaml")
     p.add_argument("--check-rows", type=int, default=1000, help="rows of the score-equality check")
     p.add_argument("--skip-batch-job", action="store_true", help="do not compare with the batch job")
     p.add_argument("--batch-job-timeout", type=float, default=90, help="seconds before the batch job is skipped")
@@ -1478,7 +1690,7 @@ def main() -> int:
                                          timeout=10).stdout.splitlines()[0].split(" [")[0]
         except (OSError, IndexError, subprocess.SubprocessError) as e:
             p.error(f"--client wrk: cannot run {args.wrk!r} ({e}); install wrk or use --client aiohttp")
-    servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    servers = [ALIASES.get(s.strip(), s.strip()) for s in args.servers.split(",") if s.strip()]
     unknown = sorted(set(servers) - set(SERVERS))
     if unknown or not servers:
         p.error(f"--servers: unknown {unknown}; use {', '.join(SERVERS)}")
@@ -1509,8 +1721,9 @@ def main() -> int:
             "bulk_warmup": args.bulk_warmup, "scorer_repeats": args.scorer_repeats,
             "scorer_seconds": args.scorer_seconds,
             "unusual_max_batch_size": args.max_batch_size, "unusual_max_replicas": args.max_replicas,
-            "fastapi_torch_threads": args.fastapi_threads, "minimal_torch_threads": args.fastapi_threads,
-            "fastapi_scoring": "inline" if args.fastapi_inline else "threadpool", "check_rows": args.check_rows,
+            "bare_torch_threads": args.bare_threads, "serve_minimal_torch_threads": args.bare_threads,
+            "same_work_scoring": args.same_work_scoring, "minimal_access_log": args.minimal_access_log,
+            "reference": REFERENCE, "target_servers": list(TARGET_SERVERS), "check_rows": args.check_rows,
             "client": args.client, "wrk": wrk_version,
             "load_generator": (
                 f"wrk ({wrk_version}), -t1 -c<concurrency> --latency --timeout {WRK_TIMEOUT_S}s, one kept-alive "
@@ -1561,8 +1774,7 @@ def main() -> int:
 
         port = free_port()
         cmd = server_cmd(name, args, bundle, port)
-        srv_rec: dict = {"app": SERVERS[name][0] if SERVERS[name] else None,
-                         "fast_path_requested": SERVERS[name][1] if SERVERS[name] else None,
+        srv_rec: dict = {"app": SERVERS[name][0], "fast_path_requested": SERVERS[name][1],
                          "cmd": cmd, "scenarios": []}
         record["servers"][name] = srv_rec
         server = Server(name, cmd, port, env)
@@ -1573,7 +1785,8 @@ def main() -> int:
             srv_rec["processes"] = server.processes()
             fast = f", fast path {_fast_label(srv_rec)}" if server.app else ""
             print(f"ready in {srv_rec['start_seconds']:.1f} s{fast}", flush=True)
-            chk = equality_check(server.url, ref, check_rows, singles=min(200, args.check_rows), conc=8)
+            chk = equality_check(server.url, ref, check_rows, singles=min(200, args.check_rows), conc=8,
+                                 scores_only=server.scores_only)
             srv_rec["score_check"] = chk
             problems = score_problems(chk)
             if problems:
@@ -1644,6 +1857,7 @@ def main() -> int:
               flush=True)
 
     record["ratios"] = ratios(record)
+    record["targets_met"] = target_summary(record)
     record["load_average_end"] = loadavg()
     record["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     record["tmp_folders_left"] = own_tmp_dirs(server_pids)  # of the servers' processes: should be none

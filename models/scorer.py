@@ -67,6 +67,7 @@ class Scorer:
         self.stream = stream
         self.schema = self.bundle.schema
         self.sequence = family(self.bundle.kind).sequence
+        self.numeric = not self.sequence and self.schema.numeric  # rows of numbers only: Schema.numeric_matrix
         cfg = self.bundle.model_config
         self.entity = getattr(cfg, "entity_column", None)
         self.time = getattr(cfg, "time_column", None)
@@ -128,6 +129,34 @@ class Scorer:
                 bad, reasons = tables[i]
                 results[k] = self._output(scores[a:b], terms[a:b], bad, reasons)
         return results
+
+    def transform(self, data) -> np.ndarray:
+        """A tabular batch's model input (:meth:`score_matrix`); a bad value raises, naming its column."""
+        X, _, _ = self.schema.transform(to_table(data), "raise", self.allowed_extra)
+        return X
+
+    def score_matrix(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The scores (float64) and per-input-column score terms of a tabular model input."""
+        return self._run(lambda a, b: X[a:b], len(X))
+
+    def output(self, scores: np.ndarray, terms: np.ndarray) -> pa.Table:
+        """:meth:`score_matrix`'s result as :meth:`score_table` answers it (a score that is not finite raises)."""
+        return self._output(scores, terms, None, None)
+
+    def rows(self, scores: np.ndarray, terms: np.ndarray) -> list[dict]:
+        """:meth:`score_matrix`'s result as Python rows: what :meth:`output`'s table holds (without the
+        version), built with no table (the endpoint's JSON answers); a score that is not finite raises."""
+        nonfinite = ~np.isfinite(scores)
+        if nonfinite.any():
+            _not_finite(scores, nonfinite, None, None)
+        contrib = terms if self._group is None else terms @ self._group
+        idx, vals = top_k(contrib, min(self.top_k, contrib.shape[1]))
+        names, threshold = self.schema.names, self.threshold
+        return [
+            {"anomaly_score": s, "is_anomaly": s > threshold,
+             "top_features": [{"feature": names[j], "contribution": v} for j, v in zip(ix, vx)]}
+            for s, ix, vx in zip(scores.tolist(), idx.tolist(), vals.astype(np.float64).tolist())
+        ]
 
     def scores(self, data) -> np.ndarray:
         """Just the anomaly scores, shape (n,); a score that is not finite raises :class:`ScoreError`

@@ -32,6 +32,7 @@ import time
 
 import pyarrow as pa
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from ..config import ServeConfig
@@ -70,16 +71,27 @@ _JSON_BODY = {
 }
 
 
-def _error(e: RequestError):
-    from fastapi.responses import JSONResponse
-
+async def _error(request: Request, e: RequestError):
+    """Both apps' handler of a :class:`RequestError` raised in a route: its status, ``{"error": message}``."""
     return JSONResponse({"error": e.message}, status_code=e.status)
+
+
+def _response(r: dict) -> Response:
+    """An answer of :mod:`.handling` (status, body, media type, headers) as an HTTP response."""
+    return Response(r["body"], status_code=r["status"], media_type=r["media_type"], headers=r.get("headers"))
+
+
+async def _read(request: Request, limit: int, required: bool = False) -> bytes:
+    """The request's body, refused (413) past ``limit`` bytes (:func:`.handling.read_body`)."""
+    length = request.headers.get("content-length")
+    return await handling.read_body(request.stream(), length, limit, required=required)
 
 
 model_api = FastAPI(
     title="unusual model",
     version=API_VERSION,
     description="One model's scoring route: JSON rows online, Arrow IPC or Parquet bodies in bulk.",
+    exception_handlers={RequestError: _error},
 )
 
 
@@ -101,7 +113,7 @@ class ModelReplica:
         self.checkpoint = None
         self.started = time.monotonic()
         self.metrics = handling.ModelMetrics(metrics, name)
-        self.batcher = handling.Batcher(self._score_many, self._score_one, self.config.max_batch_size)
+        self._batch.set_max_batch_size(self.config.max_batch_size)
 
     def check_health(self) -> None:
         """Serve's health check: a replica that was never given a checkpoint can never answer."""
@@ -127,49 +139,45 @@ class ModelReplica:
         return handling.model_info(self.name, self.scorer, self.checkpoint)
 
     async def handle(self, body: bytes, content_type: str) -> dict:
-        """A scoring request's raw body -> the HTTP answer (status, body, media type, headers)."""
+        """A scoring request's raw body -> the HTTP answer (status, body, media type, headers): a small
+        JSON body of numbers on the fast path (:func:`.handling.fast_json`), anything else parsed into a
+        table (:func:`.handling.score_request`)."""
+        fast = await handling.fast_json(body, content_type, name=self.name, scorer=self.scorer,
+                                        max_rows=self.config.max_rows, batched=self.batched, metrics=self.metrics)
+        if fast is not None:
+            return fast
         return await handling.score_request(
             body, content_type, name=self.name, max_rows=self.config.max_rows, score=self.score
         )
 
     async def score(self, table: pa.Table) -> dict:
         """Score one request's rows; returns the output table and the version, or the error."""
-        return await handling.score_table(self.name, self.scorer, table, self.batcher, self.metrics)
+        return await handling.score_table(self.name, self.scorer, table, self.batched, self.metrics)
 
-    def _score_many(self, tables: list[pa.Table]) -> list:
-        scorer = self.scorer
-        self.metrics.batch(scorer, tables)
-        return scorer.score_many(tables)
+    async def batched(self, scorer, X):
+        """``(scores, terms)`` of one request's model input: with the requests that arrive together
+        (Serve's batching, up to ``max_batch_size`` rows, no wait: a request alone is scored at once),
+        or alone when it has more rows than that."""
+        if len(X) > self.config.max_batch_size:
+            self.metrics.batch(scorer, len(X))
+            return scorer.score_matrix(X)
+        return await self._batch((scorer, X))
 
-    def _score_one(self, table: pa.Table):
-        scorer = self.scorer
-        self.metrics.batch(scorer, [table])
-        try:
-            return scorer.score_table(table)
-        except Exception as e:  # noqa: BLE001 - classified by handling.rejection()
-            return e
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0, batch_size_fn=handling.batch_rows)
+    async def _batch(self, items: list[tuple]) -> list[tuple]:
+        return handling.score_batch(items, self.metrics)
 
     # ----------------------------------------------------------------- its own routes
 
     @model_api.post("/score", summary="score rows with this model", openapi_extra=_JSON_BODY)
     async def score_http(self, request: Request):
-        from fastapi.responses import Response
-
-        try:
-            handling.check_auth(self.config.auth_token, request.headers.get("authorization"))
-            length = request.headers.get("content-length")
-            body = await handling.read_body(request.stream(), length, self.config.max_body_bytes, required=True)
-        except RequestError as e:
-            return _error(e)
-        r = await self.handle(body, request.headers.get("content-type", "application/json"))
-        return Response(r["body"], status_code=r["status"], media_type=r["media_type"], headers=r.get("headers"))
+        handling.check_auth(self.config.auth_token, request.headers.get("authorization"))
+        body = await _read(request, self.config.max_body_bytes, required=True)
+        return _response(await self.handle(body, request.headers.get("content-type", "application/json")))
 
     @model_api.get("/", summary="this model: version, threshold, features")
     async def describe(self, request: Request):
-        try:
-            handling.check_auth(self.config.auth_token, request.headers.get("authorization"))
-        except RequestError as e:
-            return _error(e)
+        handling.check_auth(self.config.auth_token, request.headers.get("authorization"))
         return handling.finite(self.info())
 
 
@@ -183,7 +191,9 @@ app = FastAPI(
     version=API_VERSION,
     description="Anomaly scoring with AE, VAE and LSTM detectors. JSON rows online, Arrow IPC or "
     "Parquet bodies in bulk, batch jobs on the cluster. Every response names the model version.",
+    exception_handlers={RequestError: _error},
 )
+
 
 @serve.ingress(app)
 class Gateway:
@@ -206,22 +216,11 @@ class Gateway:
     def _authorize(self, request) -> None:
         handling.check_auth(self.config.auth_token, request.headers.get("authorization"))
 
-    async def _body(self, request, required: bool = False) -> bytes:
-        length = request.headers.get("content-length")
-        return await handling.read_body(request.stream(), length, self.config.max_body_bytes, required=required)
-
     async def _score(self, name: str, request):
-        from fastapi.responses import Response
-
-        try:
-            self._authorize(request)
-            handling.check_model(name, self.models)
-            body = await self._body(request, required=True)
-        except RequestError as e:
-            return _error(e)
-        ctype = request.headers.get("content-type", "application/json")
-        r = await self._forward(name, body, ctype)
-        return Response(r["body"], status_code=r["status"], media_type=r["media_type"], headers=r.get("headers"))
+        self._authorize(request)
+        handling.check_model(name, self.models)
+        body = await _read(request, self.config.max_body_bytes, required=True)
+        return _response(await self._forward(name, body, request.headers.get("content-type", "application/json")))
 
     async def _forward(self, name: str, body: bytes, ctype: str, tries: int = 5) -> dict:
         """The model's answer to a request. ``handle`` answers every request, bad ones included, so a
@@ -262,23 +261,17 @@ class Gateway:
         infos = await self._infos()
         waiting = [i["name"] for i in infos if not i.get("ready")]
         if waiting:
-            return _error(RequestError(503, f"models still loading: {waiting}"))
+            raise RequestError(503, f"models still loading: {waiting}")
         return {"status": "ready", "models": [i["name"] for i in infos]}
 
     @app.get(f"/{API_VERSION}/models", summary="the served models and their versions")
     async def models(self, request: Request):
-        try:
-            self._authorize(request)
-        except RequestError as e:
-            return _error(e)
+        self._authorize(request)
         return {"default": self.config.default_model, "models": handling.finite(await self._infos())}
 
     @app.post(f"/{API_VERSION}/score", summary="score rows with the default model", openapi_extra=_JSON_BODY)
     async def score_default(self, request: Request):
-        try:
-            name = handling.default_model(self.config.default_model, self.models, API_VERSION)
-        except RequestError as e:
-            return _error(e)
+        name = handling.default_model(self.config.default_model, self.models, API_VERSION)
         return await self._score(name, request)
 
     @app.post(f"/{API_VERSION}/models/{{name}}/score", summary="score rows with one model", openapi_extra=_JSON_BODY)
@@ -287,32 +280,27 @@ class Gateway:
 
     @app.post(f"/{API_VERSION}/jobs", summary="submit a batch scoring job for a data URI")
     async def submit_job(self, request: Request):
-        try:
-            self._authorize(request)
-            handling.check_jobs_allowed(self.config.auth_token, self.config.jobs_uri_prefixes)
-            name, fields = handling.job_request(await self._body(request), self.models, self.config.default_model)
-            info = await self._info(name)
-            cmd = handling.score_command(handling.score_job(info, fields, self.config.jobs_uri_prefixes))
-        except RequestError as e:
-            return _error(e)
+        self._authorize(request)
+        handling.check_jobs_allowed(self.config.auth_token, self.config.jobs_uri_prefixes)
+        body = await _read(request, self.config.max_body_bytes)
+        name, fields = handling.job_request(body, self.models, self.config.default_model)
+        info = await self._info(name)
+        cmd = handling.score_command(handling.score_job(info, fields, self.config.jobs_uri_prefixes))
         try:
             job_id = self._job_client().submit_job(entrypoint=shlex.join(cmd))
         except Exception as e:  # noqa: BLE001 - the cluster's job API is unreachable
-            return _error(RequestError(503, f"cannot submit jobs to this cluster: {type(e).__name__}: {e}"))
+            raise RequestError(503, f"cannot submit jobs to this cluster: {type(e).__name__}: {e}") from None
         return {"job_id": job_id, "model": name, "model_version": info["model_version"], "entrypoint": cmd}
 
     @app.get(f"/{API_VERSION}/jobs/{{job_id}}", summary="the status of a submitted scoring job")
     async def job_status(self, job_id: str, request: Request):
-        try:
-            self._authorize(request)
-        except RequestError as e:
-            return _error(e)
+        self._authorize(request)
         try:
             info = self._job_client().get_job_info(job_id)
         except RuntimeError as e:
-            return _error(RequestError(404, f"no job {job_id!r}: {e}"))
+            raise RequestError(404, f"no job {job_id!r}: {e}") from None
         except Exception as e:  # noqa: BLE001
-            return _error(RequestError(503, f"cannot reach this cluster's job API: {type(e).__name__}: {e}"))
+            raise RequestError(503, f"cannot reach this cluster's job API: {type(e).__name__}: {e}") from None
         return {"job_id": job_id, "status": str(info.status), "message": info.message}
 
     def _job_client(self):

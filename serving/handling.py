@@ -2,7 +2,8 @@
 
 - the gateway's checks: the bearer token, the model a route names, the body's size;
 - a model replica's path from a request body to its answer: parse (:mod:`.codec`), score through the
-  :class:`~unusual.models.Scorer` (one call, or Serve's batching for row-wise families), encode;
+  :class:`~unusual.models.Scorer` (one call, or Serve's batching for row-wise families), encode; and
+  the fast path of small JSON bodies of numbers (:func:`fast_json`: no Arrow table on the way);
 - answers: ``{"status", "body", "media_type", "headers"}`` dicts, JSON without NaN / inf;
 - the Prometheus metrics of a model (defined on the ``ray.serve.metrics`` module handed in);
 - ``POST /v1/jobs``: the request's fields validated as a :class:`~unusual.config.ScoreJob` and the
@@ -26,7 +27,7 @@ import pyarrow as pa
 
 from ..config import ConfigError, ScoreJob
 from ..models.errors import UnusualError
-from .codec import NESTED, RequestError, body_to_table, media_type, scored_rows, table_to_body
+from .codec import NESTED, RequestError, body_to_table, is_json, media_type, numeric_rows, scored_rows, table_to_body
 
 log = logging.getLogger("unusual.serve")
 
@@ -164,66 +165,42 @@ class ModelMetrics:
     def tags(self, scorer) -> dict:
         return {"model": self.name, "model_version": scorer.version}
 
-    def batch(self, scorer, tables: list[pa.Table]) -> None:
-        self.batch_rows.observe(sum(t.num_rows for t in tables), tags=self.tags(scorer))
+    def batch(self, scorer, rows: int) -> None:
+        self.batch_rows.observe(rows, tags=self.tags(scorer))
 
-    def scored(self, scorer, out: pa.Table) -> None:
+    def scored(self, scorer, scores: np.ndarray) -> None:
         tags = self.tags(scorer)
-        scores = out.column("anomaly_score").to_numpy()
         self.rows.inc(len(scores), tags=tags)
-        flagged = int(np.count_nonzero(out.column("is_anomaly").to_numpy(zero_copy_only=False)))
+        flagged = int(np.count_nonzero(scores > scorer.threshold))
         if flagged:
             self.anomalies.inc(flagged, tags=tags)
-        for v in scores[:SCORE_SAMPLE]:
-            self.scores.observe(float(v), tags=tags)
+        for v in scores[:SCORE_SAMPLE].tolist():
+            self.scores.observe(v, tags=tags)
 
 
 THREAD_ROWS = 4096  # a request of this many rows is scored in a thread: the replica keeps answering others
 
 
-class Batcher:
-    """Requests that arrive together are scored in one model call, with no fixed wait.
+def batch_rows(items: list[tuple]) -> int:
+    """The rows of a batch of ``(scorer, X)`` items (Serve's ``batch_size_fn``)."""
+    return sum(len(x) for _, x in items)
 
-    A request joins the queue and, if no drain is scheduled, schedules one on the next turn of the
-    event loop (``call_soon``, not a timer): a request alone is scored at once; under load, every
-    request that reached the replica meanwhile joins the same call, so batches grow with the load
-    (up to ``max_batch_size`` requests per call). Small batches are scored inline, on the loop (a
-    thread hop would cost more than the model); a request of ``thread_rows`` rows or more is scored
-    in a thread, so bulk bodies do not stall single rows and health checks.
 
-    ``score_many(tables)`` answers a list of output tables or exceptions, one per table;
-    ``score_one(table)`` answers one output table or exception."""
-
-    def __init__(self, score_many, score_one, max_batch_size: int, thread_rows: int = THREAD_ROWS):
-        self.score_many = score_many
-        self.score_one = score_one
-        self.max_batch_size = max_batch_size
-        self.thread_rows = thread_rows
-        self.pending: list = []
-        self.scheduled = False
-
-    async def __call__(self, table: pa.Table):
-        if table.num_rows >= self.thread_rows:
-            return await asyncio.to_thread(self.score_one, table)
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self.pending.append((table, future))
-        if not self.scheduled:
-            self.scheduled = True
-            loop.call_soon(self._drain)
-        return await future
-
-    def _drain(self) -> None:
-        self.scheduled = False
-        while self.pending:
-            batch, self.pending = self.pending[: self.max_batch_size], self.pending[self.max_batch_size :]
-            try:
-                results = self.score_many([t for t, _ in batch])
-            except Exception as e:  # noqa: BLE001 - the whole call failed: each request gets the error
-                results = [e] * len(batch)
-            for (_, future), result in zip(batch, results):
-                if not future.done():  # its client may have gone
-                    future.set_result(result)
+def score_batch(items: list[tuple], metrics: ModelMetrics) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Requests that arrived together (``(scorer, model input)`` each), scored in one model call per
+    scorer (a swap may leave two in one batch): each request's ``(scores, terms)``."""
+    out: list = [None] * len(items)
+    for scorer in {id(s): s for s, _ in items}.values():
+        mine = [i for i, (s, _) in enumerate(items) if s is scorer]
+        xs = [items[i][1] for i in mine]
+        X = np.concatenate(xs) if len(xs) > 1 else xs[0]
+        metrics.batch(scorer, len(X))
+        scores, terms = scorer.score_matrix(X)
+        at = 0
+        for i, x in zip(mine, xs):
+            out[i] = (scores[at : at + len(x)], terms[at : at + len(x)])
+            at += len(x)
+    return out
 
 
 def rejection(name: str, e: Exception) -> tuple[int, str]:
@@ -236,33 +213,55 @@ def rejection(name: str, e: Exception) -> tuple[int, str]:
 
 
 async def score_table(
-    name: str, scorer, table: pa.Table, batched: Callable[[pa.Table], Awaitable], metrics: ModelMetrics
+    name: str, scorer, table: pa.Table, batched: Callable[..., Awaitable], metrics: ModelMetrics
 ) -> dict:
     """One request's rows scored: ``{"table", "model_version", "threshold"}`` or ``{"error": (status, msg)}``.
 
-    A sequence family's request carries whole windows of its entities, so it is scored alone; the
-    rows of a row-wise family go through ``batched`` (requests that arrive together share a call), which answers the
-    scored table or the exception of that request (a :class:`Batcher`)."""
+    A tabular model's rows go through ``batched(scorer, X) -> (scores, terms)`` (the replica's Serve
+    batching: requests that arrive together share a model call); a sequence model's request carries
+    whole windows of its entities and is scored alone. A request of :data:`THREAD_ROWS` rows or more is
+    scored in a thread, so it does not stall the requests behind it."""
     if scorer is None:
         return {"error": (503, f"model {name} is still loading")}
     if table.num_rows == 0:
         return {"error": (422, "no rows to score")}
-    if scorer.sequence:
-
-        def alone():
-            try:
-                return scorer.score_table(table)
-            except Exception as e:  # noqa: BLE001 - classified by rejection()
-                return e
-
-        out = alone() if table.num_rows < THREAD_ROWS else await asyncio.to_thread(alone)
-    else:
-        out = await batched(table)
-    if isinstance(out, Exception):
+    try:
+        if table.num_rows >= THREAD_ROWS:
+            out = await asyncio.to_thread(scorer.score_table, table)
+        elif scorer.sequence:
+            out = scorer.score_table(table)
+        else:
+            out = scorer.output(*await batched(scorer, scorer.transform(table)))
+    except Exception as e:  # noqa: BLE001 - classified by rejection()
         metrics.rejected.inc(tags=metrics.tags(scorer))
-        return {"error": rejection(name, out)}
-    metrics.scored(scorer, out)
+        return {"error": rejection(name, e)}
+    metrics.scored(scorer, out.column("anomaly_score").to_numpy())
     return {"table": out, "model_version": scorer.version, "threshold": scorer.threshold}
+
+
+async def fast_json(
+    body: bytes, content_type: str, *, name: str, scorer, max_rows: int, batched: Callable[..., Awaitable],
+    metrics: ModelMetrics,
+) -> dict | None:
+    """A JSON body of numbers for a tabular model of numeric features, straight to its answer: parsed
+    into the model input in the bundle's column order (:func:`.codec.numeric_rows`), scored, answered
+    from the arrays, with no Arrow table on the way. None for any other request: :func:`score_request`
+    answers it (errors included), and gives the same answer to the bodies both take."""
+    if scorer is None or not scorer.numeric or not is_json(content_type):
+        return None
+    t0 = time.perf_counter()
+    raw = numeric_rows(body, scorer.schema.names, max_rows)
+    if raw is None:
+        return None
+    try:
+        scores, terms = await batched(scorer, scorer.schema.numeric_matrix(raw))
+        rows = scorer.rows(scores, terms)
+    except Exception:  # noqa: BLE001 - the general path scores it again and answers why
+        return None
+    metrics.scored(scorer, scores)
+    payload = {"model": name, "model_version": scorer.version, "threshold": scorer.threshold, "rows": rows,
+               "seconds": round(time.perf_counter() - t0, 6)}
+    return answer(200, payload, {"X-Model-Version": scorer.version, "X-Threshold": repr(float(scorer.threshold))})
 
 
 async def score_request(

@@ -272,7 +272,10 @@ class ServeConfig(JobConfig):
     target_ongoing_requests: float = opt(2.0, "autoscaling target of ongoing requests per replica", gt=0)
     upscale_delay_s: float = opt(3.0, "seconds of load before adding a replica", ge=0)
     downscale_delay_s: float = opt(30.0, "seconds of idleness before removing a replica", ge=0)
-    max_batch_size: int = opt(64, "most requests in one model call (those that arrive together; no wait)", ge=1)
+    max_batch_size: int = opt(
+        64, "most rows in one model call of requests that arrive together (no wait); a larger request is scored alone",
+        ge=1,
+    )
     access_log: bool = opt(False, "a log line per request in the replicas' Serve logs (costs throughput)")
     ray_address: str | None = opt(
         None, "dashboard address for POST /v1/jobs (default: $RAY_DASHBOARD_ADDRESS, else this cluster)"

@@ -1,95 +1,139 @@
-"""The replica's batching without Serve: requests that arrive together share one model call, a request
-alone is scored at once, a failed call answers each of its requests, bulk bodies go to a thread."""
+"""A model replica's request handling without Serve, on a real bundle: the batch of requests that
+arrived together (one model call, each request its own rows, a swap mid-batch), the fast path of
+JSON bodies of numbers (the same answer as the general path, and no answer of its own for anything
+else), and the JSON edge cases found by the HTTP fuzz test."""
 
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
+import json
 
-import pyarrow as pa
+import numpy as np
 import pytest
-from unusual.serving.handling import Batcher
+from unusual.models import Detector, Scorer
+from unusual.ray_jobs import sample_data
+from unusual.serving import handling
+from unusual.serving.codec import RequestError, body_to_table, numeric_rows
 
 
-def _table(rows: int, start: float = 0.0) -> pa.Table:
-    return pa.table({"x": [start + i for i in range(rows)]})
+class Sink:
+    """``ray.serve.metrics`` stand-in that keeps what is observed (the replica's metrics outside Serve)."""
+
+    seen: list = []
+
+    class Counter:
+        def __init__(self, name, *_, **__):
+            self.name = name
+
+        def inc(self, value=1, tags=None):
+            Sink.seen.append((self.name, value))
+
+    class Histogram(Counter):
+        def observe(self, value, tags=None):
+            Sink.seen.append((self.name, value))
 
 
-class Recorder:
-    def __init__(self, fail: bool = False):
-        self.calls: list[list[int]] = []
-        self.threads: list[str] = []
-        self.fail = fail
-
-    def many(self, tables):
-        self.calls.append([t.num_rows for t in tables])
-        if self.fail:
-            raise RuntimeError("the model failed")
-        return [t.append_column("score", pa.array([v * 2 for v in t.column("x").to_pylist()])) for t in tables]
-
-    def one(self, table):
-        self.threads.append(threading.current_thread().name)
-        return self.many([table])[0]
+@pytest.fixture(scope="module")
+def cardio():
+    return sample_data.load("cardio").drop_columns(["label"])
 
 
-def test_requests_that_arrive_together_share_one_call_and_each_gets_its_rows():
-    rec = Recorder()
-    batcher = Batcher(rec.many, rec.one, max_batch_size=64)
-
-    async def main():
-        return await asyncio.gather(*(batcher(_table(i + 1, start=100 * i)) for i in range(10)))
-
-    outs = asyncio.run(main())
-    assert rec.calls == [list(range(1, 11))]
-    for i, out in enumerate(outs):
-        assert out.column("x").to_pylist() == [100 * i + j for j in range(i + 1)]
-        assert out.column("score").to_pylist() == [2 * (100 * i + j) for j in range(i + 1)]
+@pytest.fixture(scope="module")
+def scorers(cardio, tmp_path_factory):
+    root = tmp_path_factory.mktemp("handling")
+    out = []
+    for seed in (0, 1):
+        Detector("ae", epochs=1, seed=seed).fit(cardio.slice(0, 600)).save(root / f"ae{seed}")
+        out.append(Scorer(str(root / f"ae{seed}"), stream=False))
+    return out
 
 
-def test_max_batch_size_splits_calls_and_a_lone_request_does_not_wait():
-    rec = Recorder()
-    batcher = Batcher(rec.many, rec.one, max_batch_size=4)
-
-    async def main():
-        await asyncio.gather(*(batcher(_table(1)) for _ in range(10)))
-        t0 = time.perf_counter()
-        await batcher(_table(1))
-        return time.perf_counter() - t0
-
-    alone = asyncio.run(main())
-    assert rec.calls == [[1] * 4, [1] * 4, [1] * 2, [1]]
-    assert alone < 0.05  # no batching window: one turn of the event loop
+def _metrics():
+    Sink.seen.clear()
+    return handling.ModelMetrics(Sink, "ae")
 
 
-def test_a_failed_call_answers_each_request_with_its_error():
-    rec = Recorder(fail=True)
-    batcher = Batcher(rec.many, rec.one, max_batch_size=64)
+def test_a_batch_is_one_model_call_per_scorer_and_each_request_gets_its_rows(scorers, cardio):
+    a, b = scorers
+    xs = [a.transform(cardio.slice(10 * i, i + 1)) for i in range(4)]
+    metrics = _metrics()
+    out = handling.score_batch([(a, xs[0]), (a, xs[1]), (b, xs[2]), (a, xs[3])], metrics)
+    assert [n for name, n in Sink.seen if name == "unusual_batch_rows"] == [1 + 2 + 4, 3]  # a's call, then b's
+    for (scores, terms), x, scorer in zip(out, xs, (a, a, b, a)):
+        want_scores, want_terms = scorer.score_matrix(x)
+        assert scores.shape == (len(x),) and terms.shape == want_terms.shape
+        np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-7)
+    assert handling.batch_rows([(a, xs[0]), (b, xs[3])]) == 5
 
-    async def main():
-        return await asyncio.gather(*(batcher(_table(2)) for _ in range(3)))
 
-    outs = asyncio.run(main())
-    assert len(outs) == 3 and all(isinstance(o, RuntimeError) and str(o) == "the model failed" for o in outs)
+def _general(scorer, body: bytes, ctype: str = "application/json") -> dict:
+    async def batched(s, x):
+        return handling.score_batch([(s, x)], _metrics())[0]
+
+    async def score(table):
+        return await handling.score_table("ae", scorer, table, batched, _metrics())
+
+    return asyncio.run(handling.score_request(body, ctype, name="ae", max_rows=100, score=score))
 
 
-def test_a_bulk_body_is_scored_in_a_thread_beside_the_batches():
-    rec = Recorder()
-    batcher = Batcher(rec.many, rec.one, max_batch_size=64, thread_rows=100)
+def _fast(scorer, body: bytes, ctype: str = "application/json") -> dict | None:
+    async def batched(s, x):
+        return handling.score_batch([(s, x)], _metrics())[0]
 
-    async def main():
-        return await asyncio.gather(batcher(_table(150)), batcher(_table(3)))
+    return asyncio.run(handling.fast_json(body, ctype, name="ae", scorer=scorer, max_rows=100, batched=batched,
+                                          metrics=_metrics()))
 
-    big, small = asyncio.run(main())
-    assert big.num_rows == 150 and small.num_rows == 3
-    assert rec.threads and rec.threads[0] != threading.main_thread().name
-    assert sorted(rec.calls) == [[3], [150]]
+
+def _without_seconds(r: dict) -> dict:
+    doc = json.loads(r["body"])
+    doc.pop("seconds")
+    return {**r, "body": doc}
+
+
+def test_the_fast_path_answers_json_rows_of_numbers_as_the_general_path_does(scorers, cardio):
+    scorer = scorers[0]
+    rows = cardio.slice(0, 7).to_pylist()
+    shuffled = [dict(reversed(list(r.items()))) for r in rows]  # any key order
+    ints = [{k: int(v) for k, v in r.items()} for r in rows]  # JSON integers
+    for body in ({"rows": rows[:1]}, {"rows": rows}, {"rows": shuffled}, {"rows": ints}, {"rows": rows, "x": 1}):
+        raw = json.dumps(body).encode()
+        fast, general = _fast(scorer, raw), _general(scorer, raw)
+        assert fast is not None and fast["status"] == general["status"] == 200
+        assert _without_seconds(fast) == _without_seconds(general)
+    flagged = _fast(scorer, json.dumps({"rows": [{k: 1e9 for k in rows[0]}]}).encode())
+    assert json.loads(flagged["body"])["rows"][0]["is_anomaly"] is True
+
+
+@pytest.mark.parametrize(
+    "change,status,message",
+    [
+        (lambda r: {**r, "f00": "1.5"}, 422, "column 'f00' has type string, expected a numeric type"),
+        (lambda r: {**r, "f00": None}, 422, "column 'f00' has type null, expected a numeric type"),
+        (lambda r: {**r, "f00": True}, 200, None),  # the general path takes a bool for 1 (as Arrow does)
+        (lambda r: {k: v for k, v in r.items() if k != "f00"}, 422, "missing column(s) ['f00']"),
+        (lambda r: {**r, "id": 3}, 422, "unexpected column(s) ['id']"),
+    ],
+)
+def test_anything_else_is_left_to_the_general_path(scorers, cardio, change, status, message):
+    scorer = scorers[0]
+    body = json.dumps({"rows": [change(cardio.slice(0, 1).to_pylist()[0])]}).encode()
+    assert _fast(scorer, body) is None
+    r = _general(scorer, body)
+    assert r["status"] == status, r
+    assert message is None or json.loads(r["body"])["error"].startswith(message), r
+
+
+def test_numeric_rows_takes_only_rows_of_exactly_the_columns_as_numbers():
+    names = ["a", "b"]
+    assert numeric_rows(b'{"rows":[{"b":1,"a":2.5}]}', names, 10).tolist() == [[2.5, 1.0]]
+    for body in (b'{"rows":[{"a":NaN,"b":1}]}', b'{"rows":[]}', b'{"rows":[{"a":1}]}', b'[1]', b"\xff", b"{",
+                 b'{"rows":[{"a":1,"b":' + b"9" * 400 + b"}]}", b'{"rows":[{"a":1,"b":2},{"a":1,"b":2}]}'):
+        assert numeric_rows(body, names, 1) is None, body
+    assert numeric_rows(b'{"rows":[{"a":1,"b":2},{"a":1,"b":2}]}', names, 2).shape == (2, 2)
 
 
 def test_json_integers_beyond_int64_are_floats_and_beyond_float64_a_422():
     """Found by the HTTP fuzz test in CI: {"x": 9223372036854775808} was a 500 (Arrow's int64 overflow)."""
-    from unusual.serving.codec import RequestError, body_to_table
-
     table, _ = body_to_table(b'{"rows":[{"a":null,"x":9223372036854775808},{"a":1,"x":2}]}', "application/json")
     assert table.column("x").to_pylist() == [9223372036854775808.0, 2.0]
     with pytest.raises(RequestError) as e:
