@@ -32,6 +32,7 @@ import time
 
 from ray import serve
 
+from .. import rayprivate
 from ..config import ServeConfig, ServeJob, loopback
 from ..models.errors import UnusualError
 from ..runtime import ResourceError, embedded, ensure_ray, progress
@@ -236,14 +237,7 @@ def check_port(host: str, port: int) -> None:
 
 def running_serve_port() -> int | None:
     """The HTTP port of the Serve already running in the connected cluster, or None."""
-    import ray
-    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
-
-    try:
-        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
-    except ValueError:
-        return None
-    return int(ray.get(controller.get_http_config.remote()).port)
+    return rayprivate.serve_http_port()
 
 
 def start(
@@ -357,13 +351,7 @@ def _exit_now(t0: float, why: str) -> None:
 
 def _kill_local_ray() -> None:
     """SIGKILL the processes of the Ray this process started (none when it joined a cluster)."""
-    try:
-        from ray._private.worker import _global_node
-
-        if _global_node is not None and _global_node.head:
-            _global_node.kill_all_processes(check_alive=False, allow_graceful=False, wait=True)
-    except Exception:  # noqa: BLE001 - private API moved: ray.shutdown() still stops them, slower
-        pass
+    rayprivate.kill_local_ray()
 
 
 def serve_forever(job: ServeJob) -> int:

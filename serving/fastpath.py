@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 
+from .. import rayprivate
 from ..runtime import free_port
 
 FAST_ENV = "UNUSUAL_SERVE_FAST"  # 1: fast path, 0: Serve's default proxy, unset / auto: fast where HAProxy exists
@@ -35,13 +36,8 @@ _state: dict = {"dir": None}
 
 
 def haproxy_binary() -> str | None:
-    """The HAProxy binary Serve would run, or None."""
-    try:
-        from ray.serve._private.haproxy import _resolve_haproxy_binary
-
-        return _resolve_haproxy_binary()
-    except Exception:  # noqa: BLE001 - FileNotFoundError, or a Ray without HAProxy support
-        return None
+    """The HAProxy binary Serve would run, or None (:func:`unusual.rayprivate.haproxy_binary`)."""
+    return rayprivate.haproxy_binary()
 
 
 def fast_env(folder: str) -> dict[str, str]:
@@ -141,52 +137,65 @@ def processes_using(folder: str, environ: bool = False) -> list[int]:
     """The processes that name ``folder`` in their command line (HAProxy runs with its config file
     there) or, with ``environ``, in their environment (every process of the Ray this process started
     inherited the folder's paths: a worker that outlived its raylet could still write HAProxy files
-    there after the folder was removed)."""
-    pids, needle = [], folder.encode()
-    parts = ("cmdline", "environ") if environ else ("cmdline",)
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if not entry.isdigit() or int(entry) == os.getpid():
+    there after the folder was removed). Not this process; those we may not read are skipped."""
+    return [p.pid for p in _using(folder, environ)]
+
+
+def _using(folder: str, environ: bool):
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter():
+        if proc.pid == os.getpid():
             continue
-        for part in parts:
-            try:
-                with open(f"/proc/{entry}/{part}", "rb") as f:
-                    if needle in f.read():
-                        pids.append(int(entry))
-                        break
-            except OSError:
-                break
-    return pids
+        try:
+            if folder in "\0".join(proc.cmdline()) or (
+                environ and any(folder in f"{k}={v}" for k, v in proc.environ().items())
+            ):
+                found.append(proc)
+        except (psutil.AccessDenied, psutil.NoSuchProcess):  # another user's, or gone (ZombieProcess too)
+            continue
+    return found
 
 
 def reap(folder: str, grace: float = 2.0, environ: bool = False) -> list[int]:
     """SIGTERM, then SIGKILL after ``grace`` s, the processes using ``folder`` (ours: the folder is
     this process's own temporary folder; ``environ``: see :func:`processes_using`); returns the pids
-    still there."""
+    still there. Zombies and processes that vanished count as gone; those we may not signal stay."""
     import signal
     import time
 
-    pids = processes_using(folder, environ)
+    import psutil
+
+    procs = _using(folder, environ)
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
+        for proc in procs:
             try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
+                proc.send_signal(sig)  # psutil checks the pid was not reused
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
-        deadline = time.time() + grace
-        while pids and time.time() < deadline:
-            pids = [p for p in pids if os.path.exists(f"/proc/{p}") and not _zombie(p)]
-            time.sleep(0.05)
-        if not pids:
+        deadline = time.monotonic() + grace
+        while procs:
+            # wait_procs reaps our own children; another's zombie stays "running" to it until its parent waits
+            _, procs = psutil.wait_procs(procs, timeout=max(0.0, min(0.1, deadline - time.monotonic())))
+            procs = [p for p in procs if not _zombie(p)]
+            if time.monotonic() >= deadline:
+                break
+        if not procs:
             break
-    return pids
+    return [p.pid for p in procs]
 
 
-def _zombie(pid: int) -> bool:
+def _zombie(proc) -> bool:
+    """Whether ``proc`` (a psutil.Process) is a zombie, or gone."""
+    import psutil
+
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return True
+    except psutil.AccessDenied:
+        return False
 
 
 def is_on() -> bool:

@@ -52,7 +52,10 @@ def finite(obj):
 
 def answer(status: int, payload: dict, headers: dict | None = None) -> dict:
     """An HTTP answer with a JSON body."""
-    body = json.dumps(finite(payload), separators=(",", ":")).encode()
+    try:
+        body = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError:  # a NaN / inf somewhere (a contribution, a threshold): null there
+        body = json.dumps(finite(payload), separators=(",", ":")).encode()
     return {"status": status, "body": body, "media_type": "application/json", "headers": headers or {}}
 
 

@@ -9,6 +9,8 @@ successor up, and requests met the fallback proxy's 500s).
 
 from __future__ import annotations
 
+from ..rayprivate import with_version
+
 
 def _code_digest() -> str:
     """A digest of the code the replicas run (this package's models and serving modules)."""
@@ -35,7 +37,4 @@ def pinned(deployment, *args):
 
     key = json.dumps([deployment.func_or_class.__qualname__, _code_digest(), args], sort_keys=True, default=repr)
     version = hashlib.sha256(key.encode()).hexdigest()[:16]
-    try:
-        return deployment.options(version=version, _internal=True)
-    except (TypeError, ValueError):  # a Serve without it: every start rolls the replicas, as before
-        return deployment
+    return with_version(deployment, version)  # a Serve without it: every start rolls the replicas, as before

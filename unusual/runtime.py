@@ -18,6 +18,7 @@ import sys
 import tempfile
 import warnings
 
+from . import rayprivate
 from .models.errors import UnusualError
 
 MARK = "[unusual]"
@@ -147,14 +148,9 @@ class _OurLines:
 
 
 def _filter_worker_output() -> None:
-    try:  # Ray's dispatcher of forwarded worker output; if it moved, Ray prints as it always did
-        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-    except ImportError:
-        return
-    names = [name for name, _ in dispatcher.handlers]
-    if "ray_print_logs" in names:
-        dispatcher.remove_handler("ray_print_logs")
-        dispatcher.add_handler("ray_print_logs", _OurLines())
+    """Quiet mode: Ray's handler of forwarded worker output replaced by :class:`_OurLines` (where
+    the private API moved, Ray prints as it always did)."""
+    rayprivate.replace_worker_output_handler("ray_print_logs", _OurLines())
 
 
 # Serve's shutdown kills its controller while the controller's own graceful_shutdown task is pending, and
@@ -166,24 +162,17 @@ def _filter_error_messages() -> None:
     """Quiet mode: the error messages Ray sends the driver about its processes (a worker killed for
     memory, a task that failed and will be retried) go to stderr, not to stdout, which carries the
     command's JSON result, and the benign ones in ``_BENIGN_ERRORS`` are dropped."""
-    try:  # Ray's driver prints them through this function; if it moved, Ray prints as it always did
-        from ray._private import worker
-    except ImportError:
-        return
-    original = worker.print_to_stdstream
-    if getattr(original, "unusual_filter", False):
-        return
+    rayprivate.filter_driver_messages(_driver_message)  # where it moved, Ray prints as it always did
 
-    def print_to_stdstream(data: dict, ignore_prefix: bool):
-        if data.get("pid") == "raylet":
-            lines = [x for x in data.get("lines") or () if not any(all(p in x for p in b) for b in _BENIGN_ERRORS)]
-            if not lines:
-                return None
-            data = {**data, "lines": lines, "is_err": True}
-        return original(data, ignore_prefix)
 
-    print_to_stdstream.unusual_filter = True
-    worker.print_to_stdstream = print_to_stdstream
+def _driver_message(data: dict) -> dict | None:
+    """A message of Ray's driver, as quiet mode prints it: the raylet's on stderr, benign ones dropped."""
+    if data.get("pid") == "raylet":
+        lines = [x for x in data.get("lines") or () if not any(all(p in x for p in b) for b in _BENIGN_ERRORS)]
+        if not lines:
+            return None
+        data = {**data, "lines": lines, "is_err": True}
+    return data
 
 
 def configure_ray_data() -> None:
@@ -295,14 +284,12 @@ def checkpoint_directory(checkpoint):
     def directory():
         with checkpoint.as_directory() as d:
             yield d
-        try:  # where Ray keeps the lock files; if it moved, they stay as Ray leaves them
-            from ray.air._internal.filelock import TempFileLock
-        except ImportError:
-            return
         for path in (d, f"{os.path.normpath(d)}.lock"):
+            lock = rayprivate.temp_lock_path(path)  # None where Ray's API moved: they stay as Ray leaves them
             try:
-                os.remove(TempFileLock(path)._lock_path)
-            except (OSError, AttributeError):
+                if lock is not None:
+                    os.remove(lock)
+            except OSError:
                 pass
 
     return directory()
