@@ -49,6 +49,7 @@ import sys
 
 import numpy as np
 import pyarrow as pa
+from pydantic import BaseModel, ConfigDict
 
 from ..config import EvaluateJob, main_for
 from ..models.errors import SchemaError
@@ -137,13 +138,26 @@ def _check_schema(uri: str, files: list[str], pafs, job: EvaluateJob) -> list[st
 # --------------------------------------------------------------------------- the job
 
 
-def _job_spec(uri: str) -> dict | None:
-    """The scoring job's spec (``_unusual/job.json``: checkpoint, model version, threshold, data), if there is one."""
+class ScoredBy(BaseModel):
+    """What the evaluation reads of the scoring job's plan (``_unusual/job.json``, a
+    :class:`~unusual.ray_jobs.score_plan.ScorePlan`): the bundle, the data, the model, its threshold.
+    Only these fields, each optional, so the output of another version's job still evaluates."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    checkpoint: str | None = None
+    data: str | None = None
+    kind: str | None = None
+    model_version: str | None = None
+    threshold: float | None = None
+
+
+def _job_spec(uri: str) -> ScoredBy | None:
+    """What the scoring job's plan says, if there is one."""
     try:
-        spec = Output(uri).read_json(JOB_DIR, SPEC_FILE)
-    except (OSError, ValueError):
+        return ScoredBy.model_validate(Output(uri).read_json(JOB_DIR, SPEC_FILE))
+    except (OSError, ValueError):  # none there (None does not validate), unreadable
         return None
-    return spec if isinstance(spec, dict) else None
 
 
 def _manifest(checkpoint: str | None) -> dict | None:
@@ -161,15 +175,14 @@ def _manifest(checkpoint: str | None) -> dict | None:
     return manifest if isinstance(manifest, dict) else None
 
 
-def model_card(spec: dict | None, summary: ScoreSummary) -> ModelCard:
-    """What the report says about the model: the scoring job's spec, the manifest of the bundle it
+def model_card(spec: ScoredBy | None, summary: ScoreSummary) -> ModelCard:
+    """What the report says about the model: the scoring job's plan, the manifest of the bundle it
     names and the features the rows' ``top_features`` name most."""
-    spec = spec or {}
     return ModelCard(
-        manifest=_manifest(spec.get("checkpoint")),
-        checkpoint=spec.get("checkpoint"),
-        data=spec.get("data"),
-        kind=spec.get("kind"),
+        manifest=_manifest(spec and spec.checkpoint),
+        checkpoint=spec and spec.checkpoint,
+        data=spec and spec.data,
+        kind=spec and spec.kind,
         top_features=summary.top.ranked(),
         top_rows=summary.top.rows,
     )
@@ -207,13 +220,13 @@ def evaluation_metrics(
     exact: bool,
     hist: ScoreHistogram,
     pa_hist: ScoreHistogram | None = None,
-    spec: dict | None = None,
+    spec: ScoredBy | None = None,
     vus: VusSums | None = None,
 ) -> dict:
     """The metrics (``metrics.json``) of the merged summary, histograms and, for time series, the sums of
     the series' VUS; the threshold is the one in the scoring job's ``spec``, else the smallest score the
     model flagged."""
-    threshold, source = (spec or {}).get("threshold"), "job.json"
+    threshold, source = (spec and spec.threshold), "job.json"
     if threshold is None and summary.flag_min < math.inf:
         threshold, source = summary.flag_min, "smallest flagged score"
     elif threshold is None:

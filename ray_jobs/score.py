@@ -60,7 +60,7 @@ from ..models.errors import UnusualError
 from ..runtime import progress
 from .local_io import DataError, storage_errors
 from .score_actors import PartWriter, ScoreActor, quarantine_units, read_units, score_bucket
-from .score_plan import BUCKET, DEFAULT_BATCH_ROWS, BundleInfo, is_sequence, plan, plan_actors, read_mode, same_job
+from .score_plan import BUCKET, DEFAULT_BATCH_ROWS, BundleInfo, ScorePlan, plan, plan_actors, read_mode
 from .storage import (
     COUNTS,
     JOB_DIR,
@@ -91,7 +91,7 @@ def run(job: ScoreJob) -> dict:
         if existing and job.overwrite:
             out.remove_all()
             existing = []
-        spec_old = out.read_json(JOB_DIR, SPEC_FILE) if existing else None
+        spec_old = previous_plan(out) if existing else None
     if existing and spec_old is None:
         raise UnusualError(
             f"{job.output} already holds files that unusual score did not write; "
@@ -99,21 +99,22 @@ def run(job: ScoreJob) -> dict:
         )
     with storage_errors(job.data):
         spec = plan(job, bundle)
-    if spec_old is not None and not same_job(spec_old, spec):
+    if spec_old is not None and not (isinstance(spec_old, ScorePlan) and spec_old.same_job(spec)):
+        what = (f"model {spec_old.model_version} on {spec_old.data}" if isinstance(spec_old, ScorePlan)
+                else f"a plan this version cannot read: {spec_old}")
         raise UnusualError(
-            f"{job.output} holds the output of a different scoring job "
-            f"(model {spec_old.get('model_version')} on {spec_old.get('data')}); "
+            f"{job.output} holds the output of a different scoring job ({what}); "
             "pass --overwrite to replace it, or choose another --output"
         )
     with storage_errors(job.output, "writing"):
         if spec_old is None:
-            out.write_json(spec, JOB_DIR, SPEC_FILE)
+            out.write_json(spec.model_dump(mode="json"), JOB_DIR, SPEC_FILE)
         done = clean(out)
-    pending = [u for u in range(spec["out_units"]) if u not in done]
+    pending = [u for u in range(spec.out_units) if u not in done]
     progress(
-        f"scoring {spec['rows_in']:,} rows in {len(spec['files'])} file(s) with model "
-        f"{spec['model_version']} -> {job.output}"
-        + (f" (resuming: {len(done)} of {spec['out_units']} units already complete)" if done else "")
+        f"scoring {spec.rows_in:,} rows in {len(spec.files)} file(s) with model "
+        f"{spec.model_version} -> {job.output}"
+        + (f" (resuming: {len(done)} of {spec.out_units} units already complete)" if done else "")
     )
     phases = {"plan": time.perf_counter() - t0}
     lost = 0
@@ -136,6 +137,17 @@ def run(job: ScoreJob) -> dict:
     return summary
 
 
+def previous_plan(out: Output) -> ScorePlan | str | None:
+    """The plan of the job whose output ``out`` holds (None: none there; a string: why it cannot be read)."""
+    doc = out.read_json(JOB_DIR, SPEC_FILE)
+    if doc is None:
+        return None
+    try:
+        return ScorePlan.model_validate(doc)
+    except ValueError as e:
+        return f"{JOB_DIR}/{SPEC_FILE}: {str(e).splitlines()[0]}"
+
+
 def clean(out: Output) -> set[int]:
     """Delete what an interrupted run left half done; return the complete units."""
     listing = out.listing()
@@ -149,24 +161,24 @@ def clean(out: Output) -> set[int]:
     return done
 
 
-def execute(job: ScoreJob, spec: dict, pending: list[int]) -> int:
+def execute(job: ScoreJob, spec: ScorePlan, pending: list[int]) -> int:
     """Score the ``pending`` output units on the cluster: plain actors that read their
     units (tabular on CPUs), or Ray Data read tasks feeding an actor pool (GPUs) or a
     group-by of entity buckets (sequences). Returns the scoring actors lost (plain actors;
     Ray Data replaces its own)."""
     import ray
 
-    mode = read_mode(job, spec["kind"])
+    mode = read_mode(job, spec.kind)
     res = plan_actors(job, mode)
-    units = spec["units"]
-    sequence = is_sequence(spec)
-    bad = [u for u in pending if str(u) in spec["quarantine_units"]]
+    units = spec.units
+    sequence = spec.sequence
+    bad = [u for u in pending if u in spec.quarantine_units]
     gpu = f" + {res['num_gpus']:g} GPU" if res["num_gpus"] else ""
     if sequence:
-        todo = [u for u in pending if u < spec["buckets"]]
-        read = [i for i, u in enumerate(units) if "quarantine" not in u] if todo else []
+        todo = [u for u in pending if u < spec.buckets]
+        read = [i for i, u in enumerate(units) if u.quarantine is None] if todo else []
     else:
-        todo, read = None, [u for u in pending if str(u) not in spec["quarantine_units"]]
+        todo, read = None, [u for u in pending if u not in spec.quarantine_units]
     progress(
         f"{len(pending)} unit(s) to do with {res['concurrency']} scoring "
         f"{'task' if sequence else 'actor'}(s) x {res['num_cpus']} CPU{gpu}"
@@ -179,10 +191,7 @@ def execute(job: ScoreJob, spec: dict, pending: list[int]) -> int:
         ).materialize()
     if not read:
         return 0
-    items = [
-        {"unit": u, "path": spec["files"][units[u]["file"]], "rg0": units[u]["rg"][0], "rg1": units[u]["rg"][1]}
-        for u in read
-    ]
+    items = [{"unit": u, "path": spec.files[units[u].file], "rg0": units[u].rg[0], "rg1": units[u].rg[1]} for u in read]
     actor_kwargs = {"job": job, "spec": spec, "threads": res["threads"]}
     if mode == "actors":
         return score_units(items, actor_kwargs, res)
@@ -191,12 +200,12 @@ def execute(job: ScoreJob, spec: dict, pending: list[int]) -> int:
         batch_size=1,
         num_cpus=0.25,
         fn_kwargs={
-            "data": spec["data"],
-            "columns": spec["columns"],
+            "data": spec.data,
+            "columns": spec.columns,
             "block_rows": job.block_rows,
-            "buckets": spec["buckets"],
-            "entity": spec["entity_column"],
-            "todo": todo if todo is not None and len(todo) < spec["buckets"] else None,
+            "buckets": spec.buckets,
+            "entity": spec.entity_column,
+            "todo": todo if todo is not None and len(todo) < spec.buckets else None,
         },
     )
     resources = {"num_cpus": res["num_cpus"], "num_gpus": res["num_gpus"] or None, "batch_format": "pyarrow"}
@@ -307,7 +316,7 @@ def score_units(items: list[dict], actor_kwargs: dict, res: dict, queued: int = 
     return len(lost)
 
 
-def summarize(out: Output, spec: dict, seconds: float, resumed: int = 0) -> dict:
+def summarize(out: Output, spec: ScorePlan, seconds: float, resumed: int = 0) -> dict:
     """Count every part from its footer and check rows in = scored + quarantined."""
 
     listing = out.listing()
@@ -315,37 +324,37 @@ def summarize(out: Output, spec: dict, seconds: float, resumed: int = 0) -> dict
     out.remove([r for r in listing if is_temporary(r)])
     parts = part_files(listing)
     done = complete_units(parts)
-    missing = [u for u in range(spec["out_units"]) if u not in done]
+    missing = [u for u in range(spec.out_units) if u not in done]
     if missing:
         raise DataError(f"scoring ended with {len(missing)} incomplete unit(s) (first: {missing[0]}); run it again")
     files = [p for ps in parts.values() for *_, p in ps]
     metas = [footer_json(m) for m in out.footers(files)]
     tot = {k: sum(int(m.get(k, 0)) for m in metas) for k in COUNTS}
-    if tot["rows"] != spec["rows_in"] or tot["scored"] + tot["quarantined"] != spec["rows_in"]:
+    if tot["rows"] != spec.rows_in or tot["scored"] + tot["quarantined"] != spec.rows_in:
         raise DataError(
-            f"row count check failed: {spec['rows_in']:,} rows in, {tot['scored']:,} scored + "
+            f"row count check failed: {spec.rows_in:,} rows in, {tot['scored']:,} scored + "
             f"{tot['quarantined']:,} quarantined"
         )
     qfiles = [p for ps in part_files(listing, QUARANTINE_DIR).values() for *_, p in ps]
     reasons = quarantine_reasons(out, qfiles)
     return {
         "output": out.uri,
-        "model_version": spec["model_version"],
-        "threshold": spec["threshold"],
-        "rows_in": spec["rows_in"],
+        "model_version": spec.model_version,
+        "threshold": spec.threshold,
+        "rows_in": spec.rows_in,
         "rows_scored": tot["scored"],
         "rows_quarantined": tot["quarantined"],
         "anomalies": tot["anomalies"],
         "anomaly_rate": tot["anomalies"] / tot["scored"] if tot["scored"] else None,
-        "files_in": len(spec["files"]),
+        "files_in": len(spec.files),
         "parts": len(files),
         "quarantine_parts": len(qfiles),
         "quarantine": f"{out.uri}/{QUARANTINE_DIR}" if qfiles else None,
         "quarantine_reasons": reasons,
-        "units": spec["out_units"],
+        "units": spec.out_units,
         "units_resumed": resumed,
         "seconds": round(seconds, 3),
-        "rows_per_s": round(spec["rows_in"] / max(seconds, 1e-9), 1),
+        "rows_per_s": round(spec.rows_in / max(seconds, 1e-9), 1),
     }
 
 

@@ -28,7 +28,7 @@ from ..config import OUTPUT_COLUMNS, ScoreJob
 from ..models.errors import UnusualError
 from ..models.tables import parquet_options
 from .local_io import filesystem
-from .score_plan import BUCKET, ROW, UNIT, entity_buckets, output_schema
+from .score_plan import BUCKET, ROW, UNIT, ScorePlan, entity_buckets
 from .storage import COUNTS, QUARANTINE_DIR, Output, part_name
 
 
@@ -113,12 +113,12 @@ def stats_batch(stats: list[dict]) -> dict:
 class PartWriter:
     """Opens the parts of output units; knows the output schema and the plan."""
 
-    def __init__(self, spec: dict, output: str):
+    def __init__(self, spec: ScorePlan, output: str):
         self.spec = spec
-        self.units = spec["units"]
-        self.files = spec["files"]
-        self.keep = spec["keep_columns"]
-        self.schema = output_schema(spec)
+        self.units = spec.units
+        self.files = spec.files
+        self.keep = spec.keep_columns
+        self.schema = spec.schema()
         self.options = parquet_options(self.schema)
         self.out = Output(output)
 
@@ -162,11 +162,11 @@ class Part:
         if nbad:
             bad = np.asarray(err.is_valid().to_numpy(zero_copy_only=False), bool)
             idx = pa.array(np.flatnonzero(bad))
-            q = batch.select(self.w.spec["columns"]).take(idx)
+            q = batch.select(self.w.spec.columns).take(idx)
             src = [self.w.units[int(u)] for u in batch.column(UNIT).take(idx).to_numpy()]
             rows = batch.column(ROW).take(idx).to_numpy()
-            q = q.append_column("source_file", pa.array([self.w.files[u["file"]] for u in src], pa.string()))
-            q = q.append_column("source_row", pa.array(np.array([u["base"] for u in src], np.int64) + rows))
+            q = q.append_column("source_file", pa.array([self.w.files[u.file] for u in src], pa.string()))
+            q = q.append_column("source_row", pa.array(np.array([u.base for u in src], np.int64) + rows))
             q = q.append_column("error", err.take(idx))
             if self.qpq is None:
                 self.qfile = self.w.out.open_atomic(QUARANTINE_DIR, self.name)
@@ -209,7 +209,7 @@ class ScoreActor:
     travels back to the driver.
     """
 
-    def __init__(self, job: ScoreJob, spec: dict, threads: int):
+    def __init__(self, job: ScoreJob, spec: ScorePlan, threads: int):
         """``job`` is the job's config as the user gave it, ``spec`` its plan (``_unusual/job.json``)."""
         import torch
 
@@ -219,22 +219,22 @@ class ScoreActor:
         self.spec = spec
         self.writer = PartWriter(spec, job.output)
         self.scorer = Scorer(
-            spec["checkpoint"],
+            spec.checkpoint,
             device="cuda" if job.use_gpu else "cpu",
-            top_k=spec["top_k"],
-            passthrough=(*spec["columns"], UNIT, ROW, BUCKET),
+            top_k=spec.top_k,
+            passthrough=(*spec.columns, UNIT, ROW, BUCKET),
             errors="mask",
             stream=False,
         )
-        if self.scorer.version != spec["model_version"]:
+        if self.scorer.version != spec.model_version:
             raise UnusualError(
-                f"the bundle at {spec['checkpoint']} changed since the job started: "
-                f"{self.scorer.version} != {spec['model_version']}"
+                f"the bundle at {spec.checkpoint} changed since the job started: "
+                f"{self.scorer.version} != {spec.model_version}"
             )
         self.fail_after = job.fail_after_parts
         self.written = 0
         self.block_rows = job.block_rows
-        self.data_fs = filesystem(spec["data"])[0]
+        self.data_fs = filesystem(spec.data)[0]
 
     def __call__(self, batch: pa.Table) -> dict:
         """A batch of rows read by Ray Data tasks (tabular on GPUs), or a whole entity bucket (sequences)."""
@@ -248,7 +248,7 @@ class ScoreActor:
         stats = []
         for a, b in zip(np.r_[0, cut], np.r_[cut, len(units)]):
             u, n = int(units[a]), int(b - a)
-            total = self.spec["units"][u]["rows"]
+            total = self.spec.units[u].rows
             start, stop = int(rows[a]), int(rows[b - 1]) + 1
             stats.append(self._write(batch.slice(a, n), scored.slice(a, n), u, start, stop, total))
         return stats_batch(stats)
@@ -256,8 +256,8 @@ class ScoreActor:
     def unit(self, unit: int, path: str, rg0: int, rg1: int) -> dict:
         """Stream one unit's row groups from storage into one part (the "actors" read mode):
         reading the next block (a thread; Arrow decodes without the GIL) overlaps scoring."""
-        total = self.spec["units"][unit]["rows"]
-        columns = self.spec["columns"]
+        total = self.spec.units[unit].rows
+        columns = self.spec.columns
         part = self.writer.part(unit, 0, total, total)
         try:
             for t in unit_blocks(self.data_fs, path, unit, rg0, rg1, columns, self.block_rows, prefetch=True):
@@ -276,7 +276,7 @@ class ScoreActor:
 
     def _bucket(self, group: pa.Table) -> dict:
         """Rows in entity, time, then input order, so ties keep the file order."""
-        ent, tm = self.spec["entity_column"], self.spec["time_column"]
+        ent, tm = self.spec.entity_column, self.spec.time_column
         keys = [(c, "ascending") for c in (ent, tm, UNIT, ROW) if c]
         group = group.take(pc.sort_indices(group, sort_keys=keys))
         self.scorer.reset()
@@ -293,30 +293,30 @@ class ScoreActor:
 _SCORERS: dict = {}
 
 
-def score_bucket(group: pa.Table, job: ScoreJob, spec: dict, threads: int) -> dict:
+def score_bucket(group: pa.Table, job: ScoreJob, spec: ScorePlan, threads: int) -> dict:
     """map_groups task: one whole bucket, scored by this process's cached scorer."""
-    key = json.dumps([spec["model_version"], job.output])
+    key = json.dumps([spec.model_version, job.output])
     if key not in _SCORERS:
         _SCORERS.clear()
         _SCORERS[key] = ScoreActor(job, spec, threads)
     return _SCORERS[key](group)
 
 
-def quarantine_units(batch: dict, spec: dict, output: str) -> dict:
+def quarantine_units(batch: dict, spec: ScorePlan, output: str) -> dict:
     """Whole units of files that cannot be scored, copied to the quarantine
     with the reason; their output part is empty."""
 
-    pafs, _, _ = filesystem(spec["data"])
+    pafs, _, _ = filesystem(spec.data)
     writer = PartWriter(spec, output)
     stats = []
     for out_id in batch["unit"]:
-        unit = spec["units"][spec["quarantine_units"][str(int(out_id))]]
-        path = spec["files"][unit["file"]]
-        t = pq.ParquetFile(path, filesystem=pafs).read_row_groups(range(*unit["rg"]))
+        unit = spec.units[spec.quarantine_units[int(out_id)]]
+        path = spec.files[unit.file]
+        t = pq.ParquetFile(path, filesystem=pafs).read_row_groups(range(*unit.rg))
         n = t.num_rows
         t = t.append_column("source_file", pa.array([path] * n, pa.string()))
-        t = t.append_column("source_row", pa.array(np.arange(unit["base"], unit["base"] + n, dtype=np.int64)))
-        t = t.append_column("error", pa.array([unit["quarantine"]] * n, pa.string()))
+        t = t.append_column("source_row", pa.array(np.arange(unit.base, unit.base + n, dtype=np.int64)))
+        t = t.append_column("error", pa.array([unit.quarantine] * n, pa.string()))
         writer.out.write_table(t, QUARANTINE_DIR, part_name(int(out_id), 0, n, n))
         meta = {"rows": n, "scored": 0, "quarantined": n, "anomalies": 0}
         writer.write_empty(int(out_id), meta)

@@ -1,8 +1,8 @@
 """Planning a batch-scoring job on the driver: what to read, in which units, with how many scorers.
 
 - :class:`BundleInfo`: what the driver needs of a bundle, read without PyTorch;
-- :func:`plan`: the job spec (``_unusual/job.json``): the input files, checked
-  against the bundle from their footers, cut into *units* of whole row groups
+- :class:`ScorePlan` of :class:`ReadUnit` s, made by :func:`plan`: the job's plan (``_unusual/job.json``):
+  the input files, checked against the bundle from their footers, cut into *units* of whole row groups
   (``unit_rows``); for sequence families the number of entity *buckets*
   (``bucket_rows``); the output schema;
 - :func:`entity_buckets`: the stable bucket of each row, from its entity;
@@ -23,13 +23,14 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import BaseModel, ConfigDict
 
 from ..config import OUTPUT_COLUMNS, ScoreJob
 from ..models.errors import SchemaError
 from ..models.registry import family
 from .local_io import list_parquet_files, read_footers
 
-SPEC_VERSION = 1
+SPEC_VERSION = 1  # job.json's format: a run resumes only a job of the same format
 # Internal columns carried from the read to the writer: the output unit, the row in it, the entity bucket.
 UNIT, ROW, BUCKET = "__unusual_unit__", "__unusual_row__", "__unusual_bucket__"
 DEFAULT_BATCH_ROWS = 131_072  # rows per scoring call when read tasks feed the actors
@@ -68,9 +69,62 @@ class BundleInfo:
         return family(self.kind).sequence
 
 
-def is_sequence(spec: dict) -> bool:
-    """Whether the planned job scores sequences (whole entity buckets) rather than rows."""
-    return family(spec["kind"]).sequence
+class ReadUnit(BaseModel):
+    """A run of whole row groups ``rg = (first, stop)`` of input file ``file``: ``rows`` rows, the first
+    of them row ``base`` of the file. ``quarantine``: why the file cannot be scored (its rows are
+    copied to the quarantine)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    file: int
+    rg: tuple[int, int]
+    base: int
+    rows: int
+    quarantine: str | None = None
+
+
+class ScorePlan(BaseModel):
+    """A batch-scoring job's plan (``_unusual/job.json``), made on the driver by :func:`plan` and read by
+    every scoring actor and task: the bundle, the input files and their read units, the columns read
+    and kept, the output units (the read units, or the entity buckets of a sequence model) and their
+    schema. Small: it travels with each actor."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: int = SPEC_VERSION
+    checkpoint: str
+    model_version: str
+    kind: str
+    threshold: float
+    data: str
+    files: list[str]
+    file_rows: list[int]
+    columns: list[str]  # read from every file: features, entity / time, kept columns
+    keep_columns: list[str]
+    entity_column: str | None
+    time_column: str | None
+    rows_in: int
+    units: list[ReadUnit]
+    buckets: int  # entity buckets (sequence models); 0 for tabular ones
+    out_units: int
+    quarantine_units: dict[int, int]  # output unit -> the read unit of an unscorable file it copies
+    output_schema: str  # base64 of the Arrow schema of every output part
+    top_k: int
+
+    @property
+    def sequence(self) -> bool:
+        """Whether the job scores sequences (whole entity buckets) rather than rows."""
+        return family(self.kind).sequence
+
+    def schema(self) -> pa.Schema:
+        """The schema of every output part (keep columns typed as in the input)."""
+        return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(self.output_schema)))
+
+    def same_job(self, other: ScorePlan) -> bool:
+        """Whether ``other`` plans the same output (so one run may resume the other)."""
+        keys = ("format", "model_version", "files", "file_rows", "columns", "keep_columns", "output_schema",
+                "units", "buckets", "out_units", "top_k")
+        return all(getattr(self, k) == getattr(other, k) for k in keys)
 
 
 def _check_file(schema: pa.Schema, bundle_schema, needed: list[str]) -> str | None:
@@ -86,23 +140,24 @@ def _check_file(schema: pa.Schema, bundle_schema, needed: list[str]) -> str | No
     return None
 
 
-def _units_of(i: int, meta, unit_rows: int) -> list[dict]:
+def _units_of(i: int, meta, unit_rows: int, quarantine: str | None) -> list[ReadUnit]:
     """File ``i`` cut into runs of whole row groups of about ``unit_rows`` rows."""
     units, base, rows, start_rg, start_row = [], 0, 0, 0, 0
     for rg in range(meta.num_row_groups):
         n = meta.row_group(rg).num_rows
         if rows and rows + n > unit_rows:
-            units.append({"file": i, "rg": [start_rg, rg], "base": start_row, "rows": rows})
+            units.append(ReadUnit(file=i, rg=(start_rg, rg), base=start_row, rows=rows, quarantine=quarantine))
             start_rg, start_row, rows = rg, base, 0
         rows += n
         base += n
     if rows:
-        units.append({"file": i, "rg": [start_rg, meta.num_row_groups], "base": start_row, "rows": rows})
+        units.append(ReadUnit(file=i, rg=(start_rg, meta.num_row_groups), base=start_row, rows=rows,
+                              quarantine=quarantine))
     return units
 
 
-def plan(job: ScoreJob, bundle: BundleInfo) -> dict:
-    """The job spec: files, units of work and columns. Small; lives on the driver."""
+def plan(job: ScoreJob, bundle: BundleInfo) -> ScorePlan:
+    """The job's plan: files, units of work and columns. Small; made on the driver."""
     from ..models.tables import TOP_FEATURE_TYPE
 
     files, pafs = list_parquet_files(job.data)
@@ -114,7 +169,7 @@ def plan(job: ScoreJob, bundle: BundleInfo) -> dict:
     if sequence:  # entity and time identify a sequence row: kept by default
         keep = [c for c in (entity, time_col) if c and c not in keep] + keep
     needed = list(dict.fromkeys([*features, *(c for c in (entity, time_col) if c), *keep]))
-    units, bad_files, first_bad = [], [], None
+    units, bad, first_bad = [], {}, None
     rows_in = sum(m.num_rows for m in metas)
     unit_rows = job.unit_rows or unit_size(rows_in)
     for i, (f, meta) in enumerate(zip(files, metas)):
@@ -124,15 +179,11 @@ def plan(job: ScoreJob, bundle: BundleInfo) -> dict:
                 raise SchemaError(f"--keep-columns {c!r} is not a column of {f}; it has {schema.names}", c)
         reason = _check_file(schema, bundle.schema, needed)
         if reason:
-            bad_files.append({"file": i, "reason": reason})
+            bad[i] = reason
             first_bad = first_bad or (f, reason)
-        units += _units_of(i, meta, unit_rows)
-    if first_bad and len(bad_files) == len(files):
+        units += _units_of(i, meta, unit_rows, reason)
+    if first_bad and len(bad) == len(files):
         raise SchemaError(f"no file can be scored by this model: {first_bad[0]}: {first_bad[1]}")
-    bad = {b["file"]: b["reason"] for b in bad_files}
-    for u in units:
-        if u["file"] in bad:
-            u["quarantine"] = bad[u["file"]]
     good = next(m.schema.to_arrow_schema() for i, m in enumerate(metas) if i not in bad)
     types = {
         "anomaly_score": pa.float64(),
@@ -142,37 +193,30 @@ def plan(job: ScoreJob, bundle: BundleInfo) -> dict:
     }
     out_fields = [good.field(c) for c in keep] + [pa.field(c, types[c]) for c in OUTPUT_COLUMNS]
     buckets = (max(1, math.ceil(rows_in / job.bucket_rows)) if entity else 1) if sequence else 0
-    bad_units = [i for i, u in enumerate(units) if "quarantine" in u]
-    # Output units: the read units (tabular) or the entity buckets (sequences);
-    # the units of unscorable files are copied to the quarantine as their own
-    # output units.
+    bad_units = [i for i, u in enumerate(units) if u.quarantine is not None]
+    # Output units: the read units (tabular) or the entity buckets (sequences); the units of unscorable
+    # files are copied to the quarantine as their own output units.
     quarantine = {(buckets + j if sequence else u): u for j, u in enumerate(bad_units)}
-    return {
-        "format": SPEC_VERSION,
-        "checkpoint": job.checkpoint,
-        "model_version": bundle.version,
-        "kind": bundle.kind,
-        "threshold": bundle.threshold,
-        "data": job.data,
-        "files": files,
-        "file_rows": [m.num_rows for m in metas],
-        "columns": needed,
-        "keep_columns": keep,
-        "entity_column": entity,
-        "time_column": time_col,
-        "rows_in": rows_in,
-        "units": units,
-        "buckets": buckets,
-        "out_units": buckets + len(bad_units) if sequence else len(units),
-        "quarantine_units": {str(k): v for k, v in quarantine.items()},
-        "output_schema": base64.b64encode(pa.schema(out_fields).serialize().to_pybytes()).decode(),
-        "top_k": job.top_k,
-    }
-
-
-def output_schema(spec: dict) -> pa.Schema:
-    """The schema of every output part (keep columns typed as in the input)."""
-    return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(spec["output_schema"])))
+    return ScorePlan(
+        checkpoint=job.checkpoint,
+        model_version=bundle.version,
+        kind=bundle.kind,
+        threshold=bundle.threshold,
+        data=job.data,
+        files=files,
+        file_rows=[m.num_rows for m in metas],
+        columns=needed,
+        keep_columns=keep,
+        entity_column=entity,
+        time_column=time_col,
+        rows_in=rows_in,
+        units=units,
+        buckets=buckets,
+        out_units=buckets + len(bad_units) if sequence else len(units),
+        quarantine_units=quarantine,
+        output_schema=base64.b64encode(pa.schema(out_fields).serialize().to_pybytes()).decode(),
+        top_k=job.top_k,
+    )
 
 
 def unit_size(rows: int) -> int:
@@ -180,15 +224,6 @@ def unit_size(rows: int) -> int:
     the scorers, between 100,000 and 1,000,000 rows (whole row groups).
     Depends on the data only, so a rerun plans the same units."""
     return min(1_000_000, max(100_000, rows // 64))
-
-
-def same_job(a: dict, b: dict) -> bool:
-    """Whether two specs plan the same output (so one run may resume the other)."""
-    keys = (
-        "format", "model_version", "files", "file_rows", "columns", "keep_columns", "output_schema",
-        "units", "buckets", "out_units", "top_k",
-    )  # fmt: skip
-    return all(a.get(k) == b.get(k) for k in keys)
 
 
 def entity_buckets(table: pa.Table, entity: str | None, buckets: int) -> np.ndarray:

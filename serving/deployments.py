@@ -77,9 +77,9 @@ async def _error(request: Request, e: RequestError):
     return JSONResponse({"error": e.message}, status_code=e.status)
 
 
-def _response(r: dict) -> Response:
-    """An answer of :mod:`.handling` (status, body, media type, headers) as an HTTP response."""
-    return Response(r["body"], status_code=r["status"], media_type=r["media_type"], headers=r.get("headers"))
+def _response(r: handling.Answer) -> Response:
+    """An answer of :mod:`.handling` as an HTTP response."""
+    return Response(r.body, status_code=r.status, media_type=r.media_type, headers=r.headers)
 
 
 async def _read(request: Request, limit: int, required: bool = False) -> bytes:
@@ -140,7 +140,7 @@ class ModelReplica:
     def info(self) -> dict:
         return handling.model_info(self.name, self.scorer, self.checkpoint)
 
-    async def handle(self, body: bytes, content_type: str) -> dict:
+    async def handle(self, body: bytes, content_type: str) -> handling.Answer:
         """A scoring request's raw body -> the HTTP answer (status, body, media type, headers): a small
         JSON body of numbers on the fast path (:func:`.handling.fast_json`), anything else parsed into a
         table (:func:`.handling.score_request`)."""
@@ -234,7 +234,7 @@ class Gateway:
         body = await _read(request, self.config.max_body_bytes, required=True)
         return _response(await self._forward(name, body, request.headers.get("content-type", "application/json")))
 
-    async def _forward(self, name: str, body: bytes, ctype: str, tries: int = 5) -> dict:
+    async def _forward(self, name: str, body: bytes, ctype: str, tries: int = 5) -> handling.Answer:
         """The model's answer to a request. ``handle`` answers every request, bad ones included, so a
         call that raises met a replica that stopped (a swap rolling the replicas, a scale-down) or died:
         scoring has no side effects, so it is sent again, then a 503 (never a 500)."""

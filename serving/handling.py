@@ -4,7 +4,7 @@
 - a model replica's path from a request body to its answer: parse (:mod:`.codec`), score through the
   :class:`~unusual.models.Scorer` (one call, or Serve's batching for row-wise families), encode; and
   the fast path of small JSON bodies of numbers (:func:`fast_json`: no Arrow table on the way);
-- answers: ``{"status", "body", "media_type", "headers"}`` dicts, JSON without NaN / inf;
+- answers: :class:`Answer` (status, body, media type, headers), JSON without NaN / inf;
 - the Prometheus metrics of a model (defined on the ``ray.serve.metrics`` module handed in);
 - ``POST /v1/jobs``: the request's fields validated as a :class:`~unusual.config.ScoreJob` and the
   ``python -m unusual.ray_jobs.score`` command built from it (serving never imports the jobs).
@@ -21,6 +21,7 @@ import math
 import sys
 import time
 from collections.abc import AsyncIterable, Awaitable, Callable, Collection
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -50,16 +51,27 @@ def finite(obj):
     return obj
 
 
-def answer(status: int, payload: dict, headers: dict | None = None) -> dict:
+@dataclass(frozen=True)
+class Answer:
+    """An HTTP answer of a model replica (what its route sends, and what the gateway's ``handle`` call
+    gets back from it): the status, the body, its media type and the headers."""
+
+    status: int
+    body: bytes
+    media_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def answer(status: int, payload: dict, headers: dict | None = None) -> Answer:
     """An HTTP answer with a JSON body."""
     try:
         body = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
     except ValueError:  # a NaN / inf somewhere (a contribution, a threshold): null there
         body = json.dumps(finite(payload), separators=(",", ":")).encode()
-    return {"status": status, "body": body, "media_type": "application/json", "headers": headers or {}}
+    return Answer(status, body, "application/json", headers or {})
 
 
-def error_answer(status: int, message: str) -> dict:
+def error_answer(status: int, message: str) -> Answer:
     return answer(status, {"error": message})
 
 
@@ -245,7 +257,7 @@ async def score_table(
 async def fast_json(
     body: bytes, content_type: str, *, name: str, scorer, max_rows: int, batched: Callable[..., Awaitable],
     metrics: ModelMetrics,
-) -> dict | None:
+) -> Answer | None:
     """A JSON body of numbers for a tabular model of numeric features, straight to its answer: parsed
     into the model input in the bundle's column order (:func:`.codec.numeric_rows`), scored, answered
     from the arrays, with no Arrow table on the way. None for any other request: :func:`score_request`
@@ -269,7 +281,7 @@ async def fast_json(
 
 async def score_request(
     body: bytes, content_type: str, *, name: str, max_rows: int, score: Callable[[pa.Table], Awaitable[dict]]
-) -> dict:
+) -> Answer:
     """A scoring request's raw body -> its answer: JSON rows in, JSON out; Arrow / Parquet in, the
     scored table out in the same format (version and threshold in the X-Model-Version and
     X-Threshold headers). ``score`` is :func:`score_table` bound to the replica's scorer."""
@@ -294,7 +306,7 @@ async def score_request(
             "seconds": round(time.perf_counter() - t0, 6),
         }
         return answer(200, payload, headers)
-    return {"status": 200, "body": table_to_body(out, fmt), "media_type": media_type(fmt), "headers": headers}
+    return Answer(200, table_to_body(out, fmt), media_type(fmt), headers)
 
 
 def model_info(name: str, scorer, checkpoint: str | None) -> dict:

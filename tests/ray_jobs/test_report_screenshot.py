@@ -29,7 +29,7 @@ from unusual.models import Detector
 from unusual.models.metrics import ScoreHistogram, adjusted_scores, label_segments, point_adjust
 from unusual.ray_jobs import sample_data
 from unusual.ray_jobs.eval_stats import ScoreSummary, VusSums, bin_edges
-from unusual.ray_jobs.evaluate import EvaluateJob, evaluation_metrics, model_card
+from unusual.ray_jobs.evaluate import EvaluateJob, ScoredBy, evaluation_metrics, model_card
 from unusual.ray_jobs.report import METRIC_LABELS, report_html
 from unusual.ray_jobs.report_charts import ADJUSTED, ANOMALY, NORMAL, _pr_points
 
@@ -74,13 +74,13 @@ def evaluation(tmp_path_factory):
     flag = scored.column("is_anomaly").to_numpy(zero_copy_only=False)
     hist = ScoreHistogram.of(score, label, edges, pred=flag)
     # what the scoring job records in _unusual/job.json
-    spec = {
-        "checkpoint": bundle,
-        "model_version": det.version,
-        "kind": "ae",
-        "threshold": det.threshold_,
-        "data": "unusual.ray_jobs.sample_data cardio",
-    }
+    spec = ScoredBy(
+        checkpoint=bundle,
+        model_version=det.version,
+        kind="ae",
+        threshold=det.threshold_,
+        data="unusual.ray_jobs.sample_data cardio",
+    )
     job = EvaluateJob(scores="file:///scores/cardio", label_column=EVIL_LABEL)
     metrics = evaluation_metrics(job, summary, edges, exact, hist, None, spec)
     return metrics, hist, model_card(spec, summary), (score, label, flag, edges, spec, summary)
@@ -196,7 +196,7 @@ def test_headline_card_and_escaping(evaluation, report):
     assert "<i>" not in report and "<script" not in report.lower()
     assert html.escape(EVIL_FEATURE) in report and html.escape(EVIL_LABEL) in report
     # the headline: model, data, the five numbers in words
-    assert f"<code>{spec['model_version']}</code>" in report and "autoencoder (ae)" in report
+    assert f"<code>{spec.model_version}</code>" in report and "autoencoder (ae)" in report
     for name in ("ROC-AUC", "AUC-PR (average precision)", "F1 at the threshold", "Precision", "Recall"):
         assert f'<div class="k">{name}</div>' in report
     assert f'<div class="v">{metrics["roc_auc"]:.4g}</div>' in report
@@ -205,7 +205,7 @@ def test_headline_card_and_escaping(evaluation, report):
     assert f"<strong>{metrics['tp']:,}</strong>" in report and f"<strong>{metrics['tn']:,}</strong>" in report
     assert "0.99 quantile of " in report and "<code>contamination=0.01</code>" in report
     # the model card, from the bundle's manifest
-    assert card.manifest is not None and card.manifest["model_version"] == spec["model_version"]
+    assert card.manifest is not None and card.manifest["model_version"] == spec.model_version
     assert "21 (21 numeric)<details>" in report and "1,831 (1,556 to train on, 275 to validate)" in report
     assert "<th>epochs</th><td>2</td>" in report and "<th>hidden</th><td>16</td>" in report
     top = summary.top.ranked()

@@ -66,7 +66,7 @@ def test_a_batch_is_one_model_call_per_scorer_and_each_request_gets_its_rows(sco
     assert handling.batch_rows([(a, xs[0]), (b, xs[3])]) == 5
 
 
-def _general(scorer, body: bytes, ctype: str = "application/json") -> dict:
+def _general(scorer, body: bytes, ctype: str = "application/json") -> handling.Answer:
     async def batched(s, x):
         return handling.score_batch([(s, x)], _metrics())[0]
 
@@ -76,7 +76,7 @@ def _general(scorer, body: bytes, ctype: str = "application/json") -> dict:
     return asyncio.run(handling.score_request(body, ctype, name="ae", max_rows=100, score=score))
 
 
-def _fast(scorer, body: bytes, ctype: str = "application/json") -> dict | None:
+def _fast(scorer, body: bytes, ctype: str = "application/json") -> handling.Answer | None:
     async def batched(s, x):
         return handling.score_batch([(s, x)], _metrics())[0]
 
@@ -84,10 +84,10 @@ def _fast(scorer, body: bytes, ctype: str = "application/json") -> dict | None:
                                           metrics=_metrics()))
 
 
-def _without_seconds(r: dict) -> dict:
-    doc = json.loads(r["body"])
+def _without_seconds(r: handling.Answer) -> tuple:
+    doc = json.loads(r.body)
     doc.pop("seconds")
-    return {**r, "body": doc}
+    return r.status, doc, r.media_type, r.headers
 
 
 def test_the_fast_path_answers_json_rows_of_numbers_as_the_general_path_does(scorers, cardio):
@@ -98,10 +98,10 @@ def test_the_fast_path_answers_json_rows_of_numbers_as_the_general_path_does(sco
     for body in ({"rows": rows[:1]}, {"rows": rows}, {"rows": shuffled}, {"rows": ints}, {"rows": rows, "x": 1}):
         raw = json.dumps(body).encode()
         fast, general = _fast(scorer, raw), _general(scorer, raw)
-        assert fast is not None and fast["status"] == general["status"] == 200
+        assert fast is not None and fast.status == general.status == 200
         assert _without_seconds(fast) == _without_seconds(general)
     flagged = _fast(scorer, json.dumps({"rows": [{k: 1e9 for k in rows[0]}]}).encode())
-    assert json.loads(flagged["body"])["rows"][0]["is_anomaly"] is True
+    assert json.loads(flagged.body)["rows"][0]["is_anomaly"] is True
 
 
 @pytest.mark.parametrize(
@@ -119,8 +119,8 @@ def test_anything_else_is_left_to_the_general_path(scorers, cardio, change, stat
     body = json.dumps({"rows": [change(cardio.slice(0, 1).to_pylist()[0])]}).encode()
     assert _fast(scorer, body) is None
     r = _general(scorer, body)
-    assert r["status"] == status, r
-    assert message is None or json.loads(r["body"])["error"].startswith(message), r
+    assert r.status == status, r
+    assert message is None or json.loads(r.body)["error"].startswith(message), r
 
 
 def test_numeric_rows_takes_only_rows_of_exactly_the_columns_as_numbers():
