@@ -58,7 +58,11 @@ def split_params(kind: str, params: dict):
     owners = {f.name: g for g, cls in groups.items() for f in fields(cls)}
     for name, value in params.items():
         if name not in owners:
-            raise TypeError(f"unknown parameter {name!r} for kind {kind!r}; known: {sorted(owners)}")
+            import difflib
+
+            near = difflib.get_close_matches(name, owners, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise TypeError(f"unknown parameter {name!r} for kind {kind!r}{hint}; known: {sorted(owners)}")
         check_type(name, value, groups[owners[name]])
     defaults = {**fam.train_defaults, **(fam.clean_defaults if params.get("clean") else {})}
     for name, value in {**defaults, **params}.items():

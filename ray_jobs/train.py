@@ -45,7 +45,7 @@ from ..runtime import (
 from .local_io import filesystem, refuse_existing_bundle
 from .threshold import calibrate_at_scale
 from .train_data import prepare
-from .train_worker import load_state, train_loop
+from .train_worker import LoopConfig, TrainState, train_loop
 
 __all__ = ["ResourceError", "TrainJob", "command", "main", "run"]
 
@@ -106,28 +106,27 @@ def _train(job: TrainJob) -> dict:
     pafs, storage_path, _ = filesystem(storage)
     run_name = job.run_name or f"{kind}-{uuid.uuid4().hex[:8]}"
     fail_marker = os.path.join(tempfile.gettempdir(), f"unusual-fail-{os.getpid()}-{run_name}")
-    loop_config = {
-        "kind": kind,
-        "model_config": asdict(model_cfg),
-        "width": prep.schema.width,
-        "train": asdict(train_cfg),
-        "threshold": asdict(thr_cfg),
-        "pieces": prep.pieces,
-        # For the batch size (the in-memory rule): the split is by hash, so this is its expected size.
-        "train_samples": int(round(prep.n_samples * (1.0 - train_cfg.val_fraction))),
-        "precision": job.precision,
-        "threads": max(1, int(resources["CPU"])),
-        "checkpoint_every": job.checkpoint_every,
-        "fail_at_epoch": job.fail_at_epoch,
-        "fail_marker": fail_marker,
-    }
+    loop = LoopConfig(
+        kind=kind,
+        model_config=asdict(model_cfg),
+        width=prep.schema.width,
+        train=train_cfg,
+        threshold=thr_cfg,
+        pieces=prep.pieces,
+        train_samples=int(round(prep.n_samples * (1.0 - train_cfg.val_fraction))),
+        precision=job.precision,
+        threads=max(1, int(resources["CPU"])),
+        checkpoint_every=job.checkpoint_every,
+        fail_at_epoch=job.fail_at_epoch,
+        fail_marker=fail_marker,
+    )
     progress(
         f"training {kind} on {prep.n_samples:,} {'windows' if fam.sequence else 'rows'} ({prep.how}) with "
         f"{job.num_workers} worker(s) x {resources} (run {run_name}, checkpoints in {storage})"
     )
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config=loop_config,
+        train_loop_config={"loop": loop},
         scaling_config=ScalingConfig(num_workers=job.num_workers, use_gpu=job.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=run_name,
@@ -149,16 +148,16 @@ def _train(job: TrainJob) -> dict:
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
     with checkpoint_directory(result.checkpoint) as d:
-        state = load_state(d)
-    hist = state["history"]
+        state = TrainState.load(d)
+    hist = state.history
 
     module = fam.module(model_cfg, prep.schema.width)
-    if "threshold" in state:  # the workers calibrated on the validation split they hold
-        module.load_state_dict(state["calibrated_model"])
-        threshold = state["threshold"]
+    if state.threshold is not None:  # the workers calibrated on the validation split they hold
+        module.load_state_dict(state.calibrated_model)
+        threshold = state.threshold
     else:
         progress("scoring the validation split for the threshold …")
-        module.load_state_dict(state["stopper"]["best_state"])
+        module.load_state_dict(state.stopper["best_state"])
         calib = prep.val_ds if train_cfg.val_fraction > 0 else prep.train_ds
         every = prep.train_ds.union(prep.val_ds) if train_cfg.val_fraction > 0 else prep.train_ds
         threshold = calibrate_at_scale(module, calib, kind, asdict(model_cfg), prep.schema.width, thr_cfg, every)
@@ -167,7 +166,7 @@ def _train(job: TrainJob) -> dict:
         **hist.summary(),
         "rows": int(prep.n_rows),
         # the distinct training samples (an epoch's count may repeat a few to give workers equal steps)
-        "train_samples": int(state.get("train_samples", hist.summary()["train_samples"])),
+        "train_samples": int(state.train_samples or hist.summary()["train_samples"]),
         "samples_per_s": float(sum(hist.samples) / max(hist.seconds, 1e-9)),
         "config": asdict(train_cfg),
         "runner": "ray-train",
@@ -203,6 +202,8 @@ def command(job: TrainJob) -> int:
                 "output": job.output,
                 "model_version": manifest["model_version"],
                 "threshold": threshold_of(manifest),
+                "rows": t["rows"],
+                "train_samples": t["train_samples"],
                 "epochs_run": len(t["val_loss"]),
                 "best_val_loss": min(t["val_loss"]),
                 "samples_per_s": round(t["samples_per_s"], 1),

@@ -1,6 +1,6 @@
 """The Ray Train worker of ``unusual train``: :func:`train_loop` runs on every worker.
 
-Each worker builds the model from the driver's ``loop_config``, wraps its training
+Each worker builds the model from the driver's :class:`LoopConfig`, wraps its training
 :class:`~unusual.models.training.Objective` in DDP and runs the same
 :func:`~unusual.models.training.train_epochs` loop as the in-memory API; the loss sums are
 all-reduced across workers.
@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -51,33 +51,61 @@ FIRST_CHECKPOINT_S = 10.0  # auto cadence: the first checkpoint after this much 
 COST_FACTOR = 20.0  # then one whenever 20 x the last checkpoint's cost has passed (< 5 %)
 
 
-def save_state(directory: str, module, opt, stopper: EarlyStopping, hist: History, epoch: int, **extra) -> None:
-    """The training state after ``epoch`` as ``directory/state.pt``."""
-    torch.save(
-        {
-            "model": {k: v.detach().cpu() for k, v in module.state_dict().items()},
-            "optimizer": opt.state_dict(),
-            "stopper": stopper.state_dict(),
-            "history": asdict(hist),
-            "epoch": epoch,
-            **extra,
-        },
-        os.path.join(directory, STATE_FILE),
-    )
+@dataclass(frozen=True)
+class LoopConfig:
+    """What the driver hands every Ray Train worker (``train_loop_config={"loop": …}``)."""
+
+    kind: str
+    model_config: dict  # the family's stored config (asdict), rebuilt by family.stored_config
+    width: int  # columns of the encoded input
+    train: TrainConfig
+    threshold: ThresholdConfig
+    pieces: list | None  # object refs of the encoded samples (in memory), or None: stream the Ray Dataset shards
+    train_samples: int  # expected training samples (the batch-size rule); the split is by hash
+    precision: str
+    threads: int
+    checkpoint_every: int | None
+    fail_at_epoch: int | None  # testing: the last worker dies at this epoch, once (marker file)
+    fail_marker: str
 
 
-def load_state(directory: str) -> dict:
-    """The state a checkpoint directory holds; ``"history"`` as a :class:`History`."""
-    st = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
-    st["history"] = History.from_dict(st["history"])
-    return st
+@dataclass
+class TrainState:
+    """What a training checkpoint holds (``state.pt``, saved as plain tensors and lists, read back with
+    ``weights_only``): the model, the optimizer, the early stopping, the history and the last epoch;
+    the final one, when the workers calibrated, also the calibrated model, its threshold and the
+    distinct training samples."""
+
+    model: dict
+    optimizer: dict
+    stopper: dict
+    history: History
+    epoch: int
+    final: bool = False
+    calibrated_model: dict | None = None
+    threshold: dict | None = None
+    train_samples: int | None = None
+
+    def save(self, directory: str) -> None:
+        torch.save({**{f.name: getattr(self, f.name) for f in fields(self)}, "history": asdict(self.history)},
+                   os.path.join(directory, STATE_FILE))
+
+    @classmethod
+    def load(cls, directory: str) -> TrainState:
+        st = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+        names = {f.name for f in fields(cls)}
+        return cls(**{**{k: v for k, v in st.items() if k in names}, "history": History.from_dict(st["history"])})
 
 
-def _inject_fault(config: dict, epoch: int, rank: int, world: int) -> None:
+def model_weights(module) -> dict:
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
+def _inject_fault(config: LoopConfig, epoch: int, rank: int, world: int) -> None:
     """Testing (``fail_at_epoch``): the last worker's process dies at that epoch, once per run."""
-    if config.get("fail_at_epoch") != epoch or rank != world - 1:
+    if config.fail_at_epoch != epoch or rank != world - 1:
         return
-    marker = config["fail_marker"]
+    marker = config.fail_marker
     if os.path.exists(marker):
         return
     open(marker, "w").close()
@@ -184,16 +212,18 @@ def calibrate(module, xt, xv, coll: Collectives, thr_cfg: ThresholdConfig, devic
     return rec
 
 
-def train_loop(config: dict) -> None:
-    """Ray Train's per-worker loop (also runs alone for ``num_workers=1``)."""
+def train_loop(loop_config: dict) -> None:
+    """Ray Train's per-worker loop (also runs alone for ``num_workers=1``): ``loop_config["loop"]`` is the
+    driver's :class:`LoopConfig`."""
     import ray.train
     import ray.train.torch
 
-    torch.set_num_threads(max(1, int(config["threads"])))
-    cfg = TrainConfig(**config["train"])
+    config: LoopConfig = loop_config["loop"]
+    torch.set_num_threads(max(1, config.threads))
+    cfg = config.train
     torch.manual_seed(cfg.seed)
-    fam = family(config["kind"])
-    module = fam.module(fam.stored_config(config["model_config"]), config["width"])
+    fam = family(config.kind)
+    module = fam.module(fam.stored_config(config.model_config), config.width)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -203,12 +233,12 @@ def train_loop(config: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with checkpoint_directory(ckpt) as d:
-            st = load_state(d)
-        module.load_state_dict(st["model"])
-        opt_state = st["optimizer"]
-        stopper.load_state_dict(st["stopper"])
-        hist = st["history"]
-        start = int(st["epoch"]) + 1
+            st = TrainState.load(d)
+        module.load_state_dict(st.model)
+        opt_state = st.optimizer
+        stopper.load_state_dict(st.stopper)
+        hist = st.history
+        start = st.epoch + 1
         if rank == 0:
             print(f"{MARK} resumed from the checkpoint of epoch {start}", flush=True)
 
@@ -216,10 +246,10 @@ def train_loop(config: dict) -> None:
     opt = make_optimizer(objective, cfg)
     if opt_state is not None:
         opt.load_state_dict(opt_state)
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config["precision"]) if device.type == "cuda" else None
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision) if device.type == "cuda" else None
     scaler = torch.amp.GradScaler("cuda") if amp is torch.float16 else None
 
-    pieces = config.get("pieces")
+    pieces = config.pieces
     if pieces is not None:
         x, val = fetch_share(pieces, rank, world)
         xt, xv = torch.from_numpy(np.ascontiguousarray(x[~val])), torch.from_numpy(np.ascontiguousarray(x[val]))
@@ -252,7 +282,7 @@ def train_loop(config: dict) -> None:
             return _chunks(xv, 4096, device)
 
     else:
-        n_train = config["train_samples"]
+        n_train = config.train_samples
         batch_size = max(1, batch_size_for(cfg.batch_size, n_train) // world)
         train_shard = ray.train.get_dataset_shard("train")
         val_shard = ray.train.get_dataset_shard("val")
@@ -272,7 +302,7 @@ def train_loop(config: dict) -> None:
             for b in val_shard.iter_torch_batches(batch_size=4096, dtypes=torch.float32, device=device):
                 yield b["x"]
 
-    cadence = Cadence(config.get("checkpoint_every"))
+    cadence = Cadence(config.checkpoint_every)
 
     def checkpoint(epoch: int, **extra) -> None:
         t0 = time.perf_counter()
@@ -284,7 +314,7 @@ def train_loop(config: dict) -> None:
         }
         if rank == 0:
             with temp_dir("ckpt") as d:
-                save_state(d, module, opt, stopper, hist, epoch, **extra)
+                TrainState(model_weights(module), opt.state_dict(), stopper.state_dict(), hist, epoch, **extra).save(d)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)
@@ -321,7 +351,6 @@ def train_loop(config: dict) -> None:
     final = {"final": True}
     if pieces is not None:
         module.load_state_dict(stopper.best_state)
-        calibrated = calibrate(module, xt, xv, coll, ThresholdConfig(**config["threshold"]), device)
-        final.update(calibrated_model={k: v.detach().cpu() for k, v in module.state_dict().items()})
-        final.update(threshold=calibrated, train_samples=n_train)
+        calibrated = calibrate(module, xt, xv, coll, config.threshold, device)
+        final.update(calibrated_model=model_weights(module), threshold=calibrated, train_samples=n_train)
     checkpoint(max(len(hist.val_loss) - 1, start - 1), **final)

@@ -36,7 +36,7 @@ from .app import APP_NAME, as_config, gateway_deployment, model_app_name, model_
 from .handling import token_digest
 
 # The replicas' settings a model application takes from ServeConfig (the gateway takes them all).
-GATEWAY_ONLY = ("models", "default_model", "ray_address", "jobs_uri_prefixes")
+GATEWAY_ONLY = ("models", "default_model", "jobs_address", "jobs_uri_prefixes")
 
 
 def model_app(args: ModelAppConfig):
@@ -80,7 +80,7 @@ def config_file(config, name: str = APP_NAME, route_prefix: str = "/", host: str
     gateway = {**shared, "models": ",".join(f"{m}={model_app_name(name, m)}" for m in config.models)}
     if config.default_model is not None and len(config.models) > 1:
         gateway["default_model"] = config.default_model
-    for key in ("ray_address", "jobs_uri_prefixes"):
+    for key in ("jobs_address", "jobs_uri_prefixes"):
         if key in given:
             gateway[key] = ",".join(given[key]) if isinstance(given[key], list) else given[key]
     apps.append({"name": name, "route_prefix": route_prefix, "import_path": f"{__name__}:gateway_app",

@@ -317,6 +317,6 @@ class Gateway:
 
         if self.jobs is None:
             # "auto": the dashboard of the cluster this replica runs in, found through the GCS
-            address = self.config.ray_address or os.environ.get("RAY_DASHBOARD_ADDRESS") or "auto"
+            address = self.config.jobs_address or os.environ.get("RAY_DASHBOARD_ADDRESS") or "auto"
             self.jobs = JobSubmissionClient(address)
         return self.jobs

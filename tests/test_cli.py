@@ -202,4 +202,17 @@ def test_fit_refuses_before_reading_the_data(tmp_path, capsys):
     )
     nowhere = ["--data", str(tmp_path / "nope"), "--output", str(tmp_path / "m")]
     assert cli.main(["fit", *nowhere, "--param", "lattent=3"]) == 2
-    assert capsys.readouterr().err.startswith("unusual fit: error: unknown parameter 'lattent' for kind 'ae'; known: [")
+    assert capsys.readouterr().err.startswith(
+        "unusual fit: error: unknown parameter 'lattent' for kind 'ae' (did you mean 'latent'?); known: ["
+    )
+
+
+def test_bare_unusual_prints_the_help_and_version_prints_the_version(capsys):
+    from unusual import __version__
+
+    assert cli.main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: unusual") and all(c in out for c in ("fit", "train", "score", "serve", "demo"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"unusual {__version__}"

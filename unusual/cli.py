@@ -98,7 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):  # bare `unusual`: what it can do
+        parser.print_help()
+        return 0
+    ns = parser.parse_args(argv)
     return run_parsed(ns.command, CONFIGS[ns.command], ns, lambda job: function_of(ns.command)(job))
 
 

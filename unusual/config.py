@@ -277,7 +277,7 @@ class ServeConfig(JobConfig):
         ge=1,
     )
     access_log: bool = opt(False, "a log line per request in the replicas' Serve logs (costs throughput)")
-    ray_address: str | None = opt(
+    jobs_address: str | None = opt(
         None, "dashboard address for POST /v1/jobs (default: $RAY_DASHBOARD_ADDRESS, else this cluster)"
     )
     jobs_uri_prefixes: CSV = opt(
