@@ -13,6 +13,17 @@ from .errors import SchemaError
 
 # The scorer's attribution column: the top-k features of each row, largest share first.
 TOP_FEATURE_TYPE = pa.list_(pa.struct([("feature", pa.string()), ("contribution", pa.float64())]))
+# What the Scorer adds to each row (models/scorer.py's docstring says what each means); the batch job's
+# output, the endpoint's answers and the evaluation read these names and types from here.
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("anomaly_score", pa.float64()),
+        ("is_anomaly", pa.bool_()),
+        ("top_features", TOP_FEATURE_TYPE),
+        ("model_version", pa.string()),
+    ]
+)
+OUTPUT_COLUMNS = tuple(OUTPUT_SCHEMA.names)
 
 
 def to_table(data) -> pa.Table:

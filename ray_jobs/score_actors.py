@@ -24,9 +24,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..config import OUTPUT_COLUMNS, ScoreJob
+from ..config import ScoreJob
 from ..models.errors import UnusualError
-from ..models.tables import parquet_options
+from ..models.tables import OUTPUT_COLUMNS, parquet_options
 from .local_io import filesystem
 from .score_plan import BUCKET, ROW, UNIT, ScorePlan, entity_buckets
 from .storage import COUNTS, QUARANTINE_DIR, Output, part_name

@@ -25,9 +25,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict
 
-from ..config import OUTPUT_COLUMNS, ScoreJob
+from ..config import ScoreJob
 from ..models.errors import SchemaError
 from ..models.registry import family
+from ..models.tables import OUTPUT_SCHEMA
 from .local_io import list_parquet_files, read_footers
 
 SPEC_VERSION = 1  # job.json's format: a run resumes only a job of the same format
@@ -158,8 +159,6 @@ def _units_of(i: int, meta, unit_rows: int, quarantine: str | None) -> list[Read
 
 def plan(job: ScoreJob, bundle: BundleInfo) -> ScorePlan:
     """The job's plan: files, units of work and columns. Small; made on the driver."""
-    from ..models.tables import TOP_FEATURE_TYPE
-
     files, pafs = list_parquet_files(job.data)
     metas = read_footers(files, pafs)
     entity, time_col = bundle.entity_column, bundle.time_column
@@ -185,13 +184,7 @@ def plan(job: ScoreJob, bundle: BundleInfo) -> ScorePlan:
     if first_bad and len(bad) == len(files):
         raise SchemaError(f"no file can be scored by this model: {first_bad[0]}: {first_bad[1]}")
     good = next(m.schema.to_arrow_schema() for i, m in enumerate(metas) if i not in bad)
-    types = {
-        "anomaly_score": pa.float64(),
-        "is_anomaly": pa.bool_(),
-        "top_features": TOP_FEATURE_TYPE,
-        "model_version": pa.string(),
-    }
-    out_fields = [good.field(c) for c in keep] + [pa.field(c, types[c]) for c in OUTPUT_COLUMNS]
+    out_fields = [good.field(c) for c in keep] + list(OUTPUT_SCHEMA)
     buckets = (max(1, math.ceil(rows_in / job.bucket_rows)) if entity else 1) if sequence else 0
     bad_units = [i for i, u in enumerate(units) if u.quarantine is not None]
     # Output units: the read units (tabular) or the entity buckets (sequences); the units of unscorable

@@ -24,13 +24,24 @@ from .aggregates import merged
 # --------------------------------------------------------------------------- the module on Ray Data blocks
 
 
+_MODULES: dict = {}  # this worker process's module for the state it was last given
+
+
 def _block_module(kind: str, model_config: dict, width: int, state):
+    """The module with the weights ``state`` (an object ref), built once per worker process and state:
+    Ray Data calls a task function once per block, and the blocks of one pass share the state."""
     import ray
 
-    fam = family(kind)
-    module = fam.module(fam.config(**model_config), width)
-    module.load_state_dict(ray.get(state) if isinstance(state, ray.ObjectRef) else state)
-    return module.eval()
+    ref = isinstance(state, ray.ObjectRef)
+    if not ref or state.hex() not in _MODULES:
+        fam = family(kind)
+        module = fam.module(fam.config(**model_config), width)
+        module.load_state_dict(ray.get(state) if ref else state)
+        if not ref:
+            return module.eval()
+        _MODULES.clear()
+        _MODULES[state.hex()] = module.eval()
+    return _MODULES[state.hex()]
 
 
 def _block_x(block: pa.Table) -> torch.Tensor:

@@ -14,9 +14,11 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
+from ..models.tables import OUTPUT_COLUMNS
+
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 PARQUET_TYPES = ("application/vnd.apache.parquet", "application/x-parquet")
-SCORED_COLUMNS = ["anomaly_score", "is_anomaly", "top_features"]
+SCORED_COLUMNS = [c for c in OUTPUT_COLUMNS if c != "model_version"]  # per row; the version is the answer's
 
 
 class RequestError(Exception):

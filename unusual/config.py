@@ -27,12 +27,10 @@ from pydantic import AfterValidator, field_validator, model_validator
 
 from .configbase import CSV, TOKEN_ENV, VERBOSE_HELP, ConfigError, JobConfig, KeyValues, NameURIs, opt, run_parsed  # noqa: F401
 from .models.registry import DEFAULT_KIND, kinds
+from .models.tables import OUTPUT_COLUMNS  # every scored output has them: --keep-columns must not clash
 from .tracking import INSTALL as MLFLOW_INSTALL
 from .tracking import available as mlflow_available
 from .tracking import is_mlflow_uri, resolve_checkpoint
-
-# Columns every scored output has; --keep-columns must not clash with them.
-OUTPUT_COLUMNS = ("anomaly_score", "is_anomaly", "top_features", "model_version")
 
 
 def _resolved(uri):
