@@ -28,35 +28,14 @@ from .training import trimmed_mean
 class AEConfig:
     hidden: list[int] = field(default_factory=lambda: [64, 32])
     latent: int | None = None  # None: max(2, min(32, width // 4))
-    # Defaults measured with benchmarks/quality.py across ODDS, NSL-KDD and SMD (before norm): dropout 0.2
-    # helped the ODDS average (0.881 -> 0.890 ROC-AUC) but cost NSL-KDD (0.983 -> 0.970) and
-    # SMD (0.684 -> 0.666), so it is off. Per-column error normalisation, a win for the LSTM on
-    # SMD, cost the AE on ODDS, so it is off here and on for the LSTM.
+    # off: helped ODDS, cost NSL-KDD and SMD (benchmarks/README.md, "ae: dropout")
     dropout: float = 0.0
-    # Layer norm before each hidden ReLU. Measured (benchmarks/quality.py, 5 seeds): ODDS
-    # average ROC-AUC 0.881 -> 0.903 (PR-AUC 0.800 -> 0.848); without it the AE learns to
-    # reconstruct cardio's anomalies as training goes on (test ROC-AUC 0.96 after one epoch,
-    # 0.82 at the best validation loss; 0.90 with it). NSL-KDD 0.983 -> 0.985; SMD (rows as
-    # points) ROC-AUC 0.684 -> 0.675, PR-AUC 0.164 -> 0.173. Weight decay, dropout, input
-    # or latent noise, a latent penalty, Huber/L1 losses and shorter training were tried:
-    # each traded cardio against pendigits and satellite.
+    # Layer norm before each hidden ReLU: ODDS 0.881 -> 0.903 (benchmarks/README.md, "ae: norm")
     norm: str | None = "layer"
+    # off: cost the AE on ODDS; on for the LSTM (benchmarks/README.md, "ae: normalize_errors")
     normalize_errors: bool = False  # each column's error in units of its usual level (SquaredErrorModule)
-    # Trimmed loss: each batch's training (and validation) loss leaves out its worst-reconstructed
-    # `trim` fraction of rows, so anomalies in the training data (PyOD's unsupervised protocol:
-    # fit on a contaminated split) give no gradient and stay badly reconstructed. Measured with
-    # `benchmarks/quality.py --suites tabular-unsupervised --methods ae,vae --seeds 0,1,2
-    # --max-rows 10000 --params-ae '{"trim": 0.1}'`, trim 0 -> 0.1: mean ROC-AUC over the 5 ODDS sets
-    # and NSL-KDD 0.711 -> 0.723, PR-AUC 0.332 -> 0.385 (cardio 0.684 -> 0.693, NSL-KDD 0.667 -> 0.697,
-    # pendigits 0.627 -> 0.656, satellite 0.668 -> 0.711; arrhythmia 0.765 -> 0.759, shuttle 0.856 -> 0.825).
-    # But semi-supervised (--suites tabular,nslkdd, same seeds, trim 0 -> 0.1):
-    # ODDS 0.903 -> 0.896 (pendigits 0.990 -> 0.962), PR-AUC 0.845 -> 0.772,
-    # NSL-KDD 0.983 -> 0.974; so it is off by default.
-    # With epochs 20 / patience 3 as well: unsupervised 0.771, PR-AUC 0.427, every set up or equal.
-    # Robust (median / IQR) scaling: 0.669. On all 19 shared tabular sets (ADBench's 70/30 protocol,
-    # 2 seeds, at most 10,000 rows), with epochs 20 / patience 3: trim 0.1 0.707, trim 0.2 0.722 (reconstruction
-    # score); with the joint score, 0.733 (IForest 0.723). So trim 0.2 is the default for data as users have
-    # it, and ``clean=True`` (the registry's clean_defaults) trains with trim 0, 60 epochs, patience 8.
+    # Trimmed loss: each batch's loss leaves out its worst-fitted `trim` fraction of rows.
+    # 0.2 for data with anomalies; clean=True trains with 0 (benchmarks/README.md, "ae: trim")
     trim: float = 0.2
     score: str = "joint"  # "joint" (error + latent distance) or "reconstruction" (error only); module docstring
     # Ridge added to the latent covariance, as a fraction of its mean variance: keeps the Mahalanobis
@@ -80,10 +59,7 @@ class AutoEncoder(SquaredErrorModule):
     def __init__(self, config: AEConfig, width: int):
         super().__init__()
         self.config = config
-        # The joint score's latent covariance (latent**2 statistics) and per-column error scale are
-        # estimated on every row, not on the validation split alone: measured on the 19 shared tabular
-        # sets (data with anomalies, 2 seeds), the 15 % split of the small sets gave noisy estimates
-        # (mean ROC-AUC 0.722 on it against 0.733 on all rows; benchmarks/README.md).
+        # joint: every row, the val split was too noisy (benchmarks/README.md, "ae: calibrate_on")
         self.calibrate_on = "all" if config.score == "joint" else "validation"
         latent = self.latent = config.latent or default_latent(width)
         self.encoder = mlp([width, *config.hidden, latent], dropout=config.dropout, norm=config.norm)

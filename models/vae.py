@@ -30,26 +30,14 @@ class VAEConfig:
     hidden: list[int] = field(default_factory=lambda: [64, 32])
     latent: int | None = None  # None: max(2, min(32, width // 4))
     dropout: float = 0.0
-    # Layer norm before each hidden ReLU, as in the AE. Measured (benchmarks/quality.py, 5 seeds):
-    # ODDS average ROC-AUC 0.907 -> 0.913, PR-AUC 0.827 -> 0.846 (satellite 0.818 -> 0.841,
-    # pendigits 0.983 -> 0.989, cardio 0.942 -> 0.946, others equal); NSL-KDD 0.982 either way.
+    # Layer norm before each hidden ReLU: ODDS 0.907 -> 0.913 (benchmarks/README.md, "vae: norm")
     norm: str | None = "layer"
     score: str = "elbo"  # "elbo" (negative ELBO) or "nll" (reconstruction NLL only)
     n_samples: int = 16  # L, latent samples per row when scoring
     beta: float = 1.0  # weight of the KL term in training
     min_logvar: float = -6.0  # floor of the decoder log-variance (keeps the NLL finite)
     # Trimmed loss (as in the AE): each batch's loss leaves out its worst-fitted `trim` fraction of rows.
-    # Measured with `benchmarks/quality.py --suites tabular-unsupervised --methods ae,vae --seeds 0,1,2
-    # --max-rows 10000 --params-vae '{"trim": 0.1}'`, trim 0 -> 0.1: mean ROC-AUC over the 5 ODDS sets
-    # and NSL-KDD 0.792 -> 0.798, PR-AUC 0.432 -> 0.483 (cardio 0.876 -> 0.899, satellite 0.710 -> 0.715,
-    # shuttle 0.982 -> 0.987, pendigits 0.787 -> 0.791; arrhythmia 0.782 -> 0.781, NSL-KDD 0.617 equal).
-    # But semi-supervised (--suites tabular,nslkdd, same seeds, trim 0 -> 0.1):
-    # ODDS 0.912 -> 0.907 (pendigits 0.985 -> 0.976), PR-AUC 0.831 -> 0.802,
-    # NSL-KDD 0.982 -> 0.974; so it is off by default.
-    # With epochs 20 / patience 3 as well: unsupervised 0.821, PR-AUC 0.542 (NSL-KDD 0.617 -> 0.550, the
-    # other five up). Robust scaling: 0.765. On all 19 shared tabular sets (70/30, 2 seeds, 10,000 rows at
-    # most) trim 0.1 with epochs 20 / patience 3 gave 0.711 against 0.692: the default for data as users
-    # have it (the registry's train_defaults); ``clean=True`` trains with trim 0, 60 epochs, patience 8.
+    # 0.1 for data with anomalies; clean=True trains with 0 (benchmarks/README.md, "vae: trim")
     trim: float = 0.1
 
     def __post_init__(self):
