@@ -51,12 +51,14 @@ class PortInUse(UnusualError):
 
 def as_config(args) -> ServeConfig:
     """A ServeConfig from a ServeConfig, a ServeJob (its application part) or a mapping of arguments
-    (a ConfigError naming the argument at fault)."""
+    (a ConfigError naming the argument at fault), with the token of this process's environment
+    (:meth:`~unusual.config.ServeConfig.with_environment`): it is called where the application is
+    started or built, never in a replica."""
     if isinstance(args, ServeJob):
-        return args.app_config()
+        return args.app_config().with_environment()
     if isinstance(args, ServeConfig):
-        return args
-    return ServeConfig.validated(dict(args))
+        return args.with_environment()
+    return ServeConfig.validated(dict(args)).with_environment()
 
 
 # --------------------------------------------------------------------------- resources

@@ -43,7 +43,7 @@ def model_app(args: ModelAppConfig):
     """Serve's typed application builder of one model's application (``import_path:
     unusual.serving.configfile:model_app``): its ``ModelServer``, the application's HTTP ingress. The
     checkpoint comes from the deployment's ``user_config`` in the config file."""
-    config = args if isinstance(args, ModelAppConfig) else ModelAppConfig.validated(dict(args))
+    config = (args if isinstance(args, ModelAppConfig) else ModelAppConfig.validated(dict(args))).with_environment()
     replica = replica_args(config)
     del replica["model"]  # the replica's arguments are a ServeConfig whose one model is config.model
     return model_deployment(config.model, None, config, replica)

@@ -216,3 +216,18 @@ def test_bare_unusual_prints_the_help_and_version_prints_the_version(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"unusual {__version__}"
+
+
+def test_validation_reads_no_environment_the_command_line_and_the_builders_do(monkeypatch):
+    """The bearer token's variable is read where the application is started or built (the command line,
+    ``unusual.serving.app.as_config``), not when a config is validated: a replica validates its
+    arguments again and must not pick up a token of its own."""
+    from unusual.serving.app import as_config
+
+    monkeypatch.setenv("UNUSUAL_SERVE_TOKEN", "t0ken")
+    config = ServeConfig(models={"ae": "s3://b/ae"})
+    assert config.auth_token is None
+    assert config.with_environment().auth_token == "t0ken" and as_config(config).auth_token == "t0ken"
+    job = cli.CONFIGS["serve"].from_namespace(cli.build_parser().parse_args(["serve", "--checkpoint", "ae=s3://b/ae"]))
+    assert job.auth_token == "t0ken"
+    assert ServeConfig(models={"ae": "s3://b/ae"}, auth_token="given").with_environment().auth_token == "given"

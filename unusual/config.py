@@ -320,9 +320,13 @@ class ServeConfig(JobConfig):
             raise ValueError(f"default_model {self.default_model!r} is not one of {sorted(self.models)}")
         if self.max_replicas < max(1, self.min_replicas):
             raise ValueError(f"replicas: need 0 <= min ({self.min_replicas}) <= max ({self.max_replicas}), max >= 1")
-        if self.auth_token is None:
-            self.__dict__["auth_token"] = os.environ.get(TOKEN_ENV) or None
         return self
+
+    def with_environment(self):
+        """This config with what the process that starts or builds the application supplies: the bearer
+        token from ``$UNUSUAL_SERVE_TOKEN`` when none is given (validation itself reads nothing)."""
+        token = os.environ.get(TOKEN_ENV) or None
+        return self.model_copy(update={"auth_token": token}) if self.auth_token is None and token else self
 
 
 def loopback(host: str) -> bool:
@@ -381,6 +385,13 @@ class ServeJob(ServeConfig):
                 f"it could score with your models. Set --token (or ${TOKEN_ENV}), or pass --insecure"
             )
         return self
+
+    @classmethod
+    def from_namespace(cls, ns):
+        """The command line's job: ``--token``, else ``$UNUSUAL_SERVE_TOKEN`` (read here, where it runs)."""
+        if getattr(ns, "auth_token", None) is None and os.environ.get(TOKEN_ENV):
+            ns = argparse.Namespace(**{**vars(ns), "auth_token": os.environ[TOKEN_ENV]})
+        return super().from_namespace(ns)
 
     def app_config(self) -> ServeConfig:
         """The application's own arguments (what a Serve config file would pass)."""
