@@ -203,71 +203,56 @@ class FeatureSchema:
         out = np.empty((n, self.width), dtype=np.float32)
         bad = np.zeros(n, dtype=bool) if errors == "mask" else None
         reasons: list[str] | None = [""] * n if errors == "mask" else None
-        strict = self.config.nan_policy == "raise"
         tmp = np.empty(n, dtype=np.float64)
         for c, (_, a, b) in zip(self.columns, self.slices()):
-            col = table.column(c.name)
             if c.kind == "numeric":
-                # (x - center) / scale in float64 in one reused buffer, then stored
-                # as float32; float columns are read without a copy of their own.
-                with np.errstate(over="ignore", invalid="ignore"):  # NaN / inf / overflow: looked at below
-                    _centered(col, c.center, tmp)
-                    total = np.add.reduce(tmp)
-                if np.isfinite(total):  # no NaN/inf/null (or an overflow): checked no further
-                    np.divide(tmp, c.scale, out=tmp)
-                    out[:, a] = np.clip(tmp, -Z_LIMIT, Z_LIMIT, out=tmp)
-                    continue
-                x = as_float(col)
-                nonfinite = ~np.isfinite(x)
-                if nonfinite.any():
-                    if strict:
-                        rows = np.flatnonzero(nonfinite)
-                        _reject(
-                            bad,
-                            reasons,
-                            rows,
-                            c.name,
-                            f"has NaN/inf/null at row {int(rows[0])}",
-                            "nan_policy",
-                            "NaN/inf/null",
-                        )
-                    x = np.where(nonfinite, c.center, x)
-                with np.errstate(over="ignore"):  # (x - center) / scale past float64's range: inf, clipped
-                    out[:, a] = np.clip((x - c.center) / c.scale, -Z_LIMIT, Z_LIMIT)
+                self._numeric(c, table.column(c.name), out[:, a], tmp, bad, reasons)
             else:
-                out[:, a:b] = 0.0
-                col = as_string(col)
-                idx = pc.index_in(col, value_set=pa.array(c.vocabulary, pa.string()))
-                idx = np.asarray(idx.to_numpy(zero_copy_only=False), dtype=np.float64)
-                missing = np.isnan(idx)
-                if missing.any():
-                    isnull = np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
-                    null_rows = np.flatnonzero(isnull)
-                    if null_rows.size and strict:
-                        _reject(
-                            bad,
-                            reasons,
-                            null_rows,
-                            c.name,
-                            f"has a null at row {int(null_rows[0])}",
-                            "nan_policy",
-                            "null",
-                        )
-                    unseen_rows = np.flatnonzero(missing & ~isnull)
-                    if unseen_rows.size and self.config.unseen_category == "raise":
-                        value = col.take([int(unseen_rows[0])]).to_pylist()[0]
-                        _reject(
-                            bad,
-                            reasons,
-                            unseen_rows,
-                            c.name,
-                            f"has unseen category {value!r} at row {int(unseen_rows[0])}",
-                            "unseen_category",
-                            "unseen category",
-                        )
-                    idx[missing] = len(c.vocabulary)
-                out[np.arange(n), a + idx.astype(np.int64)] = 1.0
+                self._categorical(c, table.column(c.name), out[:, a:b], bad, reasons)
         return out, bad, reasons
+
+    def _numeric(self, c: ColumnSpec, col, out: np.ndarray, tmp: np.ndarray, bad, reasons) -> None:
+        """``out[:] = clip((x - center) / scale)``, in float64 in one reused buffer, stored as float32; float
+        columns are read without a copy of their own. NaN / inf / null: by ``nan_policy``."""
+        with np.errstate(over="ignore", invalid="ignore"):  # NaN / inf / overflow: looked at below
+            _centered(col, c.center, tmp)
+            total = np.add.reduce(tmp)
+        if np.isfinite(total):  # no NaN/inf/null (or an overflow): checked no further
+            np.divide(tmp, c.scale, out=tmp)
+            out[:] = np.clip(tmp, -Z_LIMIT, Z_LIMIT, out=tmp)
+            return
+        x = as_float(col)
+        nonfinite = ~np.isfinite(x)
+        if nonfinite.any():
+            if self.config.nan_policy == "raise":
+                rows = np.flatnonzero(nonfinite)
+                why = f"has NaN/inf/null at row {int(rows[0])}"
+                _reject(bad, reasons, rows, c.name, why, "nan_policy", "NaN/inf/null")
+            x = np.where(nonfinite, c.center, x)
+        with np.errstate(over="ignore"):  # (x - center) / scale past float64's range: inf, clipped
+            out[:] = np.clip((x - c.center) / c.scale, -Z_LIMIT, Z_LIMIT)
+
+    def _categorical(self, c: ColumnSpec, col, out: np.ndarray, bad, reasons) -> None:
+        """One-hot ``out`` (rows, vocabulary + 1); a null or an unseen category goes to the last ("other")
+        column, or is an error by ``nan_policy`` / ``unseen_category``."""
+        out[:] = 0.0
+        col = as_string(col)
+        idx = pc.index_in(col, value_set=pa.array(c.vocabulary, pa.string()))
+        idx = np.asarray(idx.to_numpy(zero_copy_only=False), dtype=np.float64)
+        missing = np.isnan(idx)
+        if missing.any():
+            isnull = np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+            null_rows = np.flatnonzero(isnull)
+            if null_rows.size and self.config.nan_policy == "raise":
+                why = f"has a null at row {int(null_rows[0])}"
+                _reject(bad, reasons, null_rows, c.name, why, "nan_policy", "null")
+            unseen_rows = np.flatnonzero(missing & ~isnull)
+            if unseen_rows.size and self.config.unseen_category == "raise":
+                value = col.take([int(unseen_rows[0])]).to_pylist()[0]
+                why = f"has unseen category {value!r} at row {int(unseen_rows[0])}"
+                _reject(bad, reasons, unseen_rows, c.name, why, "unseen_category", "unseen category")
+            idx[missing] = len(c.vocabulary)
+        out[np.arange(len(idx)), idx.astype(np.int64)] = 1.0
 
     # ----------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> dict:

@@ -195,6 +195,17 @@ def execute(job: ScoreJob, spec: ScorePlan, pending: list[int]) -> int:
     actor_kwargs = {"job": job, "spec": spec, "threads": res["threads"]}
     if mode == "actors":
         return score_units(items, actor_kwargs, res)
+    score_read_tasks(job, spec, items, todo, actor_kwargs, res)
+    return 0
+
+
+def score_read_tasks(job: ScoreJob, spec: ScorePlan, items: list[dict], todo: list | None, actor_kwargs: dict,
+                     res: dict) -> None:
+    """Ray Data read tasks feed an actor pool (tabular, on GPUs) or a group-by of entity buckets
+    (sequences; the buckets no entity hashed to get an empty part, so they are done too)."""
+    import ray
+
+    sequence = spec.sequence
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         read_units,
         batch_size=1,
@@ -230,7 +241,6 @@ def execute(job: ScoreJob, spec: ScorePlan, pending: list[int]) -> int:
         for u in todo:
             if u not in seen:
                 writer.write_empty(u, dict.fromkeys(COUNTS, 0))
-    return 0
 
 
 def score_units(items: list[dict], actor_kwargs: dict, res: dict, queued: int = 2) -> int:
@@ -251,69 +261,97 @@ def score_units(items: list[dict], actor_kwargs: dict, res: dict, queued: int = 
     them as "temporarily unavailable". Up to 2 losses per actor, as ``max_restarts=2`` allowed.
     """
     import ray
-    from ray.exceptions import RayActorError
 
     cls = ray.remote(ScoreActor).options(
         num_cpus=res["num_cpus"], num_gpus=res["num_gpus"], max_restarts=0, max_task_retries=0
     )
-    todo = collections.deque(items)
-    actors = [cls.remote(**actor_kwargs) for _ in range(min(res["concurrency"], len(items)))]
-    max_lost = 2 * len(actors)
-    running: dict = {}  # unit call -> (actor, unit)
-    starting: dict = {}  # replacement's readiness -> replacement
-    lost: set = set()
+    pool = _UnitPool(cls, actor_kwargs, items, min(res["concurrency"], len(items)), queued)
+    try:
+        pool.run()
+    finally:
+        for a in pool.actors:
+            ray.kill(a)
+    return len(pool.lost)
 
-    def give(actor) -> None:
-        if todo:
-            u = todo.popleft()
-            running[actor.unit.remote(u["unit"], u["path"], u["rg0"], u["rg1"])] = (actor, u)
 
-    def replace(actor, error: RayActorError) -> None:
-        lost.add(actor)
-        if len(lost) > max_lost:
+class _UnitPool:
+    """The driver's side of :func:`score_units`: the queue of units, the actors, the calls in flight."""
+
+    def __init__(self, cls, actor_kwargs: dict, items: list[dict], n: int, queued: int):
+        self.cls, self.actor_kwargs, self.queued = cls, actor_kwargs, queued
+        self.todo = collections.deque(items)
+        self.actors = [cls.remote(**actor_kwargs) for _ in range(n)]
+        self.max_lost = 2 * len(self.actors)
+        self.running: dict = {}  # unit call -> (actor, unit)
+        self.starting: dict = {}  # replacement's readiness -> replacement
+        self.lost: set = set()
+
+    def run(self) -> None:
+        import ray
+
+        for _ in range(self.queued):
+            for a in self.actors:
+                self.give(a)
+        while self.running or (self.todo and self.starting):
+            [ref], _ = ray.wait([*self.running, *self.starting], num_returns=1)
+            if ref in self.starting:
+                self.started(ref)
+            else:
+                self.finished(ref)
+
+    def give(self, actor) -> None:
+        if self.todo:
+            u = self.todo.popleft()
+            self.running[actor.unit.remote(u["unit"], u["path"], u["rg0"], u["rg1"])] = (actor, u)
+
+    def started(self, ref) -> None:
+        """A replacement is up (it gets its units), or it died on the way (replaced again)."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        actor = self.starting.pop(ref)
+        try:
+            ray.get(ref)
+        except RayActorError as e:
+            if e.actor_init_failed:
+                raise
+            self.replace(actor, e)
+            return
+        for _ in range(self.queued):
+            self.give(actor)
+
+    def finished(self, ref) -> None:
+        """A unit's call ended: the actor gets the next unit, or it was lost with the unit (which goes back
+        to an idle survivor at once)."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        actor, u = self.running.pop(ref)
+        try:
+            ray.get(ref)  # raises the unit's error
+        except RayActorError as e:
+            if e.actor_init_failed:
+                raise
+            self.todo.appendleft(u)
+            if actor not in self.lost:
+                self.replace(actor, e)
+            busy = {a for a, _ in self.running.values()} | self.lost | set(self.starting.values())
+            for a in [a for a in self.actors if a not in busy]:
+                self.give(a)  # an idle survivor takes the unit back at once
+            return
+        self.give(actor)
+
+    def replace(self, actor, error) -> None:
+        import ray
+
+        self.lost.add(actor)
+        if len(self.lost) > self.max_lost:
             raise error
         progress(f"a scoring actor was lost ({type(error).__name__}); its units go to the others, a replacement starts")
         ray.kill(actor, no_restart=True)  # an unreachable one may still be running: stop it for good
-        new = cls.remote(**actor_kwargs)
-        actors.append(new)
-        starting[new.__ray_ready__.remote()] = new
-
-    try:
-        for _ in range(queued):
-            for a in actors:
-                give(a)
-        while running or (todo and starting):
-            [ref], _ = ray.wait([*running, *starting], num_returns=1)
-            if ref in starting:
-                actor = starting.pop(ref)
-                try:
-                    ray.get(ref)
-                except RayActorError as e:
-                    if e.actor_init_failed:
-                        raise
-                    replace(actor, e)
-                    continue
-                for _ in range(queued):
-                    give(actor)
-                continue
-            actor, u = running.pop(ref)
-            try:
-                ray.get(ref)  # raises the unit's error
-            except RayActorError as e:
-                if e.actor_init_failed:
-                    raise
-                todo.appendleft(u)
-                if actor not in lost:
-                    replace(actor, e)
-                busy = {a for a, _ in running.values()}
-                for a in [a for a in actors if a not in lost and a not in busy and a not in starting.values()]:
-                    give(a)  # an idle survivor takes the unit back at once
-                continue
-            give(actor)
-    finally:
-        for a in actors:
-            ray.kill(a)
-    return len(lost)
+        new = self.cls.remote(**self.actor_kwargs)
+        self.actors.append(new)
+        self.starting[new.__ray_ready__.remote()] = new
 
 
 def summarize(out: Output, spec: ScorePlan, seconds: float, resumed: int = 0) -> dict:

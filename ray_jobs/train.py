@@ -92,20 +92,13 @@ def _train(job: TrainJob) -> dict:
     model_cfg, feat_cfg, train_cfg, thr_cfg = split_params(kind, params)
     fam = family(kind)
     ensure_ray(job.address)
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     quick_ray_train()
     t_start = time.perf_counter()
     prep = prepare(job, fam, model_cfg, feat_cfg, train_cfg, progress)
-    streaming = prep.pieces is None
-    resources = train_worker_resources(job.num_workers, job.use_gpu, job.cpus_per_worker, streaming=streaming)
-
+    resources = train_worker_resources(job.num_workers, job.use_gpu, job.cpus_per_worker, streaming=prep.pieces is None)
     defaulted = job.storage is None
     storage = job.storage or default_storage(job.output)
-    pafs, storage_path, _ = filesystem(storage)
     run_name = job.run_name or f"{kind}-{uuid.uuid4().hex[:8]}"
-    fail_marker = os.path.join(tempfile.gettempdir(), f"unusual-fail-{os.getpid()}-{run_name}")
     loop = LoopConfig(
         kind=kind,
         model_config=asdict(model_cfg),
@@ -113,56 +106,34 @@ def _train(job: TrainJob) -> dict:
         train=train_cfg,
         threshold=thr_cfg,
         pieces=prep.pieces,
+        # For the batch size (the in-memory rule): the split is by hash, so this is its expected size.
         train_samples=int(round(prep.n_samples * (1.0 - train_cfg.val_fraction))),
         precision=job.precision,
         threads=max(1, int(resources["CPU"])),
         checkpoint_every=job.checkpoint_every,
         fail_at_epoch=job.fail_at_epoch,
-        fail_marker=fail_marker,
+        fail_marker=os.path.join(tempfile.gettempdir(), f"unusual-fail-{os.getpid()}-{run_name}"),
     )
     progress(
         f"training {kind} on {prep.n_samples:,} {'windows' if fam.sequence else 'rows'} ({prep.how}) with "
         f"{job.num_workers} worker(s) x {resources} (run {run_name}, checkpoints in {storage})"
     )
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"loop": loop},
-        scaling_config=ScalingConfig(num_workers=job.num_workers, use_gpu=job.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=storage_path,
-            storage_filesystem=pafs,
-            failure_config=FailureConfig(max_failures=job.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-        datasets={"train": prep.train_ds, "val": prep.val_ds} if streaming else None,
-        dataset_config=DataConfig(datasets_to_split="all") if streaming else None,
-    )
-    try:
-        result = trainer.fit()
-    finally:
-        if os.path.exists(fail_marker):
-            os.remove(fail_marker)
-    if result.error:
-        raise result.error
-    if result.checkpoint is None:
-        raise RuntimeError("training finished without a checkpoint")
-    with checkpoint_directory(result.checkpoint) as d:
-        state = TrainState.load(d)
-    hist = state.history
+    state = _fit(job, loop, prep, resources, storage, run_name)
+    module, threshold = _calibrated(state, fam, kind, model_cfg, train_cfg, thr_cfg, prep)
+    training = _training_record(job, state, prep, train_cfg, resources, run_name, storage)
+    training["wall_seconds"] = time.perf_counter() - t_start
+    manifest = build_manifest(kind, asdict(model_cfg), prep.schema, threshold, training)
+    manifest = save_bundle(job.output, manifest, module, overwrite=job.overwrite)
+    if not job.keep_checkpoints:
+        remove_run(storage, run_name, defaulted)
+    return manifest
 
-    module = fam.module(model_cfg, prep.schema.width)
-    if state.threshold is not None:  # the workers calibrated on the validation split they hold
-        module.load_state_dict(state.calibrated_model)
-        threshold = state.threshold
-    else:
-        progress("scoring the validation split for the threshold …")
-        module.load_state_dict(state.stopper["best_state"])
-        calib = prep.val_ds if train_cfg.val_fraction > 0 else prep.train_ds
-        every = prep.train_ds.union(prep.val_ds) if train_cfg.val_fraction > 0 else prep.train_ds
-        threshold = calibrate_at_scale(module, calib, kind, asdict(model_cfg), prep.schema.width, thr_cfg, every)
-        threshold["fit_on"] = "validation" if train_cfg.val_fraction > 0 else "training"
-    training = {
+
+def _training_record(job: TrainJob, state: TrainState, prep, train_cfg, resources: dict, run_name: str,
+                     storage: str) -> dict:
+    """The manifest's ``training``: the history's summary, the data and how the run was made."""
+    hist = state.history
+    return {
         **hist.summary(),
         "rows": int(prep.n_rows),
         # the distinct training samples (an epoch's count may repeat a few to give workers equal steps)
@@ -180,13 +151,57 @@ def _train(job: TrainJob) -> dict:
         "data": prep.how,
         "cached": prep.how != "streaming",
         "storage": storage if job.keep_checkpoints else None,
-        "wall_seconds": time.perf_counter() - t_start,
     }
-    manifest = build_manifest(kind, asdict(model_cfg), prep.schema, threshold, training)
-    manifest = save_bundle(job.output, manifest, module, overwrite=job.overwrite)
-    if not job.keep_checkpoints:
-        remove_run(storage, run_name, defaulted)
-    return manifest
+
+
+def _fit(job: TrainJob, loop: LoopConfig, prep, resources: dict, storage: str, run_name: str) -> TrainState:
+    """Ray Train's run of :func:`train_loop` on ``job.num_workers`` workers; the final checkpoint's state."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    streaming = prep.pieces is None
+    pafs, storage_path, _ = filesystem(storage)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"loop": loop},
+        scaling_config=ScalingConfig(num_workers=job.num_workers, use_gpu=job.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            storage_filesystem=pafs,
+            failure_config=FailureConfig(max_failures=job.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": prep.train_ds, "val": prep.val_ds} if streaming else None,
+        dataset_config=DataConfig(datasets_to_split="all") if streaming else None,
+    )
+    try:
+        result = trainer.fit()
+    finally:
+        if os.path.exists(loop.fail_marker):
+            os.remove(loop.fail_marker)
+    if result.error:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    with checkpoint_directory(result.checkpoint) as d:
+        return TrainState.load(d)
+
+
+def _calibrated(state: TrainState, fam, kind: str, model_cfg, train_cfg, thr_cfg, prep) -> tuple:
+    """The trained module and its threshold record: as the workers calibrated it on the splits they held,
+    or (streamed data) calibrated here on the Ray Datasets."""
+    module = fam.module(model_cfg, prep.schema.width)
+    if state.threshold is not None:  # the workers calibrated on the validation split they hold
+        module.load_state_dict(state.calibrated_model)
+        return module, state.threshold
+    progress("scoring the validation split for the threshold …")
+    module.load_state_dict(state.stopper["best_state"])
+    calib = prep.val_ds if train_cfg.val_fraction > 0 else prep.train_ds
+    every = prep.train_ds.union(prep.val_ds) if train_cfg.val_fraction > 0 else prep.train_ds
+    threshold = calibrate_at_scale(module, calib, kind, asdict(model_cfg), prep.schema.width, thr_cfg, every)
+    threshold["fit_on"] = "validation" if train_cfg.val_fraction > 0 else "training"
+    return module, threshold
 
 
 # --------------------------------------------------------------------------- command line

@@ -229,19 +229,7 @@ def train_loop(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     coll = Collectives(world, device)
 
-    stopper, hist, start, opt_state, calibrated = EarlyStopping(cfg.patience), History(), 0, None, None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with checkpoint_directory(ckpt) as d:
-            st = TrainState.load(d)
-        module.load_state_dict(st.model)
-        opt_state = st.optimizer
-        stopper.load_state_dict(st.stopper)
-        hist = st.history
-        start = st.epoch + 1
-        if rank == 0:
-            print(f"{MARK} resumed from the checkpoint of epoch {start}", flush=True)
-
+    stopper, hist, start, opt_state = _resume(module, cfg, rank)
     objective = ray.train.torch.prepare_model(Objective(module))
     opt = make_optimizer(objective, cfg)
     if opt_state is not None:
@@ -249,9 +237,58 @@ def train_loop(loop_config: dict) -> None:
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision) if device.type == "cuda" else None
     scaler = torch.amp.GradScaler("cuda") if amp is torch.float16 else None
 
-    pieces = config.pieces
-    if pieces is not None:
-        x, val = fetch_share(pieces, rank, world)
+    if config.pieces is not None:
+        data = _InMemory(config, rank, world, coll, device)
+    else:
+        data = _Streaming(config, rank, world, device)
+    reporter = _Reporter(module, opt, stopper, hist, rank, coll, cfg.epochs, config.checkpoint_every)
+    train_epochs(
+        objective,
+        module,
+        opt,
+        cfg,
+        data.train_batches,
+        data.val_batches,
+        stopper,
+        hist,
+        start=start,
+        reduce=coll.sum,
+        on_epoch=reporter.on_epoch,
+        autocast_dtype=amp,
+        scaler=scaler,
+    )
+    final = {"final": True}
+    if isinstance(data, _InMemory):
+        module.load_state_dict(stopper.best_state)
+        calibrated = calibrate(module, data.xt, data.xv, coll, config.threshold, device)
+        final.update(calibrated_model=model_weights(module), threshold=calibrated, train_samples=data.n_train)
+    reporter.checkpoint(max(len(hist.val_loss) - 1, start - 1), **final)
+
+
+def _resume(module, cfg: TrainConfig, rank: int) -> tuple[EarlyStopping, History, int, dict | None]:
+    """The early stopping, history, first epoch and optimizer state: fresh, or from the run's last
+    checkpoint (a restarted worker group), whose weights go into ``module``."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    stopper = EarlyStopping(cfg.patience)
+    if ckpt is None:
+        return stopper, History(), 0, None
+    with checkpoint_directory(ckpt) as d:
+        st = TrainState.load(d)
+    module.load_state_dict(st.model)
+    stopper.load_state_dict(st.stopper)
+    if rank == 0:
+        print(f"{MARK} resumed from the checkpoint of epoch {st.epoch + 1}", flush=True)
+    return stopper, st.history, st.epoch + 1, st.optimizer
+
+
+class _InMemory:
+    """A worker's contiguous share of the encoded samples (``pieces``), fetched once: batches are drawn
+    from one tensor, shuffled per epoch by index, as a plain PyTorch loop does."""
+
+    def __init__(self, config: LoopConfig, rank: int, world: int, coll: Collectives, device):
+        x, val = fetch_share(config.pieces, rank, world)
         xt, xv = torch.from_numpy(np.ascontiguousarray(x[~val])), torch.from_numpy(np.ascontiguousarray(x[val]))
         del x, val
         if device.type == "cuda":  # on the GPU when it fits easily, else pinned for fast copies
@@ -260,97 +297,97 @@ def train_loop(loop_config: dict) -> None:
                 xt, xv = xt.to(device), xv.to(device)
             else:
                 xt, xv = xt.pin_memory(), xv.pin_memory()
-        n_train = int(coll.sum([float(len(xt))])[0])
+        self.xt, self.xv, self.config, self.rank, self.world, self.device = xt, xv, config, rank, world, device
+        self.n_train = int(coll.sum([float(len(xt))])[0])
         # Every worker takes the same number of steps (DDP): a worker with fewer training
         # samples than the largest share repeats a few of its own, drawn anew each epoch.
-        steps_rows = int(coll.max([float(len(xt))])[0])
-        if len(xt) == 0 and steps_rows:
+        self.steps_rows = int(coll.max([float(len(xt))])[0])
+        if len(xt) == 0 and self.steps_rows:
             raise ValueError(f"worker {rank} of {world} got no training samples: use fewer --num-workers")
-        batch_size = max(1, batch_size_for(cfg.batch_size, n_train) // world)
+        self.batch_size = max(1, batch_size_for(config.train.batch_size, self.n_train) // world)
 
-        def train_batches(epoch: int):
-            _inject_fault(config, epoch, rank, world)
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 1009 + rank)
-            perm = torch.randperm(len(xt), generator=gen)
-            if len(xt) < steps_rows:
-                perm = torch.cat([perm, torch.randint(len(xt), (steps_rows - len(xt),), generator=gen)])
-            perm = perm.to(xt.device)
-            for a in range(0, steps_rows, batch_size):
-                yield xt[perm[a : a + batch_size]].to(device, non_blocking=True)
+    def train_batches(self, epoch: int):
+        _inject_fault(self.config, epoch, self.rank, self.world)
+        xt, steps = self.xt, self.steps_rows
+        gen = torch.Generator().manual_seed(self.config.train.seed * 1_000_003 + epoch * 1009 + self.rank)
+        perm = torch.randperm(len(xt), generator=gen)
+        if len(xt) < steps:
+            perm = torch.cat([perm, torch.randint(len(xt), (steps - len(xt),), generator=gen)])
+        perm = perm.to(xt.device)
+        for a in range(0, steps, self.batch_size):
+            yield xt[perm[a : a + self.batch_size]].to(self.device, non_blocking=True)
 
-        def val_batches():
-            return _chunks(xv, 4096, device)
+    def val_batches(self):
+        return _chunks(self.xv, 4096, self.device)
 
-    else:
-        n_train = config.train_samples
-        batch_size = max(1, batch_size_for(cfg.batch_size, n_train) // world)
-        train_shard = ray.train.get_dataset_shard("train")
-        val_shard = ray.train.get_dataset_shard("val")
 
-        def train_batches(epoch: int):
-            _inject_fault(config, epoch, rank, world)
-            for b in train_shard.iter_torch_batches(
-                batch_size=batch_size,
-                dtypes=torch.float32,
-                device=device,
-                local_shuffle_buffer_size=batch_size * 8,
-                local_shuffle_seed=cfg.seed + epoch,
-            ):
-                yield b["x"]
+class _Streaming:
+    """Batches streamed from the worker's Ray Dataset shards every epoch (the driver calibrates)."""
 
-        def val_batches():
-            for b in val_shard.iter_torch_batches(batch_size=4096, dtypes=torch.float32, device=device):
-                yield b["x"]
+    def __init__(self, config: LoopConfig, rank: int, world: int, device):
+        import ray.train
 
-    cadence = Cadence(config.checkpoint_every)
+        self.config, self.rank, self.world, self.device = config, rank, world, device
+        self.batch_size = max(1, batch_size_for(config.train.batch_size, config.train_samples) // world)
+        self.train_shard = ray.train.get_dataset_shard("train")
+        self.val_shard = ray.train.get_dataset_shard("val")
 
-    def checkpoint(epoch: int, **extra) -> None:
+    def train_batches(self, epoch: int):
+        _inject_fault(self.config, epoch, self.rank, self.world)
+        for b in self.train_shard.iter_torch_batches(
+            batch_size=self.batch_size,
+            dtypes=torch.float32,
+            device=self.device,
+            local_shuffle_buffer_size=self.batch_size * 8,
+            local_shuffle_seed=self.config.train.seed + epoch,
+        ):
+            yield b["x"]
+
+    def val_batches(self):
+        for b in self.val_shard.iter_torch_batches(batch_size=4096, dtypes=torch.float32, device=self.device):
+            yield b["x"]
+
+
+class _Reporter:
+    """Rank 0's progress lines and every worker's reports to Ray Train, with a checkpoint at the
+    :class:`Cadence` (every worker reports together: they agree on rank 0's decision)."""
+
+    def __init__(self, module, opt, stopper: EarlyStopping, hist: History, rank: int, coll: Collectives,
+                 epochs: int, every: int | None):
+        self.module, self.opt, self.stopper, self.hist = module, opt, stopper, hist
+        self.rank, self.coll, self.epochs = rank, coll, epochs
+        self.cadence = Cadence(every)
+
+    def checkpoint(self, epoch: int, **extra) -> None:
+        import ray.train
+
         t0 = time.perf_counter()
+        hist = self.hist
         metrics = {
             "epoch": epoch,
             "train_loss": hist.train_loss[-1] if hist.train_loss else None,
             "val_loss": hist.val_loss[-1] if hist.val_loss else None,
-            "best_val_loss": stopper.best,
+            "best_val_loss": self.stopper.best,
         }
-        if rank == 0:
+        if self.rank == 0:
             with temp_dir("ckpt") as d:
-                TrainState(model_weights(module), opt.state_dict(), stopper.state_dict(), hist, epoch, **extra).save(d)
+                state = TrainState(model_weights(self.module), self.opt.state_dict(), self.stopper.state_dict(), hist,
+                                   epoch, **extra)
+                state.save(d)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)
-        cadence.done(t0)
+        self.cadence.done(t0)
 
-    def on_epoch(epoch: int, hist: History, stop: bool) -> None:
-        if rank == 0 and _shown(epoch, cfg.epochs, stop):
+    def on_epoch(self, epoch: int, hist: History, stop: bool) -> None:
+        if self.rank == 0 and _shown(epoch, self.epochs, stop):
             samples, seconds = hist.samples[-1], hist.epoch_seconds[-1]
             print(
-                f"{MARK} epoch {epoch + 1}/{cfg.epochs} train_loss={hist.train_loss[-1]:.5f} "
+                f"{MARK} epoch {epoch + 1}/{self.epochs} train_loss={hist.train_loss[-1]:.5f} "
                 f"val_loss={hist.val_loss[-1]:.5f} ({samples / max(seconds, 1e-9):,.0f} samples/s)"
                 f"{' early stop' if stop else ''}",
                 flush=True,
             )
-        last = stop or epoch + 1 == cfg.epochs
-        if not last and coll.agree(rank == 0 and cadence.due(epoch)):
-            checkpoint(epoch)
-
-    train_epochs(
-        objective,
-        module,
-        opt,
-        cfg,
-        train_batches,
-        val_batches,
-        stopper,
-        hist,
-        start=start,
-        reduce=coll.sum,
-        on_epoch=on_epoch,
-        autocast_dtype=amp,
-        scaler=scaler,
-    )
-    final = {"final": True}
-    if pieces is not None:
-        module.load_state_dict(stopper.best_state)
-        calibrated = calibrate(module, xt, xv, coll, config.threshold, device)
-        final.update(calibrated_model=model_weights(module), threshold=calibrated, train_samples=n_train)
-    checkpoint(max(len(hist.val_loss) - 1, start - 1), **final)
+        last = stop or epoch + 1 == self.epochs
+        if not last and self.coll.agree(self.rank == 0 and self.cadence.due(epoch)):
+            self.checkpoint(epoch)

@@ -35,12 +35,18 @@ NESTED = "malformed JSON: nested deeper than the parser allows"
 
 def rows_to_table(body: bytes) -> pa.Table:
     """``{"rows": [{"column": value, ...}, ...]}`` -> an Arrow table, or a RequestError."""
+    columns = _columns(_rows(body))
+    return pa.table({k: _array(k, values) for k, values in columns.items()})
 
-    def no_constants(name):  # NaN / Infinity are not JSON
-        raise RequestError(422, f"{name} is not a valid JSON number; send null for a missing value")
 
+def _no_constants(name):  # NaN / Infinity are not JSON
+    raise RequestError(422, f"{name} is not a valid JSON number; send null for a missing value")
+
+
+def _rows(body: bytes) -> list:
+    """The body's ``rows``: a non-empty list (a RequestError saying what is wrong otherwise)."""
     try:
-        doc = json.loads(body, parse_constant=no_constants)
+        doc = json.loads(body, parse_constant=_no_constants)
     except RequestError:
         raise
     except (ValueError, UnicodeDecodeError) as e:
@@ -54,6 +60,11 @@ def rows_to_table(body: bytes) -> pa.Table:
         raise RequestError(422, f'"rows" must be a list of objects; got {type(rows).__name__}')
     if not rows:
         raise RequestError(422, '"rows" is empty: send at least one row')
+    return rows
+
+
+def _columns(rows: list) -> dict[str, list]:
+    """The rows' values by column; every row an object with the same columns (else the row at fault)."""
     columns: dict[str, list] = {}
     for i, r in enumerate(rows):
         if not isinstance(r, dict):
@@ -66,24 +77,26 @@ def rows_to_table(body: bytes) -> pa.Table:
             raise RequestError(422, f"rows[{i}] lacks column(s) {missing} that other rows have")
         for k, v in r.items():
             columns[k].append(v)
-    arrays = {}
-    for k, values in columns.items():
+    return columns
+
+
+def _array(k: str, values: list) -> pa.Array:
+    """One column's values as an Arrow array of one flat type (else a RequestError naming the column)."""
+    try:
+        array = pa.array(values)
+    except RecursionError:
+        raise RequestError(422, f"column {k!r} holds nested values; send numbers or strings") from None
+    except OverflowError:  # an integer beyond int64: as the float it is to the model
         try:
-            arrays[k] = pa.array(values)
-        except RecursionError:
-            raise RequestError(422, f"column {k!r} holds nested values; send numbers or strings") from None
-        except OverflowError:  # an integer beyond int64: as the float it is to the model
-            try:
-                floats = [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in values]
-                arrays[k] = pa.array(floats)
-            except (OverflowError, pa.ArrowInvalid, pa.ArrowTypeError):
-                raise RequestError(422, f"column {k!r} holds a number too large for a float64") from None
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
-            types = sorted({type(v).__name__ for v in values if v is not None})
-            raise RequestError(422, f"column {k!r} mixes value types {types}; send one type per column") from None
-        if pa.types.is_nested(arrays[k].type):
-            raise RequestError(422, f"column {k!r} holds nested values; send numbers or strings")
-    return pa.table(arrays)
+            array = pa.array([float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in values])
+        except (OverflowError, pa.ArrowInvalid, pa.ArrowTypeError):
+            raise RequestError(422, f"column {k!r} holds a number too large for a float64") from None
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        types = sorted({type(v).__name__ for v in values if v is not None})
+        raise RequestError(422, f"column {k!r} mixes value types {types}; send one type per column") from None
+    if pa.types.is_nested(array.type):
+        raise RequestError(422, f"column {k!r} holds nested values; send numbers or strings")
+    return array
 
 
 def _constant(name):

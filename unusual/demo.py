@@ -199,7 +199,17 @@ def _serve_and_request(bundles: dict, data: dict, scored: dict) -> dict:
             "labelled_anomalies": int(labels[pick].sum()),
             "equal": bool(np.allclose(got, want, rtol=1e-6, atol=1e-9)),
         }
-    # LSTM: a request carries an entity's recent rows (its window and the rows to score).
+    results["lstm"] = _lstm_online(url, data, batch_scores("lstm"))
+    results["url"] = url
+    serve.shutdown()
+    return results
+
+
+def _lstm_online(url: str, data: dict, batch: pa.Table) -> dict:
+    """An LSTM request carries an entity's recent rows (its window and the rows to score): its scores
+    against the batch job's for the rows whose window lies inside the request."""
+    import requests
+
     listing = requests.get(f"{url}/v1/models", timeout=30).json()
     w = next(m for m in listing["models"] if m["name"] == "lstm")["window"]
     n = w + 1 + 60  # 60 rows whose whole window (and look-ahead: the request ends with the series) is in it
@@ -211,19 +221,14 @@ def _serve_and_request(bundles: dict, data: dict, scored: dict) -> dict:
     r.raise_for_status()
     got = np.array([x["anomaly_score"] for x in r.json()["rows"]])
     # The batch job saw the whole series: compare the rows whose window lies inside the request.
-    batch = batch_scores("lstm")
-    batch = batch.filter(pc.equal(batch.column("host"), SERIES[0]))
-    batch = batch.sort_by("timestamp")
+    batch = batch.filter(pc.equal(batch.column("host"), SERIES[0])).sort_by("timestamp")
     want = batch.column("anomaly_score").to_numpy()[-n:]
-    results["lstm"] = {
+    return {
         "model_version": r.json()["model_version"],
         "rows": len(got),
         "flagged": int(sum(x["is_anomaly"] for x in r.json()["rows"])),
         "equal": len(got) == n and bool(np.allclose(got[w + 1 :], want[w + 1 :], rtol=1e-5, atol=1e-8)),
     }
-    results["url"] = url
-    serve.shutdown()
-    return results
 
 
 def _print_results(evaluations, scored, versions, online, local: Path, seconds: float) -> None:

@@ -240,6 +240,39 @@ def _muted():
     return contextlib.nullcontext() if verbose() else contextlib.redirect_stderr(io.StringIO())
 
 
+def _logged_params(manifest: dict, params: dict | None) -> dict:
+    """The run's parameters: the kind, the model's, the training's, the features' and ``params``."""
+    return {
+        "kind": manifest["kind"],
+        **_flat("model.", manifest.get("model_config") or {}),
+        **_flat("train.", (manifest.get("training") or {}).get("config") or {}),
+        **_flat("features.", {"columns": [c["name"] for c in manifest["features"]["columns"]]}),
+        **{k: _param(v) for k, v in (params or {}).items() if v is not None},
+    }
+
+
+def _log_model(mlflow, bundle: str, manifest: dict, name: str):
+    """The bundle as the run's ``bundle`` artifact and as an MLflow pyfunc model registered as ``name``."""
+    from . import __version__
+    from .runtime import temp_dir
+
+    with temp_dir("mlflow") as d:
+        local = _local_copy(bundle, d)
+        mlflow.log_artifacts(local, BUNDLE_ARTIFACT)
+        code = os.path.join(d, "unusual_model.py")
+        with open(code, "w") as f:
+            f.write(MODEL_CODE)
+        with _muted():  # "Successfully registered model …" (printed, not logged)
+            return mlflow.pyfunc.log_model(
+                name=MODEL_NAME,
+                python_model=code,
+                artifacts={BUNDLE_ARTIFACT: local},
+                registered_model_name=name,
+                pip_requirements=[f"unusual[mlflow]=={__version__}"],
+                metadata={"unusual_model_version": manifest["model_version"], "kind": manifest["kind"]},
+            )
+
+
 def log_bundle(
     bundle: str,
     *,
@@ -258,7 +291,6 @@ def log_bundle(
     ``unusual-<kind>``). Returns ``{"run_id", "experiment_id", "tracking_uri", "model_uri",
     "registered_model": "models:/NAME/VERSION", "version"}``."""
     from .models.bundle import read_bundle, threshold_of
-    from .runtime import temp_dir
 
     mlflow = _mlflow("logging to MLflow")
     _quiet_mlflow()
@@ -268,13 +300,7 @@ def log_bundle(
     training = manifest.get("training") or {}
     series, summary = _metrics(training)
     summary["threshold"] = threshold_of(manifest)
-    logged = {
-        "kind": kind,
-        **_flat("model.", manifest.get("model_config") or {}),
-        **_flat("train.", training.get("config") or {}),
-        **_flat("features.", {"columns": [c["name"] for c in manifest["features"]["columns"]]}),
-        **{k: _param(v) for k, v in (params or {}).items() if v is not None},
-    }
+    logged = _logged_params(manifest, params)
     with _tracking_uri(mlflow, tracking_uri), _refusals(f"MLflow ({tracking_uri or mlflow.get_tracking_uri()})"):
         own = mlflow.active_run() is None
         if own:
@@ -286,23 +312,7 @@ def log_bundle(
         try:
             mlflow.log_params(logged)
             mlflow.set_tags({"unusual.model_version": manifest["model_version"], "unusual.bundle": str(bundle)})
-            with temp_dir("mlflow") as d:
-                local = _local_copy(bundle, d)
-                mlflow.log_artifacts(local, BUNDLE_ARTIFACT)
-                code = os.path.join(d, "unusual_model.py")
-                with open(code, "w") as f:
-                    f.write(MODEL_CODE)
-                from . import __version__
-
-                with _muted():  # "Successfully registered model …" (printed, not logged)
-                    info = mlflow.pyfunc.log_model(
-                        name=MODEL_NAME,
-                        python_model=code,
-                        artifacts={BUNDLE_ARTIFACT: local},
-                        registered_model_name=name,
-                        pip_requirements=[f"unusual[mlflow]=={__version__}"],
-                        metadata={"unusual_model_version": manifest["model_version"], "kind": kind},
-                    )
+            info = _log_model(mlflow, bundle, manifest, name)
             # The metrics after the model: logged before, MLflow 3 copies a value into the run's
             # history again when it links them to the model (two values at step 0).
             _log_metrics(mlflow, run.info.run_id, series, summary)
