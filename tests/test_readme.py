@@ -76,3 +76,24 @@ def test_the_parameter_table_names_every_detector_parameter_and_no_other():
     code = {f.name for c in configs for f in fields(c)} | {"clean"}
     assert not code - named, f"parameters missing from README's table: {sorted(code - named)}"
     assert not named - code, f"README's table names parameters the Detector does not have: {sorted(named - code)}"
+
+
+def test_the_scikit_learn_snippet_runs_as_written_without_a_warning():
+    """README's scikit-learn snippet on cardio (X: the first 1,500 rows as a DataFrame, X_new the rest):
+    no warning (it warned about feature names when the last step was called on the raw DataFrame)."""
+    import warnings
+
+    pytest.importorskip("sklearn")
+    from unusual.ray_jobs import sample_data
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("### scikit-learn and PyOD habits") :]
+    start = section.index("```python\n") + len("```python\n")
+    snippet = section[start : section.index("```\n", start)]
+    frame = sample_data.load("cardio").to_pandas().drop(columns="label")
+    scope = {"X": frame.iloc[:1500], "X_new": frame.iloc[1500:]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.simplefilter("ignore", DeprecationWarning)
+        exec(compile(snippet, "README.md (scikit-learn)", "exec"), scope)
+    assert scope["det"].anomaly_score(scope["pipe"][:-1].transform(scope["X_new"])).shape == (331,)
