@@ -231,3 +231,11 @@ def test_validation_reads_no_environment_the_command_line_and_the_builders_do(mo
     job = cli.CONFIGS["serve"].from_namespace(cli.build_parser().parse_args(["serve", "--checkpoint", "ae=s3://b/ae"]))
     assert job.auth_token == "t0ken"
     assert ServeConfig(models={"ae": "s3://b/ae"}, auth_token="given").with_environment().auth_token == "given"
+
+
+def test_help_lists_the_param_keys(monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["unusual", "fit", "--help"])
+    with pytest.raises(SystemExit):
+        cli.main(["fit", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Keys: batch_size, beta, categorical, clean," in out and "window" in out

@@ -94,7 +94,24 @@ def build_parser() -> argparse.ArgumentParser:
         # `unusual train … -v` as well as `unusual -v train …`
         p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
         cls.add_arguments(p)
+        if {"-h", "--help"} & set(sys.argv[1:]):  # the keys need every family (and PyTorch): only for --help
+            for action in p._actions:
+                if "--param" in action.option_strings:
+                    action.help = f"{action.help}. Keys: {', '.join(parameter_keys())}"
     return parser
+
+
+def parameter_keys() -> list[str]:
+    """Every Detector parameter of every family (``--param KEY=VALUE``; README's parameter table)."""
+    from dataclasses import fields
+
+    from .models.columns import FeatureConfig
+    from .models.registry import family, kinds
+    from .models.thresholds import ThresholdConfig
+    from .models.training import TrainConfig
+
+    configs = [family(k).config for k in kinds()] + [FeatureConfig, TrainConfig, ThresholdConfig]
+    return sorted({f.name for c in configs for f in fields(c)} | {"clean"})
 
 
 def main(argv: list[str] | None = None) -> int:
