@@ -81,9 +81,15 @@ log = logging.getLogger("unusual")
 
 def run(job: ScoreJob) -> dict:
     """Score ``job.data`` into ``job.output``; returns the summary."""
+    from ..config import ConfigError
     from ..runtime import ensure_ray
+    from ..tracking import resolve_checkpoint
 
     t0 = time.perf_counter()
+    try:  # an MLflow model URI: its bundle's location, resolved here, where the job runs
+        job = job.model_copy(update={"checkpoint": resolve_checkpoint(job.checkpoint)})
+    except UnusualError as e:
+        raise ConfigError(f"--checkpoint: {e}") from None
     bundle = BundleInfo.read(job.checkpoint)
     out = Output(job.output)
     with storage_errors(job.output, "checking"):

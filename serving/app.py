@@ -49,16 +49,16 @@ class PortInUse(UnusualError):
     """The HTTP port is taken: refused before anything starts."""
 
 
-def as_config(args) -> ServeConfig:
+def as_config(args, resolve: bool = True) -> ServeConfig:
     """A ServeConfig from a ServeConfig, a ServeJob (its application part) or a mapping of arguments
-    (a ConfigError naming the argument at fault), with the token of this process's environment
-    (:meth:`~unusual.config.ServeConfig.with_environment`): it is called where the application is
-    started or built, never in a replica."""
+    (a ConfigError naming the argument at fault), completed by this process
+    (:meth:`~unusual.config.ServeConfig.with_environment`: the token, and with ``resolve`` each MLflow
+    model URI as its bundle): it is called where the application is started or built, never in a replica."""
     if isinstance(args, ServeJob):
-        return args.app_config().with_environment()
+        return args.app_config().with_environment(resolve)
     if isinstance(args, ServeConfig):
-        return args.with_environment()
-    return ServeConfig.validated(dict(args)).with_environment()
+        return args.with_environment(resolve)
+    return ServeConfig.validated(dict(args)).with_environment(resolve)
 
 
 # --------------------------------------------------------------------------- resources
@@ -313,7 +313,7 @@ def check_checkpoints(config: ServeConfig) -> None:
 
 def remove(config, name: str = APP_NAME) -> None:
     """Delete the applications :func:`start` deployed as ``name`` (the gateway and each model's)."""
-    for model in as_config(config).models:
+    for model in as_config(config, resolve=False).models:
         serve.delete(model_app_name(name, model))
     serve.delete(name)
 

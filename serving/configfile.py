@@ -43,7 +43,8 @@ def model_app(args: ModelAppConfig):
     """Serve's typed application builder of one model's application (``import_path:
     unusual.serving.configfile:model_app``): its ``ModelServer``, the application's HTTP ingress. The
     checkpoint comes from the deployment's ``user_config`` in the config file."""
-    config = (args if isinstance(args, ModelAppConfig) else ModelAppConfig.validated(dict(args))).with_environment()
+    config = args if isinstance(args, ModelAppConfig) else ModelAppConfig.validated(dict(args))
+    config = config.with_environment(resolve=False)  # its models entry is a placeholder: the checkpoint is user_config
     replica = replica_args(config)
     del replica["model"]  # the replica's arguments are a ServeConfig whose one model is config.model
     return model_deployment(config.model, None, config, replica)
@@ -53,7 +54,7 @@ def gateway_app(args: ServeConfig):
     """Serve's typed application builder of the gateway (``import_path:
     unusual.serving.configfile:gateway_app``): ``models`` maps each model name to the application
     serving it (``ae=unusual-ae``), which it reaches by handle for ``POST /v1/score`` and readiness."""
-    config = as_config(args)
+    config = as_config(args, resolve=False)  # its models name applications, not checkpoints
     return gateway_deployment(config, {m: (app, f"model-{m}") for m, app in config.models.items()})
 
 
@@ -63,7 +64,7 @@ def config_file(config, name: str = APP_NAME, route_prefix: str = "/", host: str
     deploys ``config`` as ``unusual serve`` does: an application per model and the gateway ``name``
     at ``route_prefix``. Only the settings that differ from the defaults are written; a bearer
     token as its digest (:func:`~unusual.serving.handling.token_digest`), never itself."""
-    config = as_config(config)
+    config = as_config(config, resolve=False)  # an MLflow URI stays one: the replicas resolve it where they run
     given = config.model_dump(exclude_defaults=True)
     if config.auth_token:
         given["auth_token"] = token_digest(config.auth_token)

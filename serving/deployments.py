@@ -128,8 +128,9 @@ class ModelReplica:
     def reconfigure(self, user_config: dict) -> None:
         """Load (or swap to) the bundle at ``user_config["checkpoint"]``."""
         from ..models import Scorer
+        from ..tracking import resolve_checkpoint
 
-        uri = user_config["checkpoint"]
+        uri = resolve_checkpoint(user_config["checkpoint"])  # an MLflow model URI: its bundle, read here
         device = "cuda" if self.config.use_gpu else "cpu"
         top_k = int(user_config.get("top_k", self.config.top_k))
         scorer = Scorer(uri, device=device, top_k=top_k, stream=False)

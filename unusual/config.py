@@ -20,27 +20,33 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Annotated, Literal
+from typing import Literal
 
 import yaml
-from pydantic import AfterValidator, field_validator, model_validator
+from pydantic import field_validator, model_validator
 
-from .configbase import CSV, TOKEN_ENV, VERBOSE_HELP, ConfigError, JobConfig, KeyValues, NameURIs, opt, run_parsed  # noqa: F401
+from .configbase import (  # noqa: F401
+    CSV,
+    TOKEN_ENV,
+    VERBOSE_HELP,
+    ConfigError,
+    JobConfig,
+    KeyValues,
+    NameURIs,
+    named_checkpoints,
+    opt,
+    run_parsed,
+)
+from .models.errors import UnusualError
 from .models.registry import DEFAULT_KIND, kinds
 from .models.tables import OUTPUT_COLUMNS  # every scored output has them: --keep-columns must not clash
 from .tracking import INSTALL as MLFLOW_INSTALL
 from .tracking import available as mlflow_available
 from .tracking import is_mlflow_uri, resolve_checkpoint
 
-
-def _resolved(uri):
-    """An MLflow model URI (``models:/…``, ``runs:/…``) as its bundle's location, MLflow imported only
-    then (:func:`unusual.tracking.resolve_checkpoint`); any other URI as it is."""
-    return resolve_checkpoint(uri) if is_mlflow_uri(uri) else uri
-
-
-# A checkpoint: a bundle URI, or an MLflow model URI that becomes its bundle's location.
-Checkpoint = Annotated[str, AfterValidator(_resolved)]
+# A checkpoint: a bundle URI, or an MLflow model URI, resolved to its bundle's location where the job runs
+# (:func:`unusual.tracking.resolve_checkpoint`), not when the config is validated.
+Checkpoint = str
 
 
 # --------------------------------------------------------------------------- detector parameters
@@ -285,23 +291,6 @@ class ServeConfig(JobConfig):
         metavar="A,B",
     )
 
-    @field_validator("models", mode="before")
-    @classmethod
-    def _mlflow_models(cls, v):
-        """``[NAME=]models:/…`` becomes the bundle's location before the models are named and checked."""
-        from .configbase import _split_csv
-
-        if isinstance(v, dict):
-            return {k: _resolved(u) for k, u in v.items()}
-        parts = _split_csv(v) if isinstance(v, (str, list, tuple)) else v
-        if not isinstance(parts, list):
-            return v
-        out = []
-        for part in parts:
-            name, sep, uri = part.partition("=") if "=" in part and not is_mlflow_uri(part) else ("", "", part)
-            out.append(f"{name}{sep}{_resolved(uri.strip())}")
-        return out
-
     @field_validator("models")
     @classmethod
     def _names(cls, v):
@@ -322,11 +311,20 @@ class ServeConfig(JobConfig):
             raise ValueError(f"replicas: need 0 <= min ({self.min_replicas}) <= max ({self.max_replicas}), max >= 1")
         return self
 
-    def with_environment(self):
-        """This config with what the process that starts or builds the application supplies: the bearer
-        token from ``$UNUSUAL_SERVE_TOKEN`` when none is given (validation itself reads nothing)."""
+    def with_environment(self, resolve: bool = True):
+        """This config as the process that starts or builds the application completes it (validation
+        itself reads nothing): the bearer token from ``$UNUSUAL_SERVE_TOKEN`` when none is given and, with
+        ``resolve``, each MLflow model URI as its bundle's location."""
+        update = {}
+        if resolve and any(is_mlflow_uri(u) for u in self.models.values()):
+            try:
+                update["models"] = {k: resolve_checkpoint(u) for k, u in self.models.items()}
+            except UnusualError as e:
+                raise ConfigError(f"--checkpoint: {e}") from None
         token = os.environ.get(TOKEN_ENV) or None
-        return self.model_copy(update={"auth_token": token}) if self.auth_token is None and token else self
+        if self.auth_token is None and token:
+            update["auth_token"] = token
+        return self.model_copy(update=update) if update else self
 
 
 def loopback(host: str) -> bool:
@@ -388,10 +386,12 @@ class ServeJob(ServeConfig):
 
     @classmethod
     def from_namespace(cls, ns):
-        """The command line's job: ``--token``, else ``$UNUSUAL_SERVE_TOKEN`` (read here, where it runs)."""
+        """The command line's job, completed here, where it runs: a bare ``--checkpoint URI`` named by its
+        bundle's kind, the token from ``--token``, else ``$UNUSUAL_SERVE_TOKEN``."""
+        values = {"models": named_checkpoints(getattr(ns, "models", None))}
         if getattr(ns, "auth_token", None) is None and os.environ.get(TOKEN_ENV):
-            ns = argparse.Namespace(**{**vars(ns), "auth_token": os.environ[TOKEN_ENV]})
-        return super().from_namespace(ns)
+            values["auth_token"] = os.environ[TOKEN_ENV]
+        return super().from_namespace(argparse.Namespace(**{**vars(ns), **values}))
 
     def app_config(self) -> ServeConfig:
         """The application's own arguments (what a Serve config file would pass)."""

@@ -57,23 +57,47 @@ def _key_values(value):
 
 def _name_uris(value):
     """Served models: ``{"ae": "s3://…"}``, ``"ae=s3://…,vae=/path"`` (as ``serve run`` passes it) or a
-    list of ``[NAME=]URI`` (repeated ``--checkpoint``); a bare URI is named by its bundle's kind."""
+    list of ``NAME=URI`` (repeated ``--checkpoint``). Reads nothing: the command line names a bare URI
+    by its bundle's kind first (:func:`named_checkpoints`)."""
     if isinstance(value, dict):
         return {str(k): str(v) for k, v in value.items()}
     out = {}
     for part in _split_csv(value):
-        if "=" in part:
-            name, uri = (p.strip() for p in part.split("=", 1))
-        else:
-            from .models.bundle import read_bundle
-
-            try:
-                name, uri = read_bundle(part)[0]["kind"], part
-            except (UnusualError, OSError) as e:  # no bundle there, or storage refused: name the flag
-                raise ValueError(str(e)) from None
+        name, uri = _split_name(part)
+        if not name:
+            raise ValueError(f"{part!r} has no name: give it as NAME=URI")
         if name in out:
             raise ValueError(f"two models named {name!r} ({out[name]} and {uri}); name them NAME=URI")
         out[name] = uri
+    return out
+
+
+def _split_name(part: str) -> tuple[str, str]:
+    """``NAME=URI`` -> (NAME, URI); a bare URI (an MLflow one may hold ``=``) -> ("", URI)."""
+    from .tracking import is_mlflow_uri
+
+    if "=" in part and not is_mlflow_uri(part):
+        name, uri = (p.strip() for p in part.split("=", 1))
+        return name, uri
+    return "", part.strip()
+
+
+def named_checkpoints(value) -> list[str]:
+    """``[NAME=]URI`` parts with each bare URI named by its bundle's kind (its MLflow URI resolved first):
+    what ``--checkpoint`` takes, done where the command runs, before the config is validated."""
+    from .models.bundle import read_bundle
+    from .tracking import resolve_checkpoint
+
+    out = []
+    for part in _split_csv(value) if isinstance(value, (str, list, tuple)) else []:
+        name, uri = _split_name(part)
+        if not name:
+            try:
+                uri = resolve_checkpoint(uri)
+                name = read_bundle(uri)[0]["kind"]
+            except (UnusualError, OSError) as e:  # no bundle there, or storage refused: name the flag
+                raise ConfigError(f"--checkpoint: {e}") from None
+        out.append(f"{name}={uri}")
     return out
 
 

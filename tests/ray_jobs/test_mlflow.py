@@ -114,19 +114,25 @@ def test_the_registered_model_scores_like_the_detector(trained, tmp_path):
 
 def test_models_uris_resolve_to_the_bundle_for_score_and_serve(trained, monkeypatch):
     """``models:/NAME/VERSION``, ``models:/NAME@ALIAS`` and ``runs:/RUN_ID/bundle`` become a local bundle
-    folder (the file: store is readable in place: no copy) before a job or the endpoint opens it."""
+    folder (the file: store is readable in place: no copy) where a job or the endpoint opens it, not when
+    its config is validated."""
     import mlflow
 
-    from unusual.config import ScoreJob, ServeConfig
+    from unusual.config import ScoreJob, ServeConfig, named_checkpoints
+    from unusual.tracking import resolve_checkpoint
 
     bundle, manifest = trained
     mlflow.MlflowClient().set_registered_model_alias(NAME, "champion", "1")
     uris = [f"models:/{NAME}/1", f"models:/{NAME}@champion", f"runs:/{manifest['mlflow']['run_id']}/bundle"]
     for uri in uris:
-        where = ScoreJob(checkpoint=uri, data="d", output="o").checkpoint
+        assert ScoreJob(checkpoint=uri, data="d", output="o").checkpoint == uri  # validation reads nothing
+        where = resolve_checkpoint(uri)  # what unusual score does first
         assert Path(where, "manifest.json").read_bytes() == Path(bundle, "manifest.json").read_bytes(), uri
-    served = ServeConfig(models=[f"a=models:/{NAME}/1", f"models:/{NAME}@champion"]).models
-    assert sorted(served) == ["a", "ae"] and Path(served["ae"], "weights.pt").is_file()  # bare: named by kind
+    # The command line names a bare URI by its bundle's kind; the application's start resolves the rest.
+    parts = named_checkpoints([f"a=models:/{NAME}/1", f"models:/{NAME}@champion"])
+    assert parts[0] == f"a=models:/{NAME}/1" and parts[1].startswith("ae=")
+    served = ServeConfig(models=parts).with_environment().models
+    assert sorted(served) == ["a", "ae"] and all(Path(u, "weights.pt").is_file() for u in served.values())
     # A store only MLflow reads (mlflow-artifacts:/, http): a copy in a temporary folder, removed at exit.
     from unusual import tracking
 

@@ -467,9 +467,9 @@ def test_build_app_binds_one_application_with_a_single_http_ingress():
     with pytest.raises(ValueError) as e:
         build_app({"models": "ae=/x", "replicas": 3})
     assert str(e.value) == f"unknown argument 'replicas'; known: {sorted(ServeConfig.model_fields)}"
-    with pytest.raises(ConfigError) as e:  # a bare URI is named by its bundle's kind: there is none
+    with pytest.raises(ConfigError) as e:  # validation reads no bundle: only the command line names a bare URI
         build_app({"models": "/x"})
-    assert str(e.value) == "--checkpoint: no bundle at /x: manifest.json not found"
+    assert str(e.value) == "--checkpoint: '/x' has no name: give it as NAME=URI"
     # As `serve run … key=value` calls it: Serve validates the strings with ServeConfig (the annotation).
     built = call_user_app_builder_with_args_if_necessary(build_app, {"models": "ae=/x", "max_batch_size": "8"})
     assert type(built).__name__ == "Application"
