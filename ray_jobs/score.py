@@ -81,15 +81,10 @@ log = logging.getLogger("unusual")
 
 def run(job: ScoreJob) -> dict:
     """Score ``job.data`` into ``job.output``; returns the summary."""
-    from ..config import ConfigError
     from ..runtime import ensure_ray
-    from ..tracking import resolve_checkpoint
 
     t0 = time.perf_counter()
-    try:  # an MLflow model URI: its bundle's location, resolved here, where the job runs
-        job = job.model_copy(update={"checkpoint": resolve_checkpoint(job.checkpoint)})
-    except UnusualError as e:
-        raise ConfigError(f"--checkpoint: {e}") from None
+    job = resolved(job)
     bundle = BundleInfo.read(job.checkpoint)
     out = Output(job.output)
     with storage_errors(job.output, "checking"):
@@ -141,6 +136,17 @@ def run(job: ScoreJob) -> dict:
     with storage_errors(job.output, "writing"):
         out.write_json(summary, JOB_DIR, SUMMARY_FILE)
     return summary
+
+
+def resolved(job: ScoreJob) -> ScoreJob:
+    """``job`` with an MLflow model URI as its bundle's location: resolved here, where the job runs."""
+    from ..config import ConfigError
+    from ..tracking import resolve_checkpoint
+
+    try:
+        return job.model_copy(update={"checkpoint": resolve_checkpoint(job.checkpoint)})
+    except UnusualError as e:
+        raise ConfigError(f"--checkpoint: {e}") from None
 
 
 def previous_plan(out: Output) -> ScorePlan | str | None:

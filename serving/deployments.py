@@ -163,18 +163,16 @@ class ModelReplica:
         that or no other request is being scored here. One turn of the event loop first lets the requests
         read in the same turn get here too; a request alone then skips the batch queue (it cost 15 % of
         the requests/s at one request in flight: benchmarks/README.md, serve_latency)."""
-        if len(X) > self.config.max_batch_size:
-            self.metrics.batch(scorer, len(X))
-            return scorer.score_matrix(X)
-        self.active += 1
-        try:
-            await asyncio.sleep(0)
-            if self.active == 1:
-                self.metrics.batch(scorer, len(X))
-                return scorer.score_matrix(X)
-            return await self._batch((scorer, X))
-        finally:
-            self.active -= 1
+        if len(X) <= self.config.max_batch_size:
+            self.active += 1
+            try:
+                await asyncio.sleep(0)
+                if self.active > 1:
+                    return await self._batch((scorer, X))
+            finally:
+                self.active -= 1
+        self.metrics.batch(scorer, len(X))
+        return scorer.score_matrix(X)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0, batch_size_fn=handling.batch_rows)
     async def _batch(self, items: list[tuple]) -> list[tuple]:

@@ -71,6 +71,11 @@ def answer(status: int, payload: dict, headers: dict | None = None) -> Answer:
     return Answer(status, body, "application/json", headers or {})
 
 
+def version_headers(version: str, threshold: float) -> dict[str, str]:
+    """Every scored answer's headers: the model version that scored it and its threshold."""
+    return {"X-Model-Version": version, "X-Threshold": repr(float(threshold))}
+
+
 def error_answer(status: int, message: str) -> Answer:
     return answer(status, {"error": message})
 
@@ -276,7 +281,7 @@ async def fast_json(
     metrics.scored(scorer, scores)
     payload = {"model": name, "model_version": scorer.version, "threshold": scorer.threshold, "rows": rows,
                "seconds": round(time.perf_counter() - t0, 6)}
-    return answer(200, payload, {"X-Model-Version": scorer.version, "X-Threshold": repr(float(scorer.threshold))})
+    return answer(200, payload, version_headers(scorer.version, scorer.threshold))
 
 
 async def score_request(
@@ -296,7 +301,7 @@ async def score_request(
     if "error" in result:
         return error_answer(*result["error"])
     out, version, threshold = result["table"], result["model_version"], result["threshold"]
-    headers = {"X-Model-Version": version, "X-Threshold": repr(float(threshold))}
+    headers = version_headers(version, threshold)
     if fmt == "json":
         payload = {
             "model": name,

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 import yaml
+from loadkit import swap_under_load
 from unusual.models import Detector
 from unusual.ray_jobs import sample_data
 
@@ -190,34 +190,11 @@ def test_serve_deploy_of_the_shipped_file_answers_as_unusual_serve_and_swaps_in_
                                        rtol=1e-5, atol=1e-7)
         # A new checkpoint for ae, deployed again under load: loaded in place, no request fails.
         before = _replica_actors("unusual-ae") | _replica_actors("unusual")
-        stop, results = threading.Event(), []
-
-        def load():
-            body = {"rows": rows.slice(0, 3).to_pylist()}
-            while not stop.is_set():
-                try:
-                    r = requests.post(f"{url}/v1/models/ae/score", json=body, timeout=30)
-                    results.append((r.status_code, r.json().get("model_version")))
-                except requests.RequestException as e:
-                    results.append((type(e).__name__, None))
-
-        pool = [threading.Thread(target=load) for _ in range(3)]
-        for t in pool:
-            t.start()
-        time.sleep(1)
         swapped = copy.deepcopy(doc)
         swapped["applications"][0]["deployments"][0]["user_config"]["checkpoint"] = bundles["ae2"][0]
-        deploy(write(swapped, tmp_path / "swapped.yaml"))
-        deadline = time.time() + 90
-        while time.time() < deadline and not (results and results[-1][1] == bundles["ae2"][1]):
-            time.sleep(0.5)
-        time.sleep(1)
-        stop.set()
-        for t in pool:
-            t.join()
-        assert results and all(code == 200 for code, _ in results), [r for r in results if r[0] != 200][:3]
-        versions = [v for _, v in results]
-        assert bundles["ae"][1] in versions and versions[-1] == bundles["ae2"][1]
+        swap_under_load(url, "/v1/models/ae/score", rows.slice(0, 3).to_pylist(),
+                        lambda: deploy(write(swapped, tmp_path / "swapped.yaml")), bundles["ae"][1], bundles["ae2"][1],
+                        threads=3)
         assert _replica_actors("unusual-ae") | _replica_actors("unusual") == before  # reconfigured, not replaced
     finally:
         serve.shutdown()

@@ -22,6 +22,7 @@ import pytest
 import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from loadkit import load, swap_under_load
 from unusual.models import Detector
 from unusual.ray_jobs import sample_data
 
@@ -252,41 +253,6 @@ def test_bearer_token(ray_cluster, server, bundles, cardio):
 
 # A persistent connection closed before any byte of the answer, or (seen once in 2,507 requests when a replica
 # was killed) right after the answer's headers, before any byte of its body: either way the client has no answer.
-CLOSED = ("RemoteDisconnected", "IncompleteRead(0 bytes read")
-
-
-def _load(url: str, rows: list, stop: threading.Event, results: list, threads: int = 6, path: str = "/v1/score",
-          resent: list | None = None):
-    """``threads`` clients on kept-alive connections, as real clients hold them, until ``stop``.
-
-    With ``resent``, a request whose connection closed before any byte of its answer (or of its answer's
-    body) is sent once more, as HTTP/1.1 lets a client do (RFC 9112 9.3.1; a scoring request has no side
-    effects), and counted there: HAProxy closes a client's kept-alive connection so, without an answer or
-    a log line, when the replica it forwarded the request to is killed before reading it (HAProxy 2.8
-    re-sends only requests the replica had read), and a replica killed between the answer's headers and
-    its body leaves the body unsent. Anything else is a failure."""
-
-    def worker():
-        session = requests.Session()
-        while not stop.is_set():
-            for attempt in (0, 1):
-                try:
-                    r = session.post(f"{url}{path}", json={"rows": rows}, timeout=30)
-                    ok = r.status_code == 200
-                    results.append((r.status_code, r.headers.get("X-Model-Version") if ok else r.text[:300]))
-                except requests.RequestException as e:
-                    if resent is not None and attempt == 0 and any(c in repr(e) for c in CLOSED):
-                        resent.append(repr(e))
-                        continue
-                    results.append((0, repr(e)))
-                break
-
-    pool = [threading.Thread(target=worker, daemon=True) for _ in range(threads)]
-    for t in pool:
-        t.start()
-    return pool
-
-
 def _replicas(prefix: str) -> set[str]:
     """The named replica actors of the applications whose name starts with ``prefix``."""
     import ray
@@ -304,25 +270,10 @@ def test_model_swap_under_load_fails_no_request(server, bundles, cardio):
     dets, uris = bundles
     untouched = _replicas("unusual#") | _replicas("unusual-vae#")  # the gateway and the other model
     assert untouched
-    stop, results = threading.Event(), []
-    pool = _load(url, _rows(cardio.slice(0, 5)), stop, results)
-    time.sleep(2)
     swapped = ServeConfig.model_validate({**settings.model_dump(), "models": {**settings.models, "ae": uris["ae2"]}})
-    start(swapped, port=int(url.rsplit(":", 1)[1]))
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        if results and results[-1][1] == dets["ae2"].version:
-            break
-        time.sleep(0.5)
-    time.sleep(1)
-    stop.set()
-    for t in pool:
-        t.join()
-    assert results and all(code == 200 for code, _ in results), [r for r in results if r[0] != 200][:3]
-    versions = [v for _, v in results]
-    assert dets["ae"].version in versions and versions[-1] == dets["ae2"].version
-    first_new = versions.index(dets["ae2"].version)
-    assert set(versions[first_new:]) == {dets["ae2"].version}  # no flapping back to the old model
+    swap_under_load(url, "/v1/score", _rows(cardio.slice(0, 5)),
+                    lambda: start(swapped, port=int(url.rsplit(":", 1)[1])), dets["ae"].version, dets["ae2"].version,
+                    timeout=60)
     # The new checkpoint is loaded in place: the gateway and the other model were not restarted.
     assert _replicas("unusual#") | _replicas("unusual-vae#") == untouched
 
@@ -593,7 +544,7 @@ def test_a_replica_killed_under_load_fails_no_request(server, bundles, cardio):
     pids = _replica_pids("spare-ae", "model-ae")
     assert len(pids) == 2
     stop, results, resent = threading.Event(), [], []
-    pool = _load(url, _rows(cardio.slice(0, 5)), stop, results, path="/spare/v1/models/ae/score", resent=resent)
+    pool = load(url, _rows(cardio.slice(0, 5)), stop, results, path="/spare/v1/models/ae/score", resent=resent)
     try:
         time.sleep(2)
         before = len(results)
