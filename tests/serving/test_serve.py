@@ -273,7 +273,7 @@ def test_model_swap_under_load_fails_no_request(server, bundles, cardio):
     swapped = ServeConfig.model_validate({**settings.model_dump(), "models": {**settings.models, "ae": uris["ae2"]}})
     swap_under_load(url, "/v1/score", _rows(cardio.slice(0, 5)),
                     lambda: start(swapped, port=int(url.rsplit(":", 1)[1])), dets["ae"].version, dets["ae2"].version,
-                    timeout=60)
+                    timeout=60, one_replica=lambda: _running("unusual-ae", "model-ae") == 1)
     # The new checkpoint is loaded in place: the gateway and the other model were not restarted.
     assert _replicas("unusual#") | _replicas("unusual-vae#") == untouched
 
