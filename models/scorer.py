@@ -100,36 +100,6 @@ class Scorer:
         scores, terms, bad, reasons = self._score(table)
         return self._output(scores, terms, bad, reasons)
 
-    def score_many(self, batches: list) -> list:
-        """Score several independent tabular batches in one model call (dynamic
-        request batching); returns, per batch, its output table or the
-        exception its input raised, so one bad request fails alone."""
-        if self.sequence:
-            raise TypeError("score_many is for tabular models; score each sequence batch with score_table")
-        tables, xs, results = [], [], []
-        for data in batches:
-            try:
-                table = to_table(data)
-                x, bad, reasons = self.schema.transform(table, self.errors, self.allowed_extra)
-            except Exception as e:  # noqa: BLE001 - handed back to that request
-                results.append(e)
-                continue
-            results.append(None)
-            tables.append((bad, reasons))
-            xs.append(x)
-        if xs:
-            X = np.concatenate(xs) if len(xs) > 1 else xs[0]
-            scores, terms = self._run(lambda a, b: X[a:b], len(X))
-            offsets = np.cumsum([0] + [len(x) for x in xs])
-        it = iter(range(len(xs)))
-        for k, r in enumerate(results):
-            if r is None:
-                i = next(it)
-                a, b = offsets[i], offsets[i + 1]
-                bad, reasons = tables[i]
-                results[k] = self._output(scores[a:b], terms[a:b], bad, reasons)
-        return results
-
     def transform(self, data) -> np.ndarray:
         """A tabular batch's model input (:meth:`score_matrix`); a bad value raises, naming its column."""
         X, _, _ = self.schema.transform(to_table(data), "raise", self.allowed_extra)

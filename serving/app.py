@@ -37,7 +37,7 @@ from ..config import ServeConfig, ServeJob, loopback
 from ..models.errors import UnusualError
 from ..runtime import ResourceError, embedded, ensure_ray, progress
 from . import fastpath
-from .deployments import Gateway, ModelReplica, ModelServer
+from .deployments import Gateway, ModelReplica, ModelServer, deployment_name
 from .handling import token_digest
 from .versions import pinned
 
@@ -94,7 +94,7 @@ def model_deployment(name: str, checkpoint: str | None, config: ServeConfig, arg
     live; None: a Serve config file's ``deployments:`` gives it). ``args``: what its replicas get."""
     deployment = serve.deployment(
         cls,
-        name=f"model-{name}",
+        name=deployment_name(name),
         ray_actor_options=replica_resources(config),
         autoscaling_config={
             "min_replicas": config.min_replicas,
@@ -177,7 +177,7 @@ def applications(config, name: str = APP_NAME, route_prefix: str = "/") -> list:
         app = model_app_name(name, model)
         bound = model_deployment(model, uri, config, replica_args(args))
         targets.append(serve.RunTarget(bound, name=app, route_prefix=model_route(route_prefix, model)))
-        models[model] = (app, f"model-{model}")
+        models[model] = (app, deployment_name(model))
     targets.append(serve.RunTarget(gateway_deployment(args, models), name=name, route_prefix=route_prefix))
     return targets
 

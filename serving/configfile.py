@@ -33,6 +33,7 @@ change. The gateway's ``models`` map each model to the application that serves i
 # validate a config file's args with them before it calls the builder.
 from ..config import ModelAppConfig, ServeConfig
 from .app import APP_NAME, as_config, gateway_deployment, model_app_name, model_deployment, model_route, replica_args
+from .deployments import deployment_name
 from .handling import token_digest
 
 # The replicas' settings a model application takes from ServeConfig (the gateway takes them all).
@@ -55,7 +56,7 @@ def gateway_app(args: ServeConfig):
     unusual.serving.configfile:gateway_app``): ``models`` maps each model name to the application
     serving it (``ae=unusual-ae``), which it reaches by handle for ``POST /v1/score`` and readiness."""
     config = as_config(args, resolve=False)  # its models name applications, not checkpoints
-    return gateway_deployment(config, {m: (app, f"model-{m}") for m, app in config.models.items()})
+    return gateway_deployment(config, {m: (app, deployment_name(m)) for m, app in config.models.items()})
 
 
 def config_file(config, name: str = APP_NAME, route_prefix: str = "/", host: str = "0.0.0.0",
@@ -76,7 +77,8 @@ def config_file(config, name: str = APP_NAME, route_prefix: str = "/", host: str
             "route_prefix": model_route(route_prefix, model),
             "import_path": f"{__name__}:model_app",
             "args": {"model": model, **shared},
-            "deployments": [{"name": f"model-{model}", "user_config": {"checkpoint": uri, "top_k": config.top_k}}],
+            "deployments": [{"name": deployment_name(model),
+                             "user_config": {"checkpoint": uri, "top_k": config.top_k}}],
         })
     gateway = {**shared, "models": ",".join(f"{m}={model_app_name(name, m)}" for m in config.models)}
     if config.default_model is not None and len(config.models) > 1:

@@ -88,6 +88,11 @@ async def _read(request: Request, limit: int, required: bool = False) -> bytes:
     return await handling.read_body(request.stream(), length, limit, required=required)
 
 
+def deployment_name(model: str) -> str:
+    """The Serve deployment of ``model``'s replicas (in its own application, or inside the gateway's)."""
+    return f"model-{model}"
+
+
 model_api = FastAPI(
     title="unusual model",
     version=API_VERSION,
@@ -122,7 +127,7 @@ class ModelReplica:
         if self.checkpoint is None and time.monotonic() - self.started > NO_CHECKPOINT_S:
             raise RuntimeError(
                 f"model {self.name} has no checkpoint: set user_config: {{checkpoint: URI}} on deployment "
-                f"model-{self.name} (a Serve config file's `deployments:`)"
+                f"{deployment_name(self.name)} (a Serve config file's `deployments:`)"
             )
 
     def reconfigure(self, user_config: dict) -> None:
