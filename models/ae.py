@@ -16,43 +16,49 @@ Two scores (``score``):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from .base import SquaredErrorModule, check_norm, default_latent, mlp
+from .base import (
+    HIDDEN_HELP,
+    LATENT_SHOWN,
+    NORM_HELP,
+    NORMALIZE_HELP,
+    NORMS,
+    TRIM_HELP,
+    SquaredErrorModule,
+    default_latent,
+    mlp,
+)
+from .params import param, validate
 from .training import trimmed_mean
 
 
 @dataclass
 class AEConfig:
-    hidden: list[int] = field(default_factory=lambda: [64, 32])
-    latent: int | None = None  # None: max(2, min(32, width // 4))
+    hidden: list[int] = param(factory=lambda: [64, 32], help=HIDDEN_HELP)
+    latent: int | None = param(None, ge=1, shown=LATENT_SHOWN, help="bottleneck size")
     # off: helped ODDS, cost NSL-KDD and SMD (benchmarks/README.md, "ae: dropout")
-    dropout: float = 0.0
+    dropout: float = param(0.0, ge=0, lt=1, help="dropout between layers")
     # Layer norm before each hidden ReLU: ODDS 0.881 -> 0.903 (benchmarks/README.md, "ae: norm")
-    norm: str | None = "layer"
+    norm: str | None = param("layer", choices=NORMS, help=NORM_HELP)
     # off: cost the AE on ODDS; on for the LSTM (benchmarks/README.md, "ae: normalize_errors")
-    normalize_errors: bool = False  # each column's error in units of its usual level (SquaredErrorModule)
-    # Trimmed loss: each batch's loss leaves out its worst-fitted `trim` fraction of rows.
+    normalize_errors: bool = param(False, help=NORMALIZE_HELP)
     # 0.2 for data with anomalies; clean=True trains with 0 (benchmarks/README.md, "ae: trim")
-    trim: float = 0.2
-    score: str = "joint"  # "joint" (error + latent distance) or "reconstruction" (error only); module docstring
-    # Ridge added to the latent covariance, as a fraction of its mean variance: keeps the Mahalanobis
-    # distance finite where the held-out split is small next to the latent width or codes are collinear.
-    latent_ridge: float = 0.05
+    trim: float = param(0.2, ge=0, lt=1, help=TRIM_HELP)
+    score: str = param("joint", choices=("joint", "reconstruction"), help=(
+        "`joint`: the reconstruction error of each column in units of its usual error, plus the squared "
+        "Mahalanobis distance of the row's latent code from the codes of the training rows, over the latent "
+        "width (each term is about 1 on a usual row); `reconstruction`: the mean squared reconstruction error "
+        "alone (what AE bundles written before this option do)"))
+    # Keeps the Mahalanobis distance finite where the held-out split is small next to the latent width
+    # or codes are collinear.
+    latent_ridge: float = param(0.05, ge=0, help=(
+        "added to the latent covariance of the `joint` score, as a fraction of its mean variance"))
 
     def __post_init__(self):
-        check_norm(self.norm)
-        if not 0.0 <= self.trim < 1.0:
-            raise ValueError(f"trim must be in [0, 1); got {self.trim}")
-        if self.score not in SCORES:
-            raise ValueError(f"score must be one of {SCORES}; got {self.score!r}")
-        if not self.latent_ridge >= 0.0:
-            raise ValueError(f"latent_ridge must be >= 0; got {self.latent_ridge}")
-
-
-SCORES = ("joint", "reconstruction")
+        validate(self)
 
 
 class AutoEncoder(SquaredErrorModule):

@@ -75,6 +75,20 @@ class SquaredErrorModule(AnomalyModule):
 
 NORMS = ("layer", None)
 
+# The meaning of the parameters the dense families share (the README's parameter table, models/params.py).
+HIDDEN_HELP = "encoder layer sizes (the decoder mirrors them)"
+LATENT_SHOWN = "`max(2, min(32, width // 4))`"
+NORM_HELP = (
+    "`layer`: layer norm before each hidden ReLU (keeps the AE from learning to reconstruct outliers; see "
+    "`benchmarks/results/quality.md`); `None`: plain dense layers (what AE / VAE bundles written before this "
+    "option have)")
+TRIM_HELP = (
+    "each training batch leaves out this fraction of its worst-fitted rows (anomalies in the training data "
+    "then give no gradient)")
+NORMALIZE_HELP = (
+    "divide each column's squared error by its mean error on the validation split, so noisy columns do not "
+    "drown out the rest (the `ae`'s `joint` score always does)")
+
 
 def check_norm(norm) -> None:
     """The one check of a ``norm`` setting (model configs call it so a bad value fails at ``Detector(...)``)."""

@@ -7,13 +7,14 @@ both import from here and never the other way round.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from .errors import SchemaError
+from .params import param, validate
 
 SCALINGS = ("standard", "robust", "none")
 NAN_POLICIES = ("raise", "impute")
@@ -37,30 +38,28 @@ class FeatureConfig:
     - ``max_categories``: the most frequent categories kept per column.
     """
 
-    features: list[str] | None = None
-    exclude: list[str] = field(default_factory=list)
-    categorical: list[str] | None = None
-    scaling: str = "standard"
-    nan_policy: str = "raise"
-    unseen_category: str = "bucket"
-    max_categories: int = 100
+    features: list[str] | None = param(None, shown="all columns", help="columns to use")
+    exclude: list[str] = param(factory=list, shown="none", help="columns to leave out (ids, labels)")
+    categorical: list[str] | None = param(None, shown="string columns", help=(
+        'categorical columns, one-hot encoded with an "other" bucket; an explicit list makes any other '
+        "non-numeric column an error"))
+    scaling: str = param("standard", choices=SCALINGS, help=(
+        "`standard` (mean / std), `robust` (median / IQR) or `none`"))
+    nan_policy: str = param("raise", choices=NAN_POLICIES, help=(
+        "`raise`: NaN, inf or null is an error naming the column and row; `impute`: replaced by the fit-time "
+        'center (numeric) or the "other" bucket (categorical)'))
+    unseen_category: str = param("bucket", choices=UNSEEN_POLICIES, help=(
+        '`bucket`: a category not seen at fit time goes to the "other" bucket; `raise`: error naming the '
+        "column and value"))
+    max_categories: int = param(100, ge=1, help="most frequent categories kept per column")
 
     def __post_init__(self):
-        _check_choice("scaling", self.scaling, SCALINGS)
-        _check_choice("nan_policy", self.nan_policy, NAN_POLICIES)
-        _check_choice("unseen_category", self.unseen_category, UNSEEN_POLICIES)
-        if self.max_categories < 1:
-            raise ValueError(f"max_categories must be >= 1, got {self.max_categories}")
+        validate(self)
         self.exclude = list(self.exclude or [])
         if self.features is not None:
             self.features = list(self.features)
         if self.categorical is not None:
             self.categorical = list(self.categorical)
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
 def is_numeric_type(t: pa.DataType) -> bool:

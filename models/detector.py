@@ -26,6 +26,8 @@ from .bundle import MANIFEST, WEIGHTS, Bundle, build_manifest, load_bundle, read
 from .columns import FeatureConfig
 from .errors import NotFittedError
 from .features import FeatureSchema
+from .params import check_type
+from .params import groups as config_groups
 from .registry import DEFAULT_KIND, family
 from .scorer import Scorer
 from .tables import to_table
@@ -53,7 +55,7 @@ def split_params(kind: str, params: dict):
     (``train_defaults`` in the registry, then the config classes' own), or with ``clean=True`` (the
     training data holds no anomalies) the family's ``clean_defaults``."""
     fam = family(kind)
-    groups = {"model": fam.config, "features": FeatureConfig, "train": TrainConfig, "threshold": ThresholdConfig}
+    groups = config_groups(kind)
     out = {g: {} for g in groups}
     owners = {f.name: g for g, cls in groups.items() for f in fields(cls)}
     for name, value in params.items():
@@ -73,42 +75,6 @@ def split_params(kind: str, params: dict):
         TrainConfig(**out["train"]),
         ThresholdConfig(**out["threshold"]),
     )
-
-
-_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list"}
-
-
-def check_type(name: str, value, cls) -> None:
-    """A TypeError naming ``name`` unless ``value`` fits the type of ``cls``'s field (an int where a float
-    is asked is fine; bools are not numbers): ``--param epochs=three`` is one line, not a comparison
-    error deep inside a config."""
-    import types
-    import typing
-
-    hint = typing.get_type_hints(cls)[name]
-    union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
-    options = typing.get_args(hint) if union else (hint,)
-    ok = []
-    for t in options:
-        base = typing.get_origin(t) or t
-        if t is type(None):
-            ok.append(value is None)
-        elif base is float:
-            ok.append(isinstance(value, (int, float)) and not isinstance(value, bool))
-        elif base is int:
-            ok.append(isinstance(value, int) and not isinstance(value, bool))
-        elif base in (list, tuple):
-            ok.append(isinstance(value, (list, tuple)))
-        elif isinstance(base, type):
-            ok.append(isinstance(value, base))
-        else:
-            ok.append(True)
-    if not any(ok):
-        words = " or ".join(
-            "null" if t is type(None) else _TYPE_WORDS.get(typing.get_origin(t) or t, getattr(t, "__name__", str(t)))
-            for t in options
-        )
-        raise TypeError(f"parameter {name!r} must be {words}; got {value!r}")
 
 
 def prepare_training_data(table: pa.Table, schema: FeatureSchema, model_cfg, context: int | None):

@@ -43,36 +43,43 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .base import SquaredErrorModule
+from .base import NORMALIZE_HELP, SquaredErrorModule
+from .params import param, validate
 
 
 @dataclass
 class LSTMConfig:
-    window: int = 64
-    objective: str = "forecast"  # "forecast" or "reconstruct"
-    hidden: int = 64
-    layers: int = 1
-    entity_column: str | None = None
-    time_column: str | None = None
-    normalize_errors: bool = True  # each column's error in units of its usual level (SquaredErrorModule)
-    error_floor: float = 0.01  # no column's error scale below this fraction of the mean column error
-    score_steps: int | None = None  # trailing steps whose errors make the row's score (None: half the window)
-    train_steps: int | None = None  # trailing steps in the loss (0: all; None: 1 forecast, 0 reconstruct)
-    score_lookahead: int | None = None  # later rows whose scores join a row's (0: causal; None: score_steps)
+    window: int = param(64, ge=1, help="rows of history")
+    objective: str = param("forecast", choices=("forecast", "reconstruct"), help=(
+        "`forecast` (predict row t from the window before it) or `reconstruct` (encoder-decoder)"))
+    hidden: int = param(64, ge=1, help="LSTM size (hidden units)")
+    layers: int = param(1, ge=1, help="stacked LSTM layers")
+    entity_column: str | None = param(None, help="series id column (each series is windowed on its own)")
+    time_column: str | None = param(None, help="order column of each series (a stable sort)")
+    normalize_errors: bool = param(True, help=NORMALIZE_HELP)
+    error_floor: float = param(0.01, ge=0, help=(
+        "with `normalize_errors`, no column's error scale below this fraction of the mean column error"))
+    score_steps: int | None = param(None, shown="half the window", help=(
+        "a row's score is the mean error of this many steps ending at the row (each predicted from the rows "
+        "before it): anomalies last, noise spikes do not; 1 = the row's own error only (what LSTM bundles "
+        "written before this option do)"))
+    train_steps: int | None = param(None, shown="1 (forecast), all (reconstruct)", help=(
+        "trailing steps of each window in the training loss (0: all)"))
+    score_lookahead: int | None = param(None, ge=0, shown="`score_steps`", help=(
+        "centres the score: a row's score is the mean of its trailing score and those of the next this-many "
+        "rows of its series, so a score peaks on the anomaly rather than up to `score_steps` rows after it "
+        "(TSB-AD's window methods likewise average every window covering a row); the newest row of a call has "
+        "its trailing score at once, an earlier row's settles this many rows later; 0 = causal (what LSTM "
+        "bundles written before this option do)"))
 
     def __post_init__(self):
-        if self.objective not in ("forecast", "reconstruct"):
-            raise ValueError(f"objective must be 'forecast' or 'reconstruct'; got {self.objective!r}")
-        if self.window < 1:
-            raise ValueError(f"window must be >= 1; got {self.window}")
+        validate(self)
         if self.score_steps is None:
             self.score_steps = max(1, self.window // 2)
         if not 1 <= self.score_steps <= self.window:
             raise ValueError(f"score_steps must be between 1 and window ({self.window}); got {self.score_steps}")
         if self.score_lookahead is None:
             self.score_lookahead = self.score_steps
-        if self.score_lookahead < 0:
-            raise ValueError(f"score_lookahead must be >= 0; got {self.score_lookahead}")
         if self.train_steps is None:
             self.train_steps = 1 if self.objective == "forecast" else 0
         if not 0 <= self.train_steps <= self.window:

@@ -16,20 +16,19 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .params import param, validate
+
 
 @dataclass
 class ThresholdConfig:
-    threshold: str = "quantile"  # "quantile" or "pot"
-    contamination: float = 0.01  # target false-positive rate on normal data
-    pot_level: float = 0.98  # initial quantile of the POT tail
+    threshold: str = param("quantile", choices=("quantile", "pot"), help=(
+        "`quantile`: the (1 − contamination) quantile of validation scores; `pot`: peaks over threshold with "
+        "a generalized Pareto tail (SPOT)"))
+    contamination: float = param(0.01, gt=0, lt=0.5, help="target false-positive rate on normal data")
+    pot_level: float = param(0.98, ge=0.5, lt=1, help="initial quantile of the POT tail")
 
     def __post_init__(self):
-        if self.threshold not in ("quantile", "pot"):
-            raise ValueError(f"threshold must be 'quantile' or 'pot'; got {self.threshold!r}")
-        if not 0.0 < self.contamination < 0.5:
-            raise ValueError(f"contamination must be in (0, 0.5); got {self.contamination}")
-        if not 0.5 <= self.pot_level < 1.0:
-            raise ValueError(f"pot_level must be in [0.5, 1); got {self.pot_level}")
+        validate(self)
 
 
 def fit_threshold(scores: np.ndarray, cfg: ThresholdConfig) -> dict:

@@ -23,31 +23,32 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
 
+from .params import param, validate
+
 log = logging.getLogger("unusual")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 60
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 1e-5
-    val_fraction: float = 0.15  # held out for early stopping and the threshold
-    patience: int = 8  # epochs without validation improvement before stopping
-    grad_clip: float = 5.0
-    seed: int = 0
-    device: str = "cpu"  # "cpu", "cuda", "cuda:1", or "auto"
+    epochs: int = param(60, ge=1, help=(
+        "maximum epochs; early stopping on the validation loss restores the best weights"))
+    batch_size: int = param(128, ge=1, help="rows (or windows) per optimisation step (AdamW)")
+    lr: float = param(1e-3, gt=0, help="AdamW's learning rate")
+    weight_decay: float = param(1e-5, ge=0, help="AdamW's weight decay")
+    val_fraction: float = param(0.15, ge=0, lt=1, help="held out for early stopping and for the threshold")
+    patience: int = param(8, ge=1, help="epochs without improvement of the validation loss before stopping")
+    grad_clip: float = param(5.0, ge=0, help="gradients clipped to this norm (0: off)")
+    seed: int = param(0, ge=0, help="seed of the split, the weights and the batches")
+    device: str = param("cpu", help='`cpu`, `cuda`, `cuda:1`, or `auto` (CUDA when present)')
     # The training data holds no anomalies (semi-supervised: cleaned, or normal by construction): the
     # family trains with its ``clean_defaults`` (models/registry.py) instead of the defaults for data
     # as users have it, anomalies included.
-    clean: bool = False
+    clean: bool = param(False, help=(
+        "the training data holds no anomalies: the `ae` and `vae` train with `epochs` 60, `patience` 8 and "
+        "`trim` 0 unless given ([Data with anomalies, or clean data](#data-with-anomalies-or-clean-data))"))
 
     def __post_init__(self):
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1); got {self.val_fraction}")
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        validate(self)
 
 
 @dataclass

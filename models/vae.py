@@ -14,12 +14,13 @@ the batch it arrives in and a save/load round trip gives identical scores.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .base import AnomalyModule, check_norm, default_latent, mlp
+from .base import HIDDEN_HELP, LATENT_SHOWN, NORM_HELP, NORMS, TRIM_HELP, AnomalyModule, default_latent, mlp
+from .params import param, validate
 from .training import trimmed_mean
 
 _LOG2PI = math.log(2 * math.pi)
@@ -27,27 +28,21 @@ _LOG2PI = math.log(2 * math.pi)
 
 @dataclass
 class VAEConfig:
-    hidden: list[int] = field(default_factory=lambda: [64, 32])
-    latent: int | None = None  # None: max(2, min(32, width // 4))
-    dropout: float = 0.0
+    hidden: list[int] = param(factory=lambda: [64, 32], help=HIDDEN_HELP)
+    latent: int | None = param(None, ge=1, shown=LATENT_SHOWN, help="bottleneck size")
+    dropout: float = param(0.0, ge=0, lt=1, help="dropout between layers")
     # Layer norm before each hidden ReLU: ODDS 0.907 -> 0.913 (benchmarks/README.md, "vae: norm")
-    norm: str | None = "layer"
-    score: str = "elbo"  # "elbo" (negative ELBO) or "nll" (reconstruction NLL only)
-    n_samples: int = 16  # L, latent samples per row when scoring
-    beta: float = 1.0  # weight of the KL term in training
-    min_logvar: float = -6.0  # floor of the decoder log-variance (keeps the NLL finite)
-    # Trimmed loss (as in the AE): each batch's loss leaves out its worst-fitted `trim` fraction of rows.
+    norm: str | None = param("layer", choices=NORMS, help=NORM_HELP)
+    score: str = param("elbo", choices=("elbo", "nll"), help=(
+        "`elbo` (negative ELBO: reconstruction NLL + KL) or `nll` (Monte-Carlo reconstruction NLL only)"))
+    n_samples: int = param(16, ge=1, help="latent samples L per row when scoring")
+    beta: float = param(1.0, ge=0, help="weight of the KL term in training")
+    min_logvar: float = param(-6.0, help="floor of the decoder's log-variance (keeps the NLL finite)")
     # 0.1 for data with anomalies; clean=True trains with 0 (benchmarks/README.md, "vae: trim")
-    trim: float = 0.1
+    trim: float = param(0.1, ge=0, lt=1, help=TRIM_HELP)
 
     def __post_init__(self):
-        if self.score not in ("nll", "elbo"):
-            raise ValueError(f"score must be 'nll' or 'elbo'; got {self.score!r}")
-        if self.n_samples < 1:
-            raise ValueError(f"n_samples must be >= 1; got {self.n_samples}")
-        if not 0.0 <= self.trim < 1.0:
-            raise ValueError(f"trim must be in [0, 1); got {self.trim}")
-        check_norm(self.norm)
+        validate(self)
 
 
 class VAE(AnomalyModule):

@@ -55,22 +55,20 @@ def test_the_first_hour_walk_through_runs_as_written(tmp_path):
     assert iforest and 0.85 <= float(iforest.group(1)) <= 1.0, p.stdout[-2000:]
 
 
-def test_the_parameter_table_names_every_detector_parameter_and_no_other():
-    """README's "Parameters" table and the config dataclasses the Detector builds from (every family's, the
-    features', the training's, the threshold's: what ``unusual fit --help`` lists for --param) name the same
-    parameters."""
-    from unusual.cli import parameter_keys
+def test_the_parameter_table_is_the_one_generated_from_the_config_classes():
+    """README's "Parameters" table is :func:`unusual.models.params.parameter_table`'s, word for word: the
+    config classes' declarations (every family's, the features', the training's, the threshold's) are
+    the one definition of each parameter, its default and its meaning."""
+    from unusual.models.params import parameter_keys, parameter_table
 
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    table = text[text.index("### Parameters") : text.index("### Sequences: the rules")]
-    named = set()
-    for line in table.splitlines():
-        cells = line.split("|")
-        if len(cells) > 3 and cells[2].strip() not in ("parameter", "---"):
-            named |= set(re.findall(r"`(\w+)`", cells[2]))
-    code = set(parameter_keys())
-    assert not code - named, f"parameters missing from README's table: {sorted(code - named)}"
-    assert not named - code, f"README's table names parameters the Detector does not have: {sorted(named - code)}"
+    begin = text.index("<!-- the parameter table")
+    table = text[text.index("\n", begin) + 1 : text.index("<!-- end of the parameter table -->")]
+    assert table == parameter_table(), (
+        "README's parameter table is out of date: paste unusual.models.params.parameter_table() between its markers"
+    )
+    named = set(re.findall(r"^\| [^|]* \| `(\w+)`", table, flags=re.M))
+    assert named == set(parameter_keys())
 
 
 def test_the_scikit_learn_snippet_runs_as_written_without_a_warning():

@@ -103,15 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parameter_keys() -> list[str]:
     """Every Detector parameter of every family (``--param KEY=VALUE``; README's parameter table)."""
-    from dataclasses import fields
+    from .models.params import parameter_keys as keys
 
-    from .models.columns import FeatureConfig
-    from .models.registry import family, kinds
-    from .models.thresholds import ThresholdConfig
-    from .models.training import TrainConfig
-
-    configs = [family(k).config for k in kinds()] + [FeatureConfig, TrainConfig, ThresholdConfig]
-    return sorted({f.name for c in configs for f in fields(c)} | {"clean"})
+    return keys()
 
 
 def main(argv: list[str] | None = None) -> int:

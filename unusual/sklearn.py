@@ -47,14 +47,14 @@ way the threshold is stored in the bundle, so ``Detector.load(uri).predict`` fla
 from __future__ import annotations
 
 import inspect
-from numbers import Integral, Real
+from numbers import Integral
 
 import numpy as np
 import pyarrow as pa
 
 try:
     from sklearn.base import BaseEstimator, OutlierMixin
-    from sklearn.utils._param_validation import Interval, StrOptions
+    from sklearn.utils._param_validation import StrOptions
     from sklearn.utils.validation import check_is_fitted
 except ImportError:  # pragma: no cover - exercised by tests/models/test_sklearn.py with sklearn hidden
     raise ImportError('unusual.sklearn needs scikit-learn, an optional extra: pip install "unusual[sklearn]"') from None
@@ -69,6 +69,7 @@ except ImportError:  # pragma: no cover - scikit-learn < 1.6
 
 from .models.bundle import Bundle, seal
 from .models.detector import Detector, split_params
+from .models.params import SKLEARN_RENAMED, estimator_parameters, sklearn_constraints
 from .models.registry import family
 from .models.thresholds import fit_threshold
 
@@ -76,16 +77,43 @@ __all__ = ["AutoencoderDetector", "DeepOutlierDetector", "VAEDetector"]
 
 # Estimator parameter -> Detector parameter, where the names differ (``score`` would shadow
 # scikit-learn's ``score`` method, which scorers and checks look for).
-_RENAMED = {"score_type": "score"}
-# Estimator-only parameters (not passed to the Detector).
-_OWN = ("threshold_on", "verbose")
+_RENAMED = {v: k for k, v in SKLEARN_RENAMED.items()}
+# Estimator-only parameters (not passed to the Detector): default and constraints.
+_OWN = {
+    "threshold_on": ("training", [StrOptions({"training", "validation"})]),
+    "verbose": (None, ["boolean", None]),
+}
 
 
-def _store(est, args: dict) -> None:
-    """``__init__``'s arguments stored unchanged as attributes, as scikit-learn requires (no validation)."""
-    for name, value in args.items():
-        if name != "self":
-            setattr(est, name, value)
+def _estimator(kind: str):
+    """Class decorator: the estimator of ``kind`` gets its keyword parameters, defaults and
+    ``_parameter_constraints`` from the Detector's parameter tree (:mod:`unusual.models.params`) plus
+    its own; ``__init__`` stores them unchanged, as scikit-learn requires (no validation)."""
+
+    def wrap(cls):
+        params = estimator_parameters(kind)
+        defaults = {p.name: p.default for p in params} | {k: d for k, (d, _) in _OWN.items()}
+        cls._parameter_constraints = {p.name: sklearn_constraints(p) for p in params} | {
+            k: c for k, (_, c) in _OWN.items()
+        }
+
+        def __init__(self, **kwargs):
+            unknown = sorted(set(kwargs) - set(defaults))
+            if unknown:
+                raise TypeError(f"{cls.__name__}.__init__() got an unexpected keyword argument {unknown[0]!r}")
+            for name, default in defaults.items():
+                setattr(self, name, kwargs.get(name, default))
+
+        keyword = inspect.Parameter.KEYWORD_ONLY
+        __init__.__signature__ = inspect.Signature(
+            [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+            + [inspect.Parameter(name, keyword, default=d) for name, d in defaults.items()]
+        )
+        __init__.__qualname__ = f"{cls.__name__}.__init__"
+        cls.__init__ = __init__
+        return cls
+
+    return wrap
 
 
 def _positive_int(v) -> bool:
@@ -103,28 +131,7 @@ class DeepOutlierDetector(OutlierMixin, BaseEstimator):
 
     _kind: str = ""
 
-    _parameter_constraints: dict = {
-        "hidden": [tuple, list],
-        "latent": [Interval(Integral, 1, None, closed="left"), None],
-        "dropout": [Interval(Real, 0, 1, closed="left")],
-        "norm": [StrOptions({"layer"}), None],
-        "scaling": [StrOptions({"standard", "robust", "none"})],
-        "epochs": [Interval(Integral, 1, None, closed="left")],
-        "batch_size": [Interval(Integral, 1, None, closed="left")],
-        "lr": [Interval(Real, 0, None, closed="neither")],
-        "weight_decay": [Interval(Real, 0, None, closed="left")],
-        "val_fraction": [Interval(Real, 0, 1, closed="left")],
-        "patience": [Interval(Integral, 1, None, closed="left")],
-        "grad_clip": [Interval(Real, 0, None, closed="left")],
-        "seed": [Interval(Integral, 0, None, closed="left")],
-        "device": [str],
-        "contamination": [Interval(Real, 0, 0.5, closed="neither")],
-        "threshold": [StrOptions({"quantile", "pot"})],
-        "pot_level": [Interval(Real, 0.5, 1, closed="left")],
-        "clean": ["boolean"],
-        "threshold_on": [StrOptions({"training", "validation"})],
-        "verbose": ["boolean", None],
-    }
+    _parameter_constraints: dict = {}  # each estimator's, from the parameter tree (``_estimator``)
 
     # ----------------------------------------------------------------- parameters
     def _detector_params(self) -> dict:
@@ -288,6 +295,7 @@ class DeepOutlierDetector(OutlierMixin, BaseEstimator):
         super().__setstate__(state)
 
 
+@_estimator("ae")
 class AutoencoderDetector(DeepOutlierDetector):
     """Dense autoencoder outlier detector (``Detector(kind="ae")``): by default (``score_type="joint"``) the
     anomaly score is the reconstruction error, each column in units of its usual error, plus the distance
@@ -313,45 +321,9 @@ class AutoencoderDetector(DeepOutlierDetector):
     """
 
     _kind = "ae"
-    _parameter_constraints = {
-        **DeepOutlierDetector._parameter_constraints,
-        "normalize_errors": ["boolean"],
-        "trim": [Interval(Real, 0, 1, closed="left")],
-        "score_type": [StrOptions({"joint", "reconstruction"})],
-        "latent_ridge": [Interval(Real, 0, None, closed="left")],
-    }
-
-    def __init__(
-        self,
-        *,
-        hidden=(64, 32),
-        latent=None,
-        dropout=0.0,
-        norm="layer",
-        trim=0.2,
-        score_type="joint",
-        latent_ridge=0.05,
-        normalize_errors=False,
-        scaling="standard",
-        epochs=20,
-        batch_size=128,
-        lr=1e-3,
-        weight_decay=1e-5,
-        val_fraction=0.15,
-        patience=3,
-        grad_clip=5.0,
-        seed=0,
-        device="cpu",
-        clean=False,
-        contamination=0.01,
-        threshold="quantile",
-        pot_level=0.98,
-        threshold_on="training",
-        verbose=None,
-    ):
-        _store(self, locals())
 
 
+@_estimator("vae")
 class VAEDetector(DeepOutlierDetector):
     """Gaussian variational autoencoder outlier detector (``Detector(kind="vae")``).
 
@@ -362,42 +334,3 @@ class VAEDetector(DeepOutlierDetector):
     """
 
     _kind = "vae"
-    _parameter_constraints = {
-        **DeepOutlierDetector._parameter_constraints,
-        "score_type": [StrOptions({"elbo", "nll"})],
-        "trim": [Interval(Real, 0, 1, closed="left")],
-        "n_samples": [Interval(Integral, 1, None, closed="left")],
-        "beta": [Interval(Real, 0, None, closed="left")],
-        "min_logvar": [Real],
-    }
-
-    def __init__(
-        self,
-        *,
-        hidden=(64, 32),
-        latent=None,
-        dropout=0.0,
-        norm="layer",
-        trim=0.1,
-        score_type="elbo",
-        n_samples=16,
-        beta=1.0,
-        min_logvar=-6.0,
-        scaling="standard",
-        epochs=20,
-        batch_size=128,
-        lr=1e-3,
-        weight_decay=1e-5,
-        val_fraction=0.15,
-        patience=3,
-        grad_clip=5.0,
-        seed=0,
-        device="cpu",
-        clean=False,
-        contamination=0.01,
-        threshold="quantile",
-        pot_level=0.98,
-        threshold_on="training",
-        verbose=None,
-    ):
-        _store(self, locals())
