@@ -24,7 +24,7 @@ import json
 import pickle
 import platform
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 import fsspec
 import numpy as np
@@ -68,11 +68,40 @@ def content_hash(manifest: dict, weights: bytes) -> str:
     return h.hexdigest()
 
 
+class ThresholdRecord(TypedDict, total=False):
+    """How a bundle's threshold was fit (:func:`unusual.models.thresholds.fit_threshold_tail`)."""
+
+    value: float  # the decision threshold: a row is anomalous when its score is above it
+    threshold: str  # the rule: "quantile" or "pot"
+    contamination: float
+    pot_level: float
+    n_scores: int  # the scores it was fit on
+    gpd: dict  # "pot": the generalized Pareto tail's parameters
+    fit_on: str  # "validation" or "training"
+
+
+class Manifest(TypedDict, total=False):
+    """``manifest.json``: plain JSON (its canonical form is hashed, so it stays a dict on disk and in
+    memory); this is its shape, written by :func:`build_manifest` and :func:`seal`, read by everything
+    that loads a bundle."""
+
+    format_version: int
+    kind: str  # the model family (unusual.models.registry)
+    model_config: dict  # the family's config dataclass, as asdict
+    width: int  # columns of the encoded feature matrix
+    features: dict  # FeatureSchema.to_dict(): columns, scalers, encoders
+    threshold: ThresholdRecord
+    training: dict  # the History's summary and how the run was made (rows, samples, config, runner)
+    libraries: dict  # versions of unusual, torch, numpy, pyarrow, python
+    model_version: str  # "<kind>-<12 hex>" of the content hash
+    content_hash: str  # SHA-256 of the weights and of this manifest without this field
+
+
 @dataclass
 class Bundle:
     """A loaded bundle: the manifest, the frozen schema and the built module."""
 
-    manifest: dict
+    manifest: Manifest
     schema: FeatureSchema
     module: torch.nn.Module
     uri: str | None = None
@@ -94,12 +123,14 @@ class Bundle:
         return family(self.kind).stored_config(self.manifest["model_config"])
 
 
-def threshold_of(manifest: dict) -> float:
+def threshold_of(manifest: Manifest) -> float:
     """The decision threshold of a manifest (its ``threshold`` record also says how it was fit)."""
     return float(manifest["threshold"]["value"])
 
 
-def build_manifest(kind: str, model_config: dict, schema: FeatureSchema, threshold: dict, training: dict) -> dict:
+def build_manifest(
+    kind: str, model_config: dict, schema: FeatureSchema, threshold: ThresholdRecord, training: dict
+) -> Manifest:
     return {
         "format_version": FORMAT_VERSION,
         "kind": kind,
@@ -131,7 +162,7 @@ def _fs(uri: str):
     return fs, path.rstrip("/")
 
 
-def seal(manifest: dict, module: torch.nn.Module) -> tuple[dict, bytes]:
+def seal(manifest: Manifest, module: torch.nn.Module) -> tuple[Manifest, bytes]:
     """Serialise the weights and stamp the manifest with its model version and
     content hash. The version is derived from the content, so the same weights
     and metadata always get the same version, saved or not."""
@@ -146,7 +177,7 @@ def seal(manifest: dict, module: torch.nn.Module) -> tuple[dict, bytes]:
     return manifest, weights
 
 
-def save_bundle(uri: str, manifest: dict, module: torch.nn.Module, overwrite: bool = False) -> dict:
+def save_bundle(uri: str, manifest: Manifest, module: torch.nn.Module, overwrite: bool = False) -> Manifest:
     """Write a bundle; returns the final manifest (with hash and model version)."""
     fs, root = _fs(uri)
     with _storage(uri, "saving the bundle to"):
@@ -164,7 +195,7 @@ def save_bundle(uri: str, manifest: dict, module: torch.nn.Module, overwrite: bo
     return manifest
 
 
-def read_bundle(uri: str) -> tuple[dict, bytes]:
+def read_bundle(uri: str) -> tuple[Manifest, bytes]:
     """The manifest and weights bytes of a bundle, with its format version and
     content hash checked; needs no PyTorch (e.g. a job's driver planning work)."""
     fs, root = _fs(uri)

@@ -233,8 +233,18 @@ def calibrates_on_every_row(module) -> bool:
 def calibrate(module, batches) -> None:
     """Set a family's calibration (error scale, latent statistics) from held-out data."""
     sums = calibration_sums(module, batches)
-    if sums is not None and sums[1]:
-        module.set_calibration((sums[0] / sums[1]).float())
+    if sums is not None:
+        set_calibration(module, *sums)
+
+
+def set_calibration(module, total, rows: float) -> None:
+    """The one calibration every runner ends with: the means of the per-row statistics, from their sums
+    over ``rows`` rows (in memory, all-reduced over the Ray Train workers, or aggregated by Ray Data);
+    nothing without rows."""
+    if rows:
+        total = torch.as_tensor(total, dtype=torch.float64)
+        device = next(iter(module.buffers()), total).device
+        module.set_calibration((total / rows).float().to(device))
 
 
 def batch_size_for(batch_size: int, n_train: int) -> int:

@@ -411,13 +411,22 @@ def summarize(out: Output, spec: ScorePlan, seconds: float, resumed: int = 0) ->
 def quarantine_reasons(out: Output, qfiles: list[str], top: int = 5) -> dict[str, int]:
     """The most frequent reasons in the quarantine parts (their ``error`` column, read alone), with their
     row counts: what a partly quarantined run says on the terminal and in its summary."""
+    import polars as pl
     import pyarrow.parquet as pq
 
-    counts: collections.Counter = collections.Counter()
-    for rel in qfiles:
-        reasons = pq.read_table(out.join(rel), columns=["error"], filesystem=out.pafs)["error"]
-        counts.update(str(r) for r in reasons.to_pylist())
-    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top])
+    if not qfiles:
+        return {}
+    errors = pl.concat(
+        [pl.from_arrow(pq.read_table(out.join(rel), columns=["error"], filesystem=out.pafs)) for rel in qfiles]
+    )
+    counts = (
+        errors.select(pl.col("error").cast(pl.Utf8).fill_null("None"))
+        .group_by("error")
+        .len()
+        .sort(["len", "error"], descending=[True, False])
+        .head(top)
+    )
+    return dict(zip(counts["error"].to_list(), counts["len"].to_list()))
 
 
 # --------------------------------------------------------------------------- entrypoints

@@ -18,7 +18,7 @@ from ..models.columns import as_float
 from ..models.registry import family
 from ..models.stats import NumStats
 from ..models.thresholds import fit_threshold_tail, tail_fraction
-from ..models.training import calibrates_on_every_row, calibration_sums
+from ..models.training import calibrates_on_every_row, calibration_sums, set_calibration
 from .aggregates import merged
 
 # --------------------------------------------------------------------------- the module on Ray Data blocks
@@ -91,8 +91,8 @@ def calibrate_at_scale(
         summarise = partial(_block_calibration_sums, kind=kind, model_config=model_config, width=width, state=state)
         rows = every if every is not None and calibrates_on_every_row(module) else data
         sums = merged(rows, summarise)
-        if sums is not None and sums.rows:
-            module.set_calibration(torch.from_numpy(sums.total / sums.rows).float())
+        if sums is not None:
+            set_calibration(module, sums.total, sums.rows)
     kwargs = {"kind": kind, "model_config": model_config, "width": width, "state": ray.put(module.state_dict())}
     scores = data.map_batches(_score_block, batch_format="numpy", fn_kwargs=kwargs).materialize()
     return fit_threshold_at_scale(scores, thr_cfg)

@@ -41,6 +41,7 @@ from ..models.training import (
     calibrates_on_every_row,
     calibration_sums,
     make_optimizer,
+    set_calibration,
     train_epochs,
 )
 from ..runtime import MARK, checkpoint_directory, temp_dir
@@ -196,8 +197,7 @@ def calibrate(module, xt, xv, coll: Collectives, thr_cfg: ThresholdConfig, devic
         width = module.calibration_size()
         total = sums[0].tolist() if sums and sums[0] is not None else [0.0] * width
         reduced = coll.sum([*total, float(sums[1] if sums else 0)])
-        if reduced[-1]:
-            module.set_calibration((torch.tensor(reduced[:-1], dtype=torch.float64) / reduced[-1]).float().to(device))
+        set_calibration(module, reduced[:-1], reduced[-1])
     parts = [module.score_terms(x)[0].double().cpu().numpy() for x in _chunks(data, 8192, device)]
     scores = np.concatenate(parts) if parts else np.empty(0)
     if coll.world == 1:
