@@ -237,7 +237,12 @@ def read_mode(job: ScoreJob, kind: str) -> str:
     """``actors``: each CPU actor streams its units from storage itself (no
     data through the object store); ``tasks``: Ray Data read tasks feed the
     actors (GPU actors, so CPUs decode while GPUs score) or, for sequence
-    families, the group-by of entity buckets."""
+    families, the group-by of entity buckets (each entity's rows must meet).
+
+    Two paths for tabular data because the one Ray Data path costs CPUs 1.77x:
+    2M rows on 2 cores, 207k rows/s (actors) against 117k (read tasks + actor
+    pool), half the CPU seconds and 1.45 against 2.23 GiB peak
+    (benchmarks/score_throughput.py, runners unusual / unusual-tasks)."""
     if family(kind).sequence:
         return "tasks"
     if job.read != "auto":
