@@ -229,6 +229,18 @@ def _default_cell(rows: list[tuple[str, Parameter]], clean: dict) -> str:
     return cell
 
 
+def parameter_defaults() -> dict[str, str]:
+    """Each parameter's default in words, every family's where they differ (``unusual fit --help``)."""
+    from .registry import family, kinds
+
+    clean = {k: family(k).clean_defaults for k in kinds()}
+    members: dict[str, list[tuple[str, Parameter]]] = {}
+    for kind in kinds():
+        for p in tree(kind):
+            members.setdefault(p.name, []).append((kind, p))
+    return {name: _default_cell(rows, clean).replace("`", "") for name, rows in sorted(members.items())}
+
+
 def parameter_table() -> str:
     """The README's parameter table (markdown): one row per parameter and meaning. A model parameter
     that several families declare with the same meaning has one row, its group naming them."""

@@ -233,9 +233,12 @@ def test_validation_reads_no_environment_the_command_line_and_the_builders_do(mo
     assert ServeConfig(models={"ae": "s3://b/ae"}, auth_token="given").with_environment().auth_token == "given"
 
 
-def test_help_lists_the_param_keys(monkeypatch, capsys):
+def test_help_lists_the_param_keys_and_every_parameters_default(monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["unusual", "fit", "--help"])
     with pytest.raises(SystemExit):
         cli.main(["fit", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "Keys: batch_size, beta, categorical, clean," in out and "window" in out
+    assert "Keys (default): batch_size (128); beta (1); categorical (string columns); clean (false);" in out
+    assert "window (64)" in out and "trim (0.2 (ae); 0.1 (vae); 0 with clean)" in out
+    epochs = "(early stopping may end sooner) (default: 20 (ae, vae); 60 (lstm); 60 with clean)"
+    assert f"--epochs N maximum training epochs {epochs}" in out

@@ -95,10 +95,22 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
         cls.add_arguments(p)
         if {"-h", "--help"} & set(sys.argv[1:]):  # the keys need every family (and PyTorch): only for --help
-            for action in p._actions:
-                if "--param" in action.option_strings:
-                    action.help = f"{action.help}. Keys: {', '.join(parameter_keys())}"
+            _parameter_help(p)
     return parser
+
+
+def _parameter_help(p: argparse.ArgumentParser) -> None:
+    """A Detector parameter's flag says its default; ``--param`` lists every key with its default (from the
+    parameter tree, :mod:`unusual.models.params`)."""
+    from .models.params import parameter_defaults
+
+    defaults = parameter_defaults()
+    for action in p._actions:
+        if "--param" in action.option_strings:
+            keys = "; ".join(f"{k} ({v})" for k, v in defaults.items())
+            action.help = f"{action.help}. Keys (default): {keys}"
+        elif action.dest in defaults and "default" not in (action.help or ""):
+            action.help = f"{action.help} (default: {defaults[action.dest]})"
 
 
 def parameter_keys() -> list[str]:

@@ -4,7 +4,6 @@ the scikit-learn estimators and the README's table come."""
 from dataclasses import fields
 
 import pytest
-
 from unusual.models import Detector
 from unusual.models.params import estimator_parameters, groups, tree
 from unusual.models.registry import family, kinds
