@@ -20,29 +20,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import (
-    HIDDEN_HELP,
-    LATENT_SHOWN,
-    NORM_HELP,
-    NORMALIZE_HELP,
-    NORMS,
-    TRIM_HELP,
-    SquaredErrorModule,
-    default_latent,
-    mlp,
-)
+from .base import NORMALIZE_HELP, TRIM_HELP, DenseConfig, SquaredErrorModule, default_latent, mlp
 from .params import param, validate
 from .training import trimmed_mean
 
 
 @dataclass
-class AEConfig:
-    hidden: list[int] = param(factory=lambda: [64, 32], help=HIDDEN_HELP)
-    latent: int | None = param(None, ge=1, shown=LATENT_SHOWN, help="bottleneck size")
-    # off: helped ODDS, cost NSL-KDD and SMD (benchmarks/README.md, "ae: dropout")
-    dropout: float = param(0.0, ge=0, lt=1, help="dropout between layers")
-    # Layer norm before each hidden ReLU: ODDS 0.881 -> 0.903 (benchmarks/README.md, "ae: norm")
-    norm: str | None = param("layer", choices=NORMS, help=NORM_HELP)
+class AEConfig(DenseConfig):
     # off: cost the AE on ODDS; on for the LSTM (benchmarks/README.md, "ae: normalize_errors")
     normalize_errors: bool = param(False, help=NORMALIZE_HELP)
     # 0.2 for data with anomalies; clean=True trains with 0 (benchmarks/README.md, "ae: trim")

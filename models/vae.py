@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import HIDDEN_HELP, LATENT_SHOWN, NORM_HELP, NORMS, TRIM_HELP, AnomalyModule, default_latent, mlp
+from .base import TRIM_HELP, AnomalyModule, DenseConfig, default_latent, mlp
 from .params import param, validate
 from .training import trimmed_mean
 
@@ -27,12 +27,7 @@ _LOG2PI = math.log(2 * math.pi)
 
 
 @dataclass
-class VAEConfig:
-    hidden: list[int] = param(factory=lambda: [64, 32], help=HIDDEN_HELP)
-    latent: int | None = param(None, ge=1, shown=LATENT_SHOWN, help="bottleneck size")
-    dropout: float = param(0.0, ge=0, lt=1, help="dropout between layers")
-    # Layer norm before each hidden ReLU: ODDS 0.907 -> 0.913 (benchmarks/README.md, "vae: norm")
-    norm: str | None = param("layer", choices=NORMS, help=NORM_HELP)
+class VAEConfig(DenseConfig):
     score: str = param("elbo", choices=("elbo", "nll"), help=(
         "`elbo` (negative ELBO: reconstruction NLL + KL) or `nll` (Monte-Carlo reconstruction NLL only)"))
     n_samples: int = param(16, ge=1, help="latent samples L per row when scoring")
