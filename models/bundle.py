@@ -24,11 +24,12 @@ import json
 import pickle
 import platform
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypedDict
+from typing import TYPE_CHECKING
 
 import fsspec
 import numpy as np
 import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import BundleError, BundleVersionError, storage_problem
 from .features import FeatureSchema
@@ -68,40 +69,55 @@ def content_hash(manifest: dict, weights: bytes) -> str:
     return h.hexdigest()
 
 
-class ThresholdRecord(TypedDict, total=False):
+class ThresholdRecord(BaseModel):
     """How a bundle's threshold was fit (:func:`unusual.models.thresholds.fit_threshold_tail`)."""
+
+    model_config = ConfigDict(extra="allow")
 
     value: float  # the decision threshold: a row is anomalous when its score is above it
     threshold: str  # the rule: "quantile" or "pot"
     contamination: float
-    pot_level: float
-    n_scores: int  # the scores it was fit on
-    gpd: dict  # "pot": the generalized Pareto tail's parameters
-    fit_on: str  # "validation" or "training"
+    pot_level: float | None = None
+    n_scores: int | None = None  # the scores it was fit on
+    gpd: dict | None = None  # "pot": the generalized Pareto tail's parameters
+    fit_on: str | None = None  # "validation" or "training"
 
 
-class Manifest(TypedDict, total=False):
-    """``manifest.json``: plain JSON (its canonical form is hashed, so it stays a dict on disk and in
-    memory); this is its shape, written by :func:`build_manifest` and :func:`seal`, read by everything
-    that loads a bundle."""
+class Manifest(BaseModel):
+    """The shape of ``manifest.json``, checked where a bundle is written (:func:`build_manifest`) and read
+    (:func:`read_bundle`: a manifest without a field, or with one of the wrong type, is a BundleError naming
+    it). In memory and on disk a manifest stays the plain JSON object this validates: its canonical form is
+    what the content hash covers, so it must round-trip unchanged."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
 
     format_version: int
     kind: str  # the model family (unusual.models.registry)
-    model_config: dict  # the family's config dataclass, as asdict
+    family_config: dict = Field(alias="model_config")  # the family's config dataclass, as asdict
     width: int  # columns of the encoded feature matrix
     features: dict  # FeatureSchema.to_dict(): columns, scalers, encoders
     threshold: ThresholdRecord
     training: dict  # the History's summary and how the run was made (rows, samples, config, runner)
     libraries: dict  # versions of unusual, torch, numpy, pyarrow, python
-    model_version: str  # "<kind>-<12 hex>" of the content hash
-    content_hash: str  # SHA-256 of the weights and of this manifest without this field
+    model_version: str | None = None  # "<kind>-<12 hex>" of the content hash (stamped by seal)
+    content_hash: str | None = None  # SHA-256 of the weights and of this manifest without this field
+
+
+def check_manifest(manifest: dict, uri) -> None:
+    """A BundleError naming the first field of ``manifest`` that :class:`Manifest` refuses."""
+    try:
+        Manifest.model_validate(manifest)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise BundleError(f"bundle at {uri} is inconsistent: manifest field {where!r}: {err['msg']}") from None
 
 
 @dataclass
 class Bundle:
     """A loaded bundle: the manifest, the frozen schema and the built module."""
 
-    manifest: Manifest
+    manifest: dict  # the JSON object of manifest.json (its shape: Manifest)
     schema: FeatureSchema
     module: torch.nn.Module
     uri: str | None = None
@@ -123,15 +139,14 @@ class Bundle:
         return family(self.kind).stored_config(self.manifest["model_config"])
 
 
-def threshold_of(manifest: Manifest) -> float:
+def threshold_of(manifest: dict) -> float:
     """The decision threshold of a manifest (its ``threshold`` record also says how it was fit)."""
     return float(manifest["threshold"]["value"])
 
 
-def build_manifest(
-    kind: str, model_config: dict, schema: FeatureSchema, threshold: ThresholdRecord, training: dict
-) -> Manifest:
-    return {
+def build_manifest(kind: str, model_config: dict, schema: FeatureSchema, threshold: dict, training: dict) -> dict:
+    """A new bundle's manifest (checked against :class:`Manifest`; :func:`seal` stamps version and hash)."""
+    manifest = {
         "format_version": FORMAT_VERSION,
         "kind": kind,
         "model_config": model_config,
@@ -141,6 +156,8 @@ def build_manifest(
         "training": training,
         "libraries": library_versions(),
     }
+    check_manifest(manifest, "(being built)")
+    return manifest
 
 
 @contextlib.contextmanager
@@ -162,7 +179,7 @@ def _fs(uri: str):
     return fs, path.rstrip("/")
 
 
-def seal(manifest: Manifest, module: torch.nn.Module) -> tuple[Manifest, bytes]:
+def seal(manifest: dict, module: torch.nn.Module) -> tuple[dict, bytes]:
     """Serialise the weights and stamp the manifest with its model version and
     content hash. The version is derived from the content, so the same weights
     and metadata always get the same version, saved or not."""
@@ -177,7 +194,7 @@ def seal(manifest: Manifest, module: torch.nn.Module) -> tuple[Manifest, bytes]:
     return manifest, weights
 
 
-def save_bundle(uri: str, manifest: Manifest, module: torch.nn.Module, overwrite: bool = False) -> Manifest:
+def save_bundle(uri: str, manifest: dict, module: torch.nn.Module, overwrite: bool = False) -> dict:
     """Write a bundle; returns the final manifest (with hash and model version)."""
     fs, root = _fs(uri)
     with _storage(uri, "saving the bundle to"):
@@ -195,7 +212,7 @@ def save_bundle(uri: str, manifest: Manifest, module: torch.nn.Module, overwrite
     return manifest
 
 
-def read_bundle(uri: str) -> tuple[Manifest, bytes]:
+def read_bundle(uri: str) -> tuple[dict, bytes]:
     """The manifest and weights bytes of a bundle, with its format version and
     content hash checked; needs no PyTorch (e.g. a job's driver planning work)."""
     fs, root = _fs(uri)
@@ -226,6 +243,7 @@ def read_bundle(uri: str) -> tuple[Manifest, bytes]:
         raise BundleError(
             f"bundle at {uri} is corrupt or was modified: content hash mismatch (manifest says {str(expected)[:12]}…)"
         )
+    check_manifest(manifest, uri)
     return manifest, weights
 
 

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pickle
+import re
 from dataclasses import asdict
 
 import numpy as np
@@ -244,6 +245,23 @@ def test_inconsistent_manifest_with_valid_hash(saved):
     m["width"] = m["width"] + 1
     _write_manifest(saved, m, reseal=True)
     with pytest.raises(BundleError, match="inconsistent"):
+        load_bundle(saved)
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (lambda m: m.pop("width"), "width"),
+        (lambda m: m["threshold"].pop("value"), "threshold.value"),
+        (lambda m: m.update(libraries="torch 2"), "libraries"),
+    ],
+    ids=["missing", "missing-nested", "wrong-type"],
+)
+def test_a_manifest_of_the_wrong_shape_is_an_error_naming_the_field(saved, change, field):
+    m = _read_manifest(saved)
+    change(m)
+    _write_manifest(saved, m, reseal=True)
+    with pytest.raises(BundleError, match=rf"inconsistent: manifest field '{re.escape(field)}'"):
         load_bundle(saved)
 
 
