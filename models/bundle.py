@@ -84,7 +84,7 @@ class ThresholdRecord(BaseModel):
 
 
 class Manifest(BaseModel):
-    """The shape of ``manifest.json``, checked where a bundle is written (:func:`build_manifest`) and read
+    """The shape of ``manifest.json``, checked where a bundle is written (:func:`seal`) and read
     (:func:`read_bundle`: a manifest without a field, or with one of the wrong type, is a BundleError naming
     it). In memory and on disk a manifest stays the plain JSON object this validates: its canonical form is
     what the content hash covers, so it must round-trip unchanged."""
@@ -145,7 +145,7 @@ def threshold_of(manifest: dict) -> float:
 
 
 def build_manifest(kind: str, model_config: dict, schema: FeatureSchema, threshold: dict, training: dict) -> dict:
-    """A new bundle's manifest (checked against :class:`Manifest`; :func:`seal` stamps version and hash)."""
+    """A new bundle's manifest (:func:`seal` checks it against :class:`Manifest` and stamps version and hash)."""
     manifest = {
         "format_version": FORMAT_VERSION,
         "kind": kind,
@@ -156,7 +156,6 @@ def build_manifest(kind: str, model_config: dict, schema: FeatureSchema, thresho
         "training": training,
         "libraries": library_versions(),
     }
-    check_manifest(manifest, "(being built)")
     return manifest
 
 
@@ -188,6 +187,7 @@ def seal(manifest: dict, module: torch.nn.Module) -> tuple[dict, bytes]:
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, buf)
     weights = buf.getvalue()
+    check_manifest(manifest, "(being written)")
     manifest = {k: v for k, v in manifest.items() if k not in ("content_hash", "model_version")}
     manifest["model_version"] = f"{manifest['kind']}-{content_hash(manifest, weights)[:12]}"
     manifest["content_hash"] = content_hash(manifest, weights)
