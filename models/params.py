@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import types
 import typing
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 
 _TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list"}
 
@@ -101,13 +101,14 @@ def check_type(name: str, value, cls) -> None:
 class Parameter:
     """One Detector parameter of one group: where it is declared, its default for a family, its meaning."""
 
-    name: str
+    name: str  # as the user gives it (the scikit-learn estimators rename ``score``: SKLEARN_RENAMED)
     group: str  # "features", "model", "train" or "threshold"
-    cls: type
+    cls: type  # the config class that declares it
     default: object
     help: str
     shown: str | None
     meta: dict = field(repr=False, hash=False, compare=False, default_factory=dict)
+    declared: str = ""  # the field's name in ``cls``
 
 
 def groups(kind: str) -> dict[str, type]:
@@ -133,7 +134,7 @@ def tree(kind: str, clean: bool = False) -> list[Parameter]:
         for f in fields(cls):
             default = f.default_factory() if f.default is MISSING else f.default
             out.append(Parameter(f.name, group, cls, overrides.get(f.name, default), f.metadata.get("help", ""),
-                                 f.metadata.get("shown"), dict(f.metadata)))
+                                 f.metadata.get("shown"), dict(f.metadata), f.name))
     return out
 
 
@@ -163,7 +164,7 @@ def estimator_parameters(kind: str) -> list[Parameter]:
             continue
         default = tuple(p.default) if isinstance(p.default, list) else p.default  # scikit-learn: immutable
         name = SKLEARN_RENAMED.get(p.name, p.name) if p.group == "model" else p.name
-        out.append(Parameter(name, p.group, p.cls, default, p.help, p.shown, p.meta))
+        out.append(replace(p, name=name, default=default))
     return out
 
 
@@ -173,8 +174,7 @@ def sklearn_constraints(p: Parameter) -> list:
 
     from sklearn.utils._param_validation import Interval, StrOptions
 
-    source = next(f.name for f in fields(p.cls) if SKLEARN_RENAMED.get(f.name, f.name) == p.name or f.name == p.name)
-    options = _options(p.cls, source)
+    options = _options(p.cls, p.declared)
     out: list = [None] if type(None) in options else []
     m = p.meta
     if m.get("choices") is not None:
