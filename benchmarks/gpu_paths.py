@@ -52,7 +52,7 @@ def in_memory(data_dir: Path, tmp: Path) -> list[dict]:
             det = Detector(kind, seed=0, device=device).fit(tr)
             fit_s, scores = time.perf_counter() - t0, det.score(te)
             row[device] = {"roc_auc": roc_auc(y, scores), "fit_seconds": fit_s,
-                           "epochs_run": len(det.history_["val_loss"])}
+                           "epochs_run": len(det.history_.val_loss)}
         det.save(str(tmp / f"bundle-{kind}"))  # the GPU's, loaded on the CPU
         row["cuda_bundle_on_cpu_max_rel_diff"] = rel_diff(Detector.load(str(tmp / f"bundle-{kind}")).score(te), scores)
         log(f"in-memory {kind} {name}: {row}")

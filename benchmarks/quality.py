@@ -148,9 +148,9 @@ def run_method(args, method: str, seed: int, X_train, X_test, clean: bool) -> di
     out = {"scores": scores, "fit_s": t1 - t0, "score_s": time.perf_counter() - t1, "info": {}, "model": model}
     if method in OURS:
         h = model.history_
-        out["info"] = {"epochs_run": len(h.get("train_loss", [])), "best_epoch": h.get("best_epoch"),
-                       "stopped_early": h.get("stopped_early"), "final_train_loss": (h.get("train_loss") or [None])[-1],
-                       "best_val_loss": min(h["val_loss"]) if h.get("val_loss") else None,
+        out["info"] = {"epochs_run": len(h.train_loss), "best_epoch": h.best_epoch,
+                       "stopped_early": h.stopped_early, "final_train_loss": (h.train_loss or [None])[-1],
+                       "best_val_loss": min(h.val_loss) if h.val_loss else None,
                        "threshold": float(model.threshold_)}
     return out
 

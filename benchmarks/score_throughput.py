@@ -85,7 +85,7 @@ def ensure_bundle(workdir: Path) -> tuple[Path, dict]:
         t0 = time.perf_counter()
         det = Detector("ae", **params).fit(make_rows(np.random.default_rng([SEED, 10**9]), TRAIN_ROWS, 10**12))
         return {"model_version": det.save(str(path), overwrite=True), "fit_seconds": round(time.perf_counter() - t0, 2),
-                "epochs_run": len(det.history_.get("train_loss", []) or []), "threshold": det.threshold_}
+                "epochs_run": len(det.history_.train_loss), "threshold": det.threshold_}
 
     path = workdir / "bundle-ae"
     reused = cached(path, {"generator": GENERATOR, "kind": "ae", "train_rows": TRAIN_ROWS, "epochs": EPOCHS,

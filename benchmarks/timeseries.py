@@ -144,7 +144,7 @@ def _compute(s: Series, method: str, seed: int, params: dict) -> dict:
             from unusual.models import Detector
             det = Detector(method, **{**params, "seed": seed}).fit(s.train.astype(np.float32))
             scores = det.score(s.test.astype(np.float32))
-            info = {"epochs_run": len(det.history_.get("train_loss", [])), "threshold": float(det.threshold_)}
+            info = {"epochs_run": len(det.history_.train_loss), "threshold": float(det.threshold_)}
         scores = np.nan_to_num(np.asarray(scores, np.float64), nan=0.0, posinf=1e300, neginf=-1e300)
         window = series_period(s.test[:, 0])  # the VUS window as TSB-AD sets it
         rec.update(vus(s.label, scores, window), **ranking_metrics(s.label, scores), vus_window=window,

@@ -68,10 +68,10 @@ def ray_run(data: Path, params: dict, workers: int, out: Path, runner: str | Non
     t0 = time.perf_counter()
     manifest = run(TrainJob(data=str(data), output=str(out), model="ae", params=params, num_workers=workers,
                             overwrite=True, **job))
-    t = manifest["training"]
-    return rates(runner or f"ray train, {workers} worker(s)", t0, t["train_samples"], t["epoch_seconds"],
-                 t["val_loss"], t["samples_per_s"], resources_per_worker=t["resources_per_worker"],
-                 data=t.get("data"), cached=t["cached"], model_version=manifest["model_version"])
+    t = manifest.training
+    return rates(runner or f"ray train, {workers} worker(s)", t0, t.train_samples, t.epoch_seconds,
+                 t.val_loss, t.samples_per_s, resources_per_worker=t.resources_per_worker,
+                 data=t.data, cached=t.cached, model_version=manifest.model_version)
 
 
 def fixed_cost(tmp: Path, epochs: int, repeat: int) -> dict:

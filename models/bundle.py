@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING
 import fsspec
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import BundleError, BundleVersionError, storage_problem
 from .features import FeatureSchema
+from .manifest import Manifest, ThresholdRecord, TrainingRecord
 from .registry import family
 
 if TYPE_CHECKING:
@@ -69,94 +69,46 @@ def content_hash(manifest: dict, weights: bytes) -> str:
     return h.hexdigest()
 
 
-class ThresholdRecord(BaseModel):
-    """How a bundle's threshold was fit (:func:`unusual.models.thresholds.fit_threshold_tail`)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    value: float  # the decision threshold: a row is anomalous when its score is above it
-    threshold: str  # the rule: "quantile" or "pot"
-    contamination: float
-    pot_level: float | None = None
-    n_scores: int | None = None  # the scores it was fit on
-    gpd: dict | None = None  # "pot": the generalized Pareto tail's parameters
-    fit_on: str | None = None  # "validation" or "training"
-
-
-class Manifest(BaseModel):
-    """The shape of ``manifest.json``, checked where a bundle is written (:func:`seal`) and read
-    (:func:`read_bundle`: a manifest without a field, or with one of the wrong type, is a BundleError naming
-    it). In memory and on disk a manifest stays the plain JSON object this validates: its canonical form is
-    what the content hash covers, so it must round-trip unchanged."""
-
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
-
-    format_version: int
-    kind: str  # the model family (unusual.models.registry)
-    family_config: dict = Field(alias="model_config")  # the family's config dataclass, as asdict
-    width: int  # columns of the encoded feature matrix
-    features: dict  # FeatureSchema.to_dict(): columns, scalers, encoders
-    threshold: ThresholdRecord
-    training: dict  # the History's summary and how the run was made (rows, samples, config, runner)
-    libraries: dict  # versions of unusual, torch, numpy, pyarrow, python
-    model_version: str | None = None  # "<kind>-<12 hex>" of the content hash (stamped by seal)
-    content_hash: str | None = None  # SHA-256 of the weights and of this manifest without this field
-
-
-def check_manifest(manifest: dict, uri) -> None:
-    """A BundleError naming the first field of ``manifest`` that :class:`Manifest` refuses."""
-    try:
-        Manifest.model_validate(manifest)
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"])
-        raise BundleError(f"bundle at {uri} is inconsistent: manifest field {where!r}: {err['msg']}") from None
-
-
 @dataclass
 class Bundle:
     """A loaded bundle: the manifest, the frozen schema and the built module."""
 
-    manifest: dict  # the JSON object of manifest.json (its shape: Manifest)
+    manifest: Manifest
     schema: FeatureSchema
     module: torch.nn.Module
     uri: str | None = None
 
     @property
     def kind(self) -> str:
-        return self.manifest["kind"]
+        return self.manifest.kind
 
     @property
     def version(self) -> str:
-        return self.manifest["model_version"]
+        return self.manifest.model_version
 
     @property
     def threshold(self) -> float:
-        return threshold_of(self.manifest)
+        return self.manifest.threshold.value
 
     @property
     def model_config(self):
-        return family(self.kind).stored_config(self.manifest["model_config"])
+        return family(self.kind).stored_config(self.manifest.family_config)
 
 
-def threshold_of(manifest: dict) -> float:
-    """The decision threshold of a manifest (its ``threshold`` record also says how it was fit)."""
-    return float(manifest["threshold"]["value"])
-
-
-def build_manifest(kind: str, model_config: dict, schema: FeatureSchema, threshold: dict, training: dict) -> dict:
-    """A new bundle's manifest (:func:`seal` checks it against :class:`Manifest` and stamps version and hash)."""
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "kind": kind,
-        "model_config": model_config,
-        "width": schema.width,
-        "features": schema.to_dict(),
-        "threshold": threshold,
-        "training": training,
-        "libraries": library_versions(),
-    }
-    return manifest
+def build_manifest(
+    kind: str, model_config: dict, schema: FeatureSchema, threshold: ThresholdRecord, training: TrainingRecord
+) -> Manifest:
+    """A new bundle's manifest (:func:`seal` stamps its version and hash)."""
+    return Manifest(
+        format_version=FORMAT_VERSION,
+        kind=kind,
+        family_config=model_config,
+        width=schema.width,
+        features=schema.to_dict(),
+        threshold=threshold,
+        training=training,
+        libraries=library_versions(),
+    )
 
 
 @contextlib.contextmanager
@@ -178,7 +130,7 @@ def _fs(uri: str):
     return fs, path.rstrip("/")
 
 
-def seal(manifest: dict, module: torch.nn.Module) -> tuple[dict, bytes]:
+def seal(manifest: Manifest, module: torch.nn.Module) -> tuple[Manifest, bytes]:
     """Serialise the weights and stamp the manifest with its model version and
     content hash. The version is derived from the content, so the same weights
     and metadata always get the same version, saved or not."""
@@ -187,14 +139,13 @@ def seal(manifest: dict, module: torch.nn.Module) -> tuple[dict, bytes]:
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, buf)
     weights = buf.getvalue()
-    check_manifest(manifest, "(being written)")
-    manifest = {k: v for k, v in manifest.items() if k not in ("content_hash", "model_version")}
-    manifest["model_version"] = f"{manifest['kind']}-{content_hash(manifest, weights)[:12]}"
-    manifest["content_hash"] = content_hash(manifest, weights)
-    return manifest, weights
+    body = {k: v for k, v in manifest.to_json().items() if k not in ("content_hash", "model_version")}
+    body["model_version"] = f"{manifest.kind}-{content_hash(body, weights)[:12]}"
+    body["content_hash"] = content_hash(body, weights)
+    return Manifest.parse(body, "(being written)"), weights
 
 
-def save_bundle(uri: str, manifest: dict, module: torch.nn.Module, overwrite: bool = False) -> dict:
+def save_bundle(uri: str, manifest: Manifest, module: torch.nn.Module, overwrite: bool = False) -> Manifest:
     """Write a bundle; returns the final manifest (with hash and model version)."""
     fs, root = _fs(uri)
     with _storage(uri, "saving the bundle to"):
@@ -208,14 +159,12 @@ def save_bundle(uri: str, manifest: dict, module: torch.nn.Module, overwrite: bo
         with fs.open(f"{root}/{WEIGHTS}", "wb") as f:
             f.write(weights)
         with fs.open(f"{root}/{MANIFEST}", "wb") as f:
-            f.write(json.dumps(manifest, indent=1, sort_keys=True, default=float).encode())
+            f.write(json.dumps(manifest.to_json(), indent=1, sort_keys=True, default=float).encode())
     return manifest
 
 
-def read_bundle(uri: str) -> tuple[dict, bytes]:
-    """The manifest and weights bytes of a bundle, with its format version and
-    content hash checked; needs no PyTorch (e.g. a job's driver planning work)."""
-    fs, root = _fs(uri)
+def _manifest_json(fs, root: str, uri: str) -> dict:
+    """The JSON object of ``manifest.json``, of a format this version reads."""
     try:
         with _storage(uri, "reading the bundle at"), fs.open(f"{root}/{MANIFEST}", "rb") as f:
             raw = f.read()
@@ -233,6 +182,21 @@ def read_bundle(uri: str) -> tuple[dict, bytes]:
             f"bundle at {uri} has format version {version}, newer than this unusual "
             f"understands ({FORMAT_VERSION}); upgrade unusual to load it"
         )
+    return manifest
+
+
+def read_manifest(uri: str) -> Manifest:
+    """A bundle's manifest alone, its format checked but not its content hash (the weights are not read):
+    what a report describes."""
+    fs, root = _fs(uri)
+    return Manifest.parse(_manifest_json(fs, root, uri), uri)
+
+
+def read_bundle(uri: str) -> tuple[Manifest, bytes]:
+    """The manifest and weights bytes of a bundle, with its format version and
+    content hash checked; needs no PyTorch (e.g. a job's driver planning work)."""
+    fs, root = _fs(uri)
+    manifest = _manifest_json(fs, root, uri)
     try:
         with _storage(uri, "reading the bundle at"), fs.open(f"{root}/{WEIGHTS}", "rb") as f:
             weights = f.read()
@@ -243,8 +207,7 @@ def read_bundle(uri: str) -> tuple[dict, bytes]:
         raise BundleError(
             f"bundle at {uri} is corrupt or was modified: content hash mismatch (manifest says {str(expected)[:12]}…)"
         )
-    check_manifest(manifest, uri)
-    return manifest, weights
+    return Manifest.parse(manifest, uri), weights
 
 
 def load_bundle(uri: str, map_location="cpu") -> Bundle:
@@ -252,9 +215,9 @@ def load_bundle(uri: str, map_location="cpu") -> Bundle:
 
     manifest, weights = read_bundle(uri)
     try:
-        fam = family(manifest["kind"])
-        schema = FeatureSchema.from_dict(manifest["features"])
-        module = fam.module(fam.stored_config(manifest["model_config"]), int(manifest["width"]))
+        fam = family(manifest.kind)
+        schema = FeatureSchema.from_dict(manifest.features)
+        module = fam.module(fam.stored_config(manifest.family_config), manifest.width)
         state = torch.load(io.BytesIO(weights), map_location=map_location, weights_only=True)
         module.load_state_dict(state)
     except (KeyError, TypeError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:

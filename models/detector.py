@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .bundle import MANIFEST, WEIGHTS, Bundle, build_manifest, load_bundle, read_bundle, save_bundle, seal
+from .bundle import MANIFEST, WEIGHTS, Bundle, build_manifest, load_bundle, save_bundle, seal
 from .columns import FeatureConfig
 from .errors import NotFittedError
 from .features import FeatureSchema
@@ -136,15 +136,14 @@ class Detector:
         calibrate(module, _batches(data, calibration_indices(module, train_idx, val_idx), 8192, "cpu"))
         val_scores = _module_scores(module, data, calib)
         threshold = fit_threshold(val_scores, thr_cfg)
-        threshold["fit_on"] = "validation" if len(val_idx) else "training"
-        training = {
-            **hist.summary(),
-            "rows": table.num_rows,
-            "train_samples": int(len(train_idx)),
-            "val_samples": int(len(val_idx)),
-            "config": asdict(train_cfg),
-            "runner": "in-memory",
-        }
+        threshold.fit_on = "validation" if len(val_idx) else "training"
+        training = hist.training_record(
+            rows=table.num_rows,
+            train_samples=int(len(train_idx)),
+            val_samples=int(len(val_idx)),
+            config=asdict(train_cfg),
+            runner="in-memory",
+        )
         manifest = build_manifest(self.kind, asdict(model_cfg), schema, threshold, training)
         manifest, _ = seal(manifest, module)
         self._set_bundle(Bundle(manifest, schema, module))
@@ -154,7 +153,7 @@ class Detector:
         self.bundle_ = bundle
         self.schema_ = bundle.schema
         self.threshold_ = bundle.threshold
-        self.history_ = bundle.manifest.get("training", {})
+        self.history_ = bundle.manifest.training
         self.scorer_ = Scorer(bundle)
 
     def _scorer(self) -> Scorer:
@@ -185,7 +184,7 @@ class Detector:
         bundle = self._scorer().bundle
         manifest = save_bundle(uri, bundle.manifest, bundle.module, overwrite=overwrite)
         self._set_bundle(Bundle(manifest, bundle.schema, bundle.module, str(uri)))
-        return manifest["model_version"]
+        return manifest.model_version
 
     @classmethod
     def load(cls, uri: str) -> Detector:
@@ -198,16 +197,9 @@ class Detector:
     def to_bytes(self) -> dict:
         """The bundle as plain bytes (its manifest and weights files): what :meth:`from_bytes` reads
         back, e.g. to pickle a fitted estimator without pickling torch objects."""
-        import fsspec
-
-        uri = f"memory://unusual-bytes/{uuid.uuid4().hex}"
         bundle = self._scorer().bundle
-        try:
-            save_bundle(uri, bundle.manifest, bundle.module)
-            manifest, weights = read_bundle(uri)
-        finally:
-            fsspec.filesystem("memory").rm(uri, recursive=True)
-        return {"manifest": json.dumps(manifest, sort_keys=True, default=float).encode(), "weights": weights}
+        manifest, weights = seal(bundle.manifest, bundle.module)
+        return {"manifest": json.dumps(manifest.to_json(), sort_keys=True, default=float).encode(), "weights": weights}
 
     @classmethod
     def from_bytes(cls, blob: dict) -> Detector:

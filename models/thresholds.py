@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .manifest import ThresholdRecord
 from .params import param, validate
 
 
@@ -31,8 +32,8 @@ class ThresholdConfig:
         validate(self)
 
 
-def fit_threshold(scores: np.ndarray, cfg: ThresholdConfig) -> dict:
-    """Returns the threshold record stored in the bundle manifest."""
+def fit_threshold(scores: np.ndarray, cfg: ThresholdConfig) -> ThresholdRecord:
+    """The threshold record stored in the bundle manifest."""
     scores = np.asarray(scores, dtype=np.float64)
     scores = np.sort(scores[np.isfinite(scores)])
     return fit_threshold_tail(scores, scores.size, cfg)
@@ -43,20 +44,17 @@ def tail_fraction(cfg: ThresholdConfig) -> float:
     return 1.0 - min(cfg.pot_level, 1.0 - cfg.contamination)
 
 
-def fit_threshold_tail(tail: np.ndarray, n: int, cfg: ThresholdConfig) -> dict:
+def fit_threshold_tail(tail: np.ndarray, n: int, cfg: ThresholdConfig) -> ThresholdRecord:
     """The threshold from the ``len(tail)`` largest of ``n`` finite scores, sorted
     ascending. With the whole sorted sample this is exact; a distributed runner
     passes only the top :func:`tail_fraction` (plus a margin) and gets the same
     answer without collecting every score."""
     if n == 0:
         raise ValueError("cannot fit a threshold on zero finite scores")
-    rec = {**asdict(cfg), "n_scores": int(n)}
     if cfg.threshold == "quantile":
-        rec["value"] = _tail_quantile(tail, n, 1.0 - cfg.contamination)
-        return rec
+        return ThresholdRecord(**asdict(cfg), n_scores=int(n), value=_tail_quantile(tail, n, 1.0 - cfg.contamination))
     value, gpd = pot_threshold(tail, n, cfg.contamination, cfg.pot_level)
-    rec.update(value=value, gpd=gpd)
-    return rec
+    return ThresholdRecord(**asdict(cfg), n_scores=int(n), value=value, gpd=gpd)
 
 
 def _tail_quantile(tail: np.ndarray, n: int, q: float) -> float:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
 
+from .manifest import TrainingRecord
 from .params import param, validate
 
 log = logging.getLogger("unusual")
@@ -79,9 +80,10 @@ class History:
         self.epoch_seconds.append(seconds)
         self.seconds = float(sum(self.epoch_seconds))
 
-    def summary(self) -> dict:
-        """The manifest's ``training`` record common to every runner."""
-        return {
+    def training_record(self, **how) -> TrainingRecord:
+        """The manifest's ``training`` record: this history's summary, then ``how`` the run was made
+        (which may say the distinct ``train_samples``: the last epoch's count may repeat a few)."""
+        summary = {
             "train_loss": list(self.train_loss),
             "val_loss": list(self.val_loss),
             "best_epoch": int(self.best_epoch),
@@ -89,6 +91,7 @@ class History:
             "stopped_early": bool(self.stopped_early),
             "train_samples": int(self.samples[-1]) if self.samples else 0,
         }
+        return TrainingRecord(**{**summary, **how})
 
 
 class EarlyStopping:

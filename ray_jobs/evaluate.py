@@ -52,7 +52,9 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
 from ..config import EvaluateJob, main_for
+from ..models.bundle import read_manifest
 from ..models.errors import SchemaError
+from ..models.manifest import Manifest
 from ..models.metrics import ScoreHistogram
 from ..runtime import ensure_ray, progress
 from .eval_stats import (
@@ -160,19 +162,16 @@ def _job_spec(uri: str) -> ScoredBy | None:
         return None
 
 
-def _manifest(checkpoint: str | None) -> dict | None:
-    """The bundle's ``manifest.json`` at ``checkpoint`` (not its weights), or None when it cannot be read:
+def _manifest(checkpoint: str | None) -> Manifest | None:
+    """The bundle's manifest at ``checkpoint`` (not its weights), or None when it cannot be read:
     the report then has a shorter model card, and the evaluation goes on."""
     if not checkpoint:
         return None
     try:
-        _, path, fs = filesystem(checkpoint)
-        with fs.open(f"{path.rstrip('/')}/manifest.json", "r") as f:
-            manifest = json.load(f)
-    except Exception as e:  # missing, moved, no credentials: any of them only shortens the report
+        return read_manifest(checkpoint)
+    except Exception as e:  # missing, moved, malformed, no credentials: any of them only shortens the report
         progress(f"no model card in the report: cannot read the bundle manifest at {checkpoint} ({e})")
         return None
-    return manifest if isinstance(manifest, dict) else None
 
 
 def model_card(spec: ScoredBy | None, summary: ScoreSummary) -> ModelCard:

@@ -37,10 +37,10 @@ def run(job: FitJob) -> dict:
         "model_version": version,
         "threshold": det.threshold_,
         "rows": table.num_rows,  # read; the model trained on train_samples of them, validated on the rest
-        "train_samples": h.get("train_samples"),
-        "epochs_run": len(h["val_loss"]),
-        "best_val_loss": min(h["val_loss"]),
-        "seconds": round(h["seconds"], 2),
+        "train_samples": h.train_samples,
+        "epochs_run": len(h.val_loss),
+        "best_val_loss": min(h.val_loss),
+        "seconds": round(h.seconds, 2),
     }
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..models.manifest import Manifest, ThresholdRecord
 from ..models.metrics import ScoreHistogram
 from ..models.registry import REGISTRY
 from .report_charts import _e, _fmt, _pct, _ratio, charts
@@ -100,7 +101,7 @@ class ModelCard:
     the features the rows' ``top_features`` name most
     (:meth:`unusual.ray_jobs.eval_stats.TopFeatures.ranked`, of ``top_rows`` rows)."""
 
-    manifest: dict | None = None
+    manifest: Manifest | None = None
     checkpoint: str | None = None
     data: str | None = None
     kind: str | None = None
@@ -128,9 +129,9 @@ def _kpi(value: str, name: str, what: str) -> str:
 
 def _model_name(metrics: dict, card: ModelCard) -> tuple[str, str]:
     """(kind in words, version) from the manifest, else the scoring job's spec and the scores."""
-    m = card.manifest or {}
-    kind = m.get("kind") or card.kind
-    version = m.get("model_version") or ", ".join(metrics.get("model_versions") or []) or "unknown version"
+    m = card.manifest
+    kind = (m and m.kind) or card.kind
+    version = (m and m.model_version) or ", ".join(metrics.get("model_versions") or []) or "unknown version"
     words = f"{REGISTRY[kind].title if kind in REGISTRY else kind} ({kind})" if kind else "model"
     return words, version
 
@@ -235,10 +236,10 @@ def _confusion(metrics: dict) -> str:
 </section>"""
 
 
-def _threshold_rule(record: dict) -> str:
+def _threshold_rule(record: ThresholdRecord) -> str:
     """How the bundle's threshold was fit, in words (its ``threshold`` record)."""
-    rule, c = record.get("threshold"), record.get("contamination")
-    n, on = record.get("n_scores"), record.get("fit_on", "validation")
+    rule, c = record.threshold, record.contamination
+    n, on = record.n_scores, record.fit_on or "validation"
     of = f"{_fmt(n)} {_e(on)} scores" if n is not None else f"the {_e(on)} scores"
     if rule == "quantile" and c is not None:
         return (
@@ -248,10 +249,10 @@ def _threshold_rule(record: dict) -> str:
     if rule == "pot" and c is not None:
         return (
             f"fit at training time by peaks over threshold: a generalized Pareto tail fit to {of} above their "
-            f"{_fmt(record.get('pot_level'))} quantile, cut where the tail is exceeded with probability "
+            f"{_fmt(record.pot_level)} quantile, cut where the tail is exceeded with probability "
             f"{_fmt(c)} (<code>threshold=pot</code>)."
         )
-    return f"fit at training time: <code>{_e(_fmt(record))}</code>."
+    return f"fit at training time: <code>{_e(_fmt(record.model_dump(exclude_unset=True)))}</code>."
 
 
 def _threshold(metrics: dict, card: ModelCard) -> str:
@@ -262,8 +263,7 @@ def _threshold(metrics: dict, card: ModelCard) -> str:
         where = "not recorded with the scores: taken as the smallest score the model flagged"
     else:
         where = "unknown: the scores carry no threshold and no row was flagged"
-    record = (card.manifest or {}).get("threshold")
-    rule = f"<p>How it was chosen: {_threshold_rule(record)}</p>" if isinstance(record, dict) else ""
+    rule = f"<p>How it was chosen: {_threshold_rule(card.manifest.threshold)}</p>" if card.manifest else ""
     tp, fp = metrics.get("tp") or 0, metrics.get("fp") or 0
     labelled = sum(metrics.get(k) or 0 for k in ("tp", "fp", "fn", "tn"))
     best = ""
@@ -284,8 +284,8 @@ def _kv_table(d: dict) -> str:
     return f"<table>{rows}</table>"
 
 
-def _features(m: dict) -> str:
-    cols = (m.get("features") or {}).get("columns") or []
+def _features(m: Manifest) -> str:
+    cols = m.features.get("columns") or []
     if not cols:
         return "–"
     kinds: dict[str, int] = {}
@@ -327,28 +327,25 @@ def _model_card(metrics: dict, card: ModelCard) -> str:
         )
     else:
         note = ""
-        t = m.get("training") or {}
-        cfg = m.get("model_config") or {}
+        t, cfg = m.training, m.family_config
         items.append(("Features", _features(m)))
         for what, col in (("Entity column", "entity_column"), ("Time column", "time_column")):
             if cfg.get(col):
                 items.append((what, f"<code>{_e(cfg[col])}</code>"))
-        if "rows" in t:
-            split = f" ({_fmt(t.get('train_samples'))} to train on, {_fmt(t.get('val_samples'))} to validate)"
-            items.append(("Training rows", _e(_fmt(t["rows"]) + (split if "train_samples" in t else ""))))
-        losses = t.get("val_loss") or []
-        if losses:
-            best = t.get("best_epoch")
-            at = f" at epoch {best + 1}" if isinstance(best, int) else ""
-            items.append(("Training run", _e(f"{len(losses)} epochs, best validation loss {_fmt(min(losses))}{at}")))
-        if t.get("runner"):
-            items.append(("Trained by", f"<code>{_e(t['runner'])}</code>"))
-        if m.get("libraries"):
-            items.append(("Libraries", _e(_fmt(m["libraries"]))))
+        if t.rows is not None:
+            split = f" ({_fmt(t.train_samples)} to train on, {_fmt(t.val_samples)} to validate)"
+            items.append(("Training rows", _e(_fmt(t.rows) + split)))
+        if t.val_loss:
+            run = f"{len(t.val_loss)} epochs, best validation loss {_fmt(min(t.val_loss))} at epoch {t.best_epoch + 1}"
+            items.append(("Training run", _e(run)))
+        if t.runner:
+            items.append(("Trained by", f"<code>{_e(t.runner)}</code>"))
+        if m.libraries:
+            items.append(("Libraries", _e(_fmt(m.libraries))))
         params = (
             '<div class="cols">'
             f"<div><h3>Architecture</h3>{_kv_table(cfg)}</div>"
-            f"<div><h3>Training parameters</h3>{_kv_table(t.get('config') or {})}</div>"
+            f"<div><h3>Training parameters</h3>{_kv_table(t.config)}</div>"
             "</div>"
         )
     dl = "".join(f"<dt>{_e(k)}</dt><dd>{v}</dd>" for k, v in items)

@@ -51,16 +51,16 @@ class BundleInfo:
 
     @classmethod
     def read(cls, uri: str) -> BundleInfo:
-        from ..models.bundle import read_bundle, threshold_of
+        from ..models.bundle import read_bundle
         from ..models.features import FeatureSchema
 
         m, _ = read_bundle(uri)
-        cfg = m.get("model_config", {})
+        cfg = m.family_config
         return cls(
-            m["kind"],
-            m["model_version"],
-            threshold_of(m),
-            FeatureSchema.from_dict(m["features"]),
+            m.kind,
+            m.model_version,
+            m.threshold.value,
+            FeatureSchema.from_dict(m.features),
             cfg.get("entity_column"),
             cfg.get("time_column"),
         )

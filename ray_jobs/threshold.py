@@ -15,6 +15,7 @@ import pyarrow as pa
 import torch
 
 from ..models.columns import as_float
+from ..models.manifest import ThresholdRecord
 from ..models.registry import family
 from ..models.stats import NumStats
 from ..models.thresholds import fit_threshold_tail, tail_fraction
@@ -78,7 +79,7 @@ def _block_calibration_sums(block: pa.Table, kind: str, model_config: dict, widt
 
 def calibrate_at_scale(
     module, data, kind: str, model_config: dict, width: int, thr_cfg, every=None
-) -> dict:
+) -> ThresholdRecord:
     """Calibrate ``module`` (error scale, latent statistics) on ``data`` (a Ray Dataset with an ``x``
     column of encoded rows or windows, ``width`` features wide) and fit the threshold on its scores;
     returns the threshold record. A family with ``calibrate_on = "all"`` calibrates on ``every`` (the
@@ -105,7 +106,7 @@ def _score_stats(block: pa.Table) -> NumStats:
     return NumStats.of(as_float(block.column("score")))
 
 
-def fit_threshold_at_scale(scores, cfg) -> dict:
+def fit_threshold_at_scale(scores, cfg) -> ThresholdRecord:
     """The threshold over a Ray Dataset of scores (a float ``score`` column) without collecting them all.
 
     Pass 1 merges per-block counts and reservoir samples (a Ray Data aggregation of
@@ -134,5 +135,5 @@ def fit_threshold_at_scale(scores, cfg) -> dict:
             break
         lower = -math.inf  # the sample misjudged the tail: take every score
     rec = fit_threshold_tail(tail, n, cfg)
-    rec["collected"] = int(tail.size)
+    rec.collected = int(tail.size)
     return rec

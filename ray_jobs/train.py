@@ -30,8 +30,9 @@ import uuid
 from dataclasses import asdict
 
 from ..config import TrainJob, main_for
-from ..models.bundle import build_manifest, save_bundle, threshold_of
+from ..models.bundle import build_manifest, save_bundle
 from ..models.detector import split_params
+from ..models.manifest import Manifest, TrainingRecord
 from ..models.registry import family
 from ..runtime import (
     ResourceError,
@@ -73,7 +74,7 @@ def remove_run(storage: str, run_name: str, defaulted: bool) -> None:
         log.warning("could not remove the checkpoints at %s: %s", run_dir, e)
 
 
-def run(job: TrainJob) -> dict:
+def run(job: TrainJob) -> Manifest:
     """Train and write the bundle; returns its manifest. With ``job.mlflow``, inside an MLflow run that
     logs the parameters, the per-epoch losses and the bundle, registered as a model
     (:func:`unusual.tracking.track_training`; the manifest then has an ``"mlflow"`` record)."""
@@ -85,7 +86,7 @@ def run(job: TrainJob) -> dict:
     return _train(job)
 
 
-def _train(job: TrainJob) -> dict:
+def _train(job: TrainJob) -> Manifest:
     refuse_existing_bundle(job.output, job.overwrite)
     sweep_temp_dirs()
     kind, params = job.detector()
@@ -121,7 +122,7 @@ def _train(job: TrainJob) -> dict:
     state = _fit(job, loop, prep, resources, storage, run_name)
     module, threshold = _calibrated(state, fam, kind, model_cfg, train_cfg, thr_cfg, prep)
     training = _training_record(job, state, prep, train_cfg, resources, run_name, storage)
-    training["wall_seconds"] = time.perf_counter() - t_start
+    training.wall_seconds = time.perf_counter() - t_start
     manifest = build_manifest(kind, asdict(model_cfg), prep.schema, threshold, training)
     manifest = save_bundle(job.output, manifest, module, overwrite=job.overwrite)
     if not job.keep_checkpoints:
@@ -130,28 +131,28 @@ def _train(job: TrainJob) -> dict:
 
 
 def _training_record(job: TrainJob, state: TrainState, prep, train_cfg, resources: dict, run_name: str,
-                     storage: str) -> dict:
+                     storage: str) -> TrainingRecord:
     """The manifest's ``training``: the history's summary, the data and how the run was made."""
     hist = state.history
-    return {
-        **hist.summary(),
-        "rows": int(prep.n_rows),
-        # the distinct training samples (an epoch's count may repeat a few to give workers equal steps)
-        "train_samples": int(state.train_samples or hist.summary()["train_samples"]),
-        "samples_per_s": float(sum(hist.samples) / max(hist.seconds, 1e-9)),
-        "config": asdict(train_cfg),
-        "runner": "ray-train",
-        "num_workers": job.num_workers,
-        "resources_per_worker": resources,
-        "use_gpu": job.use_gpu,
-        "precision": job.precision,
-        "run_name": run_name,
-        "started_at_epoch": hist.started_at_epoch,
-        "epoch_seconds": hist.epoch_seconds,
-        "data": prep.how,
-        "cached": prep.how != "streaming",
-        "storage": storage if job.keep_checkpoints else None,
-    }
+    # the distinct training samples (an epoch's count may repeat a few to give workers equal steps)
+    distinct = {"train_samples": int(state.train_samples)} if state.train_samples else {}
+    return hist.training_record(
+        rows=int(prep.n_rows),
+        **distinct,
+        samples_per_s=float(sum(hist.samples) / max(hist.seconds, 1e-9)),
+        config=asdict(train_cfg),
+        runner="ray-train",
+        num_workers=job.num_workers,
+        resources_per_worker=resources,
+        use_gpu=job.use_gpu,
+        precision=job.precision,
+        run_name=run_name,
+        started_at_epoch=hist.started_at_epoch,
+        epoch_seconds=hist.epoch_seconds,
+        data=prep.how,
+        cached=prep.how != "streaming",
+        storage=storage if job.keep_checkpoints else None,
+    )
 
 
 def _fit(job: TrainJob, loop: LoopConfig, prep, resources: dict, storage: str, run_name: str) -> TrainState:
@@ -200,7 +201,7 @@ def _calibrated(state: TrainState, fam, kind: str, model_cfg, train_cfg, thr_cfg
     calib = prep.val_ds if train_cfg.val_fraction > 0 else prep.train_ds
     every = prep.train_ds.union(prep.val_ds) if train_cfg.val_fraction > 0 else prep.train_ds
     threshold = calibrate_at_scale(module, calib, kind, asdict(model_cfg), prep.schema.width, thr_cfg, every)
-    threshold["fit_on"] = "validation" if train_cfg.val_fraction > 0 else "training"
+    threshold.fit_on = "validation" if train_cfg.val_fraction > 0 else "training"
     return module, threshold
 
 
@@ -210,20 +211,20 @@ def _calibrated(state: TrainState, fam, kind: str, model_cfg, train_cfg, thr_cfg
 def command(job: TrainJob) -> int:
     """``unusual train``: run the job and print its JSON summary on stdout."""
     manifest = run(job)
-    t = manifest["training"]
+    t = manifest.training
     print(
         json.dumps(
             {
                 "output": job.output,
-                "model_version": manifest["model_version"],
-                "threshold": threshold_of(manifest),
-                "rows": t["rows"],
-                "train_samples": t["train_samples"],
-                "epochs_run": len(t["val_loss"]),
-                "best_val_loss": min(t["val_loss"]),
-                "samples_per_s": round(t["samples_per_s"], 1),
-                "wall_seconds": round(t["wall_seconds"], 1),
-                **({"mlflow": manifest["mlflow"]} if "mlflow" in manifest else {}),
+                "model_version": manifest.model_version,
+                "threshold": manifest.threshold.value,
+                "rows": t.rows,
+                "train_samples": t.train_samples,
+                "epochs_run": len(t.val_loss),
+                "best_val_loss": min(t.val_loss),
+                "samples_per_s": round(t.samples_per_s, 1),
+                "wall_seconds": round(t.wall_seconds, 1),
+                **({"mlflow": manifest.mlflow} if manifest.mlflow else {}),
             },
             indent=1,
         )

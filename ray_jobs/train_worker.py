@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 
+from ..models.manifest import ThresholdRecord
 from ..models.registry import family
 from ..models.thresholds import ThresholdConfig, fit_threshold, fit_threshold_tail, tail_fraction
 from ..models.training import (
@@ -84,18 +85,21 @@ class TrainState:
     epoch: int
     final: bool = False
     calibrated_model: dict | None = None
-    threshold: dict | None = None
+    threshold: ThresholdRecord | None = None
     train_samples: int | None = None
 
     def save(self, directory: str) -> None:
-        torch.save({**{f.name: getattr(self, f.name) for f in fields(self)}, "history": asdict(self.history)},
-                   os.path.join(directory, STATE_FILE))
+        plain = {f.name: getattr(self, f.name) for f in fields(self)}
+        plain.update(history=asdict(self.history), threshold=self.threshold and self.threshold.model_dump())
+        torch.save(plain, os.path.join(directory, STATE_FILE))
 
     @classmethod
     def load(cls, directory: str) -> TrainState:
         st = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
         names = {f.name for f in fields(cls)}
-        return cls(**{**{k: v for k, v in st.items() if k in names}, "history": History.from_dict(st["history"])})
+        st = {k: v for k, v in st.items() if k in names}
+        threshold = st.get("threshold") and ThresholdRecord.model_validate(st["threshold"])
+        return cls(**{**st, "history": History.from_dict(st["history"]), "threshold": threshold})
 
 
 def model_weights(module) -> dict:
@@ -184,7 +188,7 @@ def _chunks(x: torch.Tensor, size: int, device):
 
 
 @torch.inference_mode()
-def calibrate(module, xt, xv, coll: Collectives, thr_cfg: ThresholdConfig, device) -> dict:
+def calibrate(module, xt, xv, coll: Collectives, thr_cfg: ThresholdConfig, device) -> ThresholdRecord:
     """Calibration (error scale, latent statistics) and threshold from every worker's share of the
     validation split (or of the training split when there is none; calibration on both where the family
     asks, ``calibrate_on = "all"``), as ``Detector.fit`` computes them in memory."""
@@ -208,7 +212,7 @@ def calibrate(module, xt, xv, coll: Collectives, thr_cfg: ThresholdConfig, devic
         need = int(math.ceil(tail_fraction(thr_cfg) * n)) + 2
         tail = np.sort(np.concatenate(coll.gather(finite[-need:])))
         rec = fit_threshold_tail(tail, n, thr_cfg)
-    rec["fit_on"] = "validation" if n_val > 0 else "training"
+    rec.fit_on = "validation" if n_val > 0 else "training"
     return rec
 
 

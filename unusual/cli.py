@@ -65,16 +65,15 @@ def info(job: InfoCommand) -> int:
     from .models.bundle import read_bundle
 
     m = read_bundle(job.checkpoint)[0]
-    cols = m["features"]["columns"]
     summary = {
-        "model_version": m["model_version"],
-        "kind": m["kind"],
-        "format_version": m["format_version"],
-        "model_config": m["model_config"],
-        "features": [f"{c['name']} ({c['kind']})" for c in cols],
-        "threshold": m["threshold"],
-        "training": {k: m["training"].get(k) for k in ("rows", "best_epoch", "seconds", "runner")},
-        "libraries": m["libraries"],
+        "model_version": m.model_version,
+        "kind": m.kind,
+        "format_version": m.format_version,
+        "model_config": m.family_config,
+        "features": [f"{c['name']} ({c['kind']})" for c in m.features["columns"]],
+        "threshold": m.threshold.model_dump(exclude_unset=True),
+        "training": m.training.model_dump(include={"rows", "best_epoch", "seconds", "runner"}),
+        "libraries": m.libraries,
     }
     print(json.dumps(summary, indent=1))
     return 0

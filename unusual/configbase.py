@@ -94,7 +94,7 @@ def named_checkpoints(value) -> list[str]:
         if not name:
             try:
                 uri = resolve_checkpoint(uri)
-                name = read_bundle(uri)[0]["kind"]
+                name = read_bundle(uri)[0].kind
             except (UnusualError, OSError) as e:  # no bundle there, or storage refused: name the flag
                 raise ConfigError(f"--checkpoint: {e}") from None
         out.append(f"{name}={uri}")

@@ -131,9 +131,9 @@ def _steps(work: Path, quick: bool, t_start: float) -> int:
         manifest = train(
             TrainJob(data=data_uri, output=out, model=kind, params={**params, **epochs}, num_workers=2, overwrite=True)
         )
-        bundles[kind], versions[kind] = out, manifest["model_version"]
-        t = manifest["training"]
-        _say("3/7", f"{kind}: {manifest['model_version']}, {len(t['val_loss'])} epochs, {t['wall_seconds']:.0f} s")
+        bundles[kind], versions[kind] = out, manifest.model_version
+        t = manifest.training
+        _say("3/7", f"{kind}: {manifest.model_version}, {len(t.val_loss)} epochs, {t.wall_seconds:.0f} s")
 
     scored, evaluations = {}, {}
     for kind in bundles:

@@ -182,9 +182,10 @@ class DeepOutlierDetector(OutlierMixin, BaseEstimator):
         scores = det.score(table)
         if self.threshold_on == "training":
             _, _, _, thr_cfg = split_params(self._kind, det.params)
-            record = {**fit_threshold(scores, thr_cfg), "fit_on": "training"}
+            record = fit_threshold(scores, thr_cfg)
+            record.fit_on = "training"
             bundle = det.bundle_
-            manifest, _ = seal({**bundle.manifest, "threshold": record}, bundle.module)
+            manifest, _ = seal(bundle.manifest.model_copy(update={"threshold": record}), bundle.module)
             det._set_bundle(Bundle(manifest, bundle.schema, bundle.module))
         self._set_detector(det)
         self.decision_scores_ = scores
@@ -259,9 +260,9 @@ class DeepOutlierDetector(OutlierMixin, BaseEstimator):
             )
         manifest = det.bundle_.manifest
         stored = {
-            **manifest.get("model_config", {}),
-            **manifest.get("training", {}).get("config", {}),
-            **manifest["threshold"],
+            **manifest.family_config,
+            **manifest.training.config,
+            **manifest.threshold.model_dump(exclude_unset=True),
             "scaling": schema.config.scaling,
         }
         own = {v: k for k, v in _RENAMED.items()}
@@ -269,7 +270,7 @@ class DeepOutlierDetector(OutlierMixin, BaseEstimator):
         params = {own.get(k, k): v for k, v in stored.items() if own.get(k, k) in names}
         if isinstance(params.get("hidden"), list):
             params["hidden"] = tuple(params["hidden"])
-        params["threshold_on"] = "training" if manifest["threshold"].get("fit_on") == "training" else "validation"
+        params["threshold_on"] = "training" if manifest.threshold.fit_on == "training" else "validation"
         est = target(**params)
         est._set_detector(det)
         est.n_features_in_ = len(schema.columns)

@@ -37,6 +37,7 @@ from importlib.util import find_spec
 from urllib.parse import unquote, urlparse
 
 from .models.errors import UnusualError
+from .models.manifest import Manifest, TrainingRecord
 
 __all__ = ["INSTALL", "TrackingError", "is_mlflow_uri", "log_bundle", "pyfunc_model", "resolve_checkpoint",
            "track_training"]  # fmt: skip
@@ -209,13 +210,13 @@ SUMMARY = {"best_epoch": "best_epoch", "rows": "rows", "samples_per_s": "samples
            "wall_seconds": "wall_seconds"}  # fmt: skip
 
 
-def _metrics(training: dict) -> tuple[dict[str, list[float]], dict[str, float]]:
+def _metrics(training: TrainingRecord) -> tuple[dict[str, list[float]], dict[str, float]]:
     """(per-epoch series, summary values) of a manifest's ``training`` record."""
-    validated = float((training.get("config") or {}).get("val_fraction", 0) or 0) > 0
-    series = {"train_loss": training.get("train_loss") or [], "epoch_seconds": training.get("epoch_seconds") or []}
+    validated = float(training.config.get("val_fraction", 0) or 0) > 0
+    series = {"train_loss": training.train_loss, "epoch_seconds": training.epoch_seconds or []}
     if validated:  # without a validation split, val_loss is the training loss again
-        series["val_loss"] = training.get("val_loss") or []
-    summary = {k: training.get(v) for k, v in SUMMARY.items()}
+        series["val_loss"] = training.val_loss
+    summary = {k: getattr(training, v) for k, v in SUMMARY.items()}
     summary.update(best_val_loss=min(series["val_loss"]) if series.get("val_loss") else None)
     summary.update(epochs_run=len(series["train_loss"]))
     return series, {k: float(v) for k, v in summary.items() if _finite(v)}
@@ -240,18 +241,18 @@ def _muted():
     return contextlib.nullcontext() if verbose() else contextlib.redirect_stderr(io.StringIO())
 
 
-def _logged_params(manifest: dict, params: dict | None) -> dict:
+def _logged_params(manifest: Manifest, params: dict | None) -> dict:
     """The run's parameters: the kind, the model's, the training's, the features' and ``params``."""
     return {
-        "kind": manifest["kind"],
-        **_flat("model.", manifest.get("model_config") or {}),
-        **_flat("train.", (manifest.get("training") or {}).get("config") or {}),
-        **_flat("features.", {"columns": [c["name"] for c in manifest["features"]["columns"]]}),
+        "kind": manifest.kind,
+        **_flat("model.", manifest.family_config),
+        **_flat("train.", manifest.training.config),
+        **_flat("features.", {"columns": [c["name"] for c in manifest.features["columns"]]}),
         **{k: _param(v) for k, v in (params or {}).items() if v is not None},
     }
 
 
-def _log_model(mlflow, bundle: str, manifest: dict, name: str):
+def _log_model(mlflow, bundle: str, manifest: Manifest, name: str):
     """The bundle as the run's ``bundle`` artifact and as an MLflow pyfunc model registered as ``name``."""
     from . import __version__
     from .runtime import temp_dir
@@ -269,7 +270,7 @@ def _log_model(mlflow, bundle: str, manifest: dict, name: str):
                 artifacts={BUNDLE_ARTIFACT: local},
                 registered_model_name=name,
                 pip_requirements=[f"unusual[mlflow]=={__version__}"],
-                metadata={"unusual_model_version": manifest["model_version"], "kind": manifest["kind"]},
+                metadata={"unusual_model_version": manifest.model_version, "kind": manifest.kind},
             )
 
 
@@ -290,16 +291,14 @@ def log_bundle(
     the bundle as the ``bundle`` artifact, and an MLflow model registered as ``model_name`` (default
     ``unusual-<kind>``). Returns ``{"run_id", "experiment_id", "tracking_uri", "model_uri",
     "registered_model": "models:/NAME/VERSION", "version"}``."""
-    from .models.bundle import read_bundle, threshold_of
+    from .models.bundle import read_bundle
 
     mlflow = _mlflow("logging to MLflow")
     _quiet_mlflow()
     manifest, _ = read_bundle(bundle)  # checked (format, content hash) before anything is logged
-    kind = manifest["kind"]
-    name = model_name or f"unusual-{kind}"
-    training = manifest.get("training") or {}
-    series, summary = _metrics(training)
-    summary["threshold"] = threshold_of(manifest)
+    name = model_name or f"unusual-{manifest.kind}"
+    series, summary = _metrics(manifest.training)
+    summary["threshold"] = manifest.threshold.value
     logged = _logged_params(manifest, params)
     with _tracking_uri(mlflow, tracking_uri), _refusals(f"MLflow ({tracking_uri or mlflow.get_tracking_uri()})"):
         own = mlflow.active_run() is None
@@ -311,7 +310,7 @@ def log_bundle(
             run = mlflow.active_run()
         try:
             mlflow.log_params(logged)
-            mlflow.set_tags({"unusual.model_version": manifest["model_version"], "unusual.bundle": str(bundle)})
+            mlflow.set_tags({"unusual.model_version": manifest.model_version, "unusual.bundle": str(bundle)})
             info = _log_model(mlflow, bundle, manifest, name)
             # The metrics after the model: logged before, MLflow 3 copies a value into the run's
             # history again when it links them to the model (two values at step 0).
@@ -333,7 +332,7 @@ def log_bundle(
         }
 
 
-def track_training(job, train) -> dict:
+def track_training(job, train) -> Manifest:
     """``unusual train --mlflow``: ``train(job)`` (-> the manifest) inside an MLflow run opened first, so a
     store that refuses fails before the training; the run's parameters, then :func:`log_bundle`. The
     manifest comes back with an ``"mlflow"`` record (what :func:`log_bundle` returns)."""
@@ -352,7 +351,7 @@ def track_training(job, train) -> dict:
                 mlflow.log_params({k: _param(getattr(job, k)) for k in JOB_PARAMS if getattr(job, k) is not None})
             manifest = train(job)
             record = log_bundle(job.output, model_name=job.mlflow_model_name)
-            mlflow.set_tag("unusual.ray_run_name", (manifest.get("training") or {}).get("run_name") or "")
+            mlflow.set_tag("unusual.ray_run_name", manifest.training.run_name or "")
         except BaseException:
             mlflow.end_run("FAILED")
             raise
@@ -361,7 +360,7 @@ def track_training(job, train) -> dict:
         f"MLflow: run {record['run_id']} (experiment {record['experiment_id']}) at {record['tracking_uri']}; "
         f"registered {record['registered_model']}"
     )
-    return {**manifest, "mlflow": record}
+    return manifest.model_copy(update={"mlflow": record})
 
 
 # --------------------------------------------------------------------------- opening models:/ checkpoints

@@ -16,7 +16,7 @@ import torch
 from modeltestkit import tabular
 from unusual.models import BundleError, BundleVersionError, Detector, load_bundle
 from unusual.models.ae import AEConfig
-from unusual.models.bundle import FORMAT_VERSION, MANIFEST, WEIGHTS, content_hash
+from unusual.models.bundle import FORMAT_VERSION, MANIFEST, WEIGHTS, content_hash, read_manifest, save_bundle
 
 TINY = {"hidden": [16], "epochs": 4, "batch_size": 64, "seed": 0}
 
@@ -130,10 +130,10 @@ def test_weights_are_a_plain_state_dict(det, saved):
 
 def test_pot_threshold_record(train):
     det = Detector("ae", threshold="pot", contamination=0.005, **TINY).fit(train)
-    thr = det.bundle_.manifest["threshold"]
-    assert thr["threshold"] == "pot" and thr["pot_level"] == 0.98
-    assert thr["value"] == det.threshold_
-    assert "gpd" in thr
+    thr = det.bundle_.manifest.threshold
+    assert thr.threshold == "pot" and thr.pot_level == 0.98
+    assert thr.value == det.threshold_
+    assert thr.gpd is not None
 
 
 def test_load_gives_the_same_model(det, saved, test_x):
@@ -262,6 +262,36 @@ def test_a_manifest_of_the_wrong_shape_is_an_error_naming_the_field(saved, chang
     change(m)
     _write_manifest(saved, m, reseal=True)
     with pytest.raises(BundleError, match=rf"inconsistent: manifest field '{re.escape(field)}'"):
+        load_bundle(saved)
+
+
+def test_the_typed_manifest_is_the_file_it_was_read_from(saved, tmp_path):
+    """The manifest is typed in memory (Manifest) and written as its JSON: a bundle loaded and saved
+    again is the same file, with the same content hash and version; fields this version does not
+    know are kept (a newer writer's additions survive)."""
+    bundle = load_bundle(saved)
+    save_bundle(str(tmp_path / "again"), bundle.manifest, bundle.module)
+    assert _read_manifest(str(tmp_path / "again")) == _read_manifest(saved)
+    assert read_manifest(str(tmp_path / "again")).model_version == bundle.version
+
+    m = _read_manifest(saved)
+    m["written_by"] = {"tool": "a newer unusual"}
+    m["training"]["gpu_name"] = "H100"
+    _write_manifest(saved, m, reseal=True)
+    bundle = load_bundle(saved)
+    assert bundle.manifest.to_json() == m
+    assert bundle.manifest.training.gpu_name == "H100" and bundle.manifest.threshold.value == bundle.threshold
+    save_bundle(str(tmp_path / "newer"), bundle.manifest, bundle.module)
+    stamped = ("model_version", "content_hash")
+    assert {k: v for k, v in _read_manifest(str(tmp_path / "newer")).items() if k not in stamped} == {
+        k: v for k, v in m.items() if k not in stamped
+    }
+
+
+def test_read_manifest_does_not_need_the_weights(saved):
+    os.remove(os.path.join(saved, WEIGHTS))
+    assert read_manifest(saved).kind == "ae"
+    with pytest.raises(BundleError, match="incomplete: weights.pt not found"):
         load_bundle(saved)
 
 

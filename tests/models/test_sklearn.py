@@ -177,7 +177,7 @@ def test_training_threshold_flags_contamination_of_the_training_set(small, thres
     assert_array_equal(est.fit_predict(small), np.where(est.labels_ == 1, -1, 1))
     # the threshold travels in the Detector's bundle: Detector.predict flags the same rows
     assert est.detector_.threshold_ == est.threshold_
-    assert est.detector_.bundle_.manifest["threshold"]["fit_on"] == "training"
+    assert est.detector_.bundle_.manifest.threshold.fit_on == "training"
     assert_array_equal(est.detector_.predict(small), est.labels_)
 
 

@@ -39,17 +39,17 @@ def gpd_quantile(p_exceed: float, xi: float, sigma: float) -> float:
 def test_quantile_threshold_false_positive_rate(contamination):
     rng = np.random.default_rng(0)
     rec = fit_threshold(rng.normal(size=20_000), ThresholdConfig(contamination=contamination))
-    assert rec["threshold"] == "quantile" and rec["n_scores"] == 20_000
+    assert rec.threshold == "quantile" and rec.n_scores == 20_000
     fresh = rng.normal(size=400_000)
-    fpr = float(np.mean(fresh > rec["value"]))
+    fpr = float(np.mean(fresh > rec.value))
     assert abs(fpr - contamination) < 0.1 * contamination + 0.002, fpr
 
 
 def test_threshold_ignores_nonfinite_scores():
     scores = np.r_[np.arange(100.0), np.nan, np.inf, -np.inf]
     rec = fit_threshold(scores, ThresholdConfig(contamination=0.1))
-    assert rec["n_scores"] == 100
-    assert rec["value"] == pytest.approx(np.quantile(np.arange(100.0), 0.9))
+    assert rec.n_scores == 100
+    assert rec.value == pytest.approx(np.quantile(np.arange(100.0), 0.9))
     with pytest.raises(ValueError, match="zero finite scores"):
         fit_threshold(np.array([np.nan, np.inf]), ThresholdConfig())
 
@@ -102,10 +102,10 @@ def test_pot_on_exponential_scores_finds_the_true_quantile(seed):
     rng = np.random.default_rng(seed)
     scores = rng.exponential(1.0, 20_000)
     rec = fit_threshold(scores, ThresholdConfig(threshold="pot", contamination=1e-3))
-    assert rec["threshold"] == "pot"
-    assert rec["value"] == pytest.approx(math.log(1000), rel=0.15)  # 6.91
-    assert rec["gpd"]["peaks"] == 400
-    assert abs(rec["gpd"]["xi"]) < 0.2
+    assert rec.threshold == "pot"
+    assert rec.value == pytest.approx(math.log(1000), rel=0.15)  # 6.91
+    assert rec.gpd["peaks"] == 400
+    assert abs(rec.gpd["xi"]) < 0.2
 
 
 def test_pot_extrapolates_beyond_the_sample():
@@ -178,9 +178,9 @@ def test_threshold_config_direct():
 def test_threshold_without_validation_split_is_fit_on_training_scores():
     x = tabular(300, seed=0)
     det = Detector("ae", hidden=[8], epochs=2, seed=0, val_fraction=0.0).fit(x)
-    thr = det.bundle_.manifest["threshold"]
-    assert thr["fit_on"] == "training"
-    assert thr["n_scores"] == 300
+    thr = det.bundle_.manifest.threshold
+    assert thr.fit_on == "training"
+    assert thr.n_scores == 300
     assert det.threshold_ == pytest.approx(np.quantile(det.score(x), 0.99), rel=1e-5)
 
 
@@ -192,6 +192,6 @@ def test_threshold_from_the_top_tail_equals_the_threshold_from_all_scores(method
     full = fit_threshold(scores, cfg)
     m = int(np.ceil(tail_fraction(cfg) * scores.size)) + 2
     tail = np.sort(scores)[-m:]
-    assert fit_threshold_tail(tail, scores.size, cfg)["value"] == full["value"]
+    assert fit_threshold_tail(tail, scores.size, cfg).value == full.value
     with pytest.raises(ValueError, match="tail is too short"):
         fit_threshold_tail(tail[-10:], scores.size, cfg)

@@ -286,17 +286,17 @@ def scenario_train(work: Path) -> dict:
         ray.shutdown()
         cluster.shutdown()
         times["shutdown_s"] = time.monotonic() - t
-    t = manifest["training"]
+    t = manifest.training
     return {
         "rows": table.num_rows,
         "epochs": epochs,
         "bundle": str(work / "bundle"),
-        "started_at_epoch": t["started_at_epoch"],
-        "epochs_run": len(t["val_loss"]),
-        "val_loss": t["val_loss"],
-        "num_workers": t["num_workers"],
-        "resources_per_worker": t["resources_per_worker"],
-        "model_version": manifest["model_version"],
+        "started_at_epoch": t.started_at_epoch,
+        "epochs_run": len(t.val_loss),
+        "val_loss": t.val_loss,
+        "num_workers": t.num_workers,
+        "resources_per_worker": t.resources_per_worker,
+        "model_version": manifest.model_version,
         "wall_s": round(wall, 2),
         **info,
         **{k: round(v, 2) for k, v in times.items()},

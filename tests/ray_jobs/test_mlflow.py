@@ -73,7 +73,7 @@ def test_the_run_has_the_parameters_and_one_loss_per_epoch(trained, tmp_path):
     import mlflow
 
     bundle, manifest = trained
-    record = manifest["mlflow"]
+    record = manifest.mlflow
     assert record["registered_model"] == f"models:/{NAME}/1" and record["version"] == 1
     client = mlflow.MlflowClient()
     run = client.get_run(record["run_id"])
@@ -84,13 +84,13 @@ def test_the_run_has_the_parameters_and_one_loss_per_epoch(trained, tmp_path):
     assert json.loads(p["model.hidden"]) == [8] and p["model.latent"] == "2"
     assert p["train.epochs"] == str(EPOCHS) and float(p["train.lr"]) > 0
     assert "label" not in json.loads(p["features.columns"])
-    training = manifest["training"]
+    training = manifest.training
     for key in ("train_loss", "val_loss"):
         history = client.get_metric_history(record["run_id"], key)
-        assert sorted((m.step, m.value) for m in history) == list(enumerate(training[key])), key
+        assert sorted((m.step, m.value) for m in history) == list(enumerate(getattr(training, key))), key
         assert len(history) == EPOCHS
-    assert run.data.metrics["threshold"] == manifest["threshold"]["value"]
-    assert run.data.tags["unusual.model_version"] == manifest["model_version"]
+    assert run.data.metrics["threshold"] == manifest.threshold.value
+    assert run.data.tags["unusual.model_version"] == manifest.model_version
     # The bundle is the run's artifact too, byte for byte.
     # (into tmp_path: without dst_path MLflow downloads into a new folder under /tmp and leaves it there)
     local = mlflow.artifacts.download_artifacts(run_id=record["run_id"], artifact_path="bundle", dst_path=str(tmp_path))
@@ -103,7 +103,7 @@ def test_the_registered_model_scores_like_the_detector(trained, tmp_path):
 
     bundle, manifest = trained
     version = mlflow.MlflowClient().get_model_version(NAME, "1")
-    assert version.run_id == manifest["mlflow"]["run_id"]
+    assert version.run_id == manifest.mlflow["run_id"]
     df = sample_data.load("cardio").drop_columns(["label"]).to_pandas()
     out = mlflow.pyfunc.load_model(f"models:/{NAME}/1", dst_path=str(tmp_path)).predict(df)
     det = Detector.load(bundle)
@@ -123,7 +123,7 @@ def test_models_uris_resolve_to_the_bundle_for_score_and_serve(trained, monkeypa
 
     bundle, manifest = trained
     mlflow.MlflowClient().set_registered_model_alias(NAME, "champion", "1")
-    uris = [f"models:/{NAME}/1", f"models:/{NAME}@champion", f"runs:/{manifest['mlflow']['run_id']}/bundle"]
+    uris = [f"models:/{NAME}/1", f"models:/{NAME}@champion", f"runs:/{manifest.mlflow['run_id']}/bundle"]
     for uri in uris:
         assert ScoreJob(checkpoint=uri, data="d", output="o").checkpoint == uri  # validation reads nothing
         where = resolve_checkpoint(uri)  # what unusual score does first
@@ -159,7 +159,7 @@ def test_unusual_score_reads_a_models_uri(trained, ray_cluster, store, tmp_path)
     assert sum(pq.read_metadata(p).num_rows for p in parts) == 1831
     # the scores are the registered bundle's
     assert set(pq.read_table(parts[0], columns=["model_version"]).column(0).to_pylist()) == {
-        trained[1]["model_version"]
+        trained[1].model_version
     }
 
 

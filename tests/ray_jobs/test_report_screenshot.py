@@ -205,7 +205,7 @@ def test_headline_card_and_escaping(evaluation, report):
     assert f"<strong>{metrics['tp']:,}</strong>" in report and f"<strong>{metrics['tn']:,}</strong>" in report
     assert "0.99 quantile of " in report and "<code>contamination=0.01</code>" in report
     # the model card, from the bundle's manifest
-    assert card.manifest is not None and card.manifest["model_version"] == spec.model_version
+    assert card.manifest is not None and card.manifest.model_version == spec.model_version
     assert "21 (21 numeric)<details>" in report and "1,831 (1,556 to train on, 275 to validate)" in report
     assert "<th>epochs</th><td>2</td>" in report and "<th>hidden</th><td>16</td>" in report
     top = summary.top.ranked()

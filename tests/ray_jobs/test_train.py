@@ -53,21 +53,21 @@ def ae_run(cardio_uri, s3_bucket):
 
 def test_ae_bundle_from_s3(ae_run):
     out, manifest = ae_run
-    t = manifest["training"]
-    assert manifest["kind"] == "ae" and t["runner"] == "ray-train"
+    t = manifest.training
+    assert manifest.kind == "ae" and t.runner == "ray-train"
     # Small data is read and encoded by the driver; the workers hold it in memory and share every CPU.
-    assert t["data"] == "driver" and t["cached"] is True
-    assert t["num_workers"] == 2 and t["resources_per_worker"] == {"CPU": 1.0}
-    assert len(t["val_loss"]) == 3 and t["rows"] == 1831
+    assert t.data == "driver" and t.cached is True
+    assert t.num_workers == 2 and t.resources_per_worker == {"CPU": 1.0}
+    assert len(t.val_loss) == 3 and t.rows == 1831
     # The checkpoints went to the run's storage beside the bundle and were removed on success.
     fs = s3fs.S3FileSystem()
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(out.removeprefix("s3://"))) == ["manifest.json", "weights.pt"]
-    assert not fs.exists(out.removeprefix("s3://") + ".checkpoints") and t["storage"] is None
+    assert not fs.exists(out.removeprefix("s3://") + ".checkpoints") and t.storage is None
     # Every row is in exactly one split; the validation part is ~15 %.
-    assert 0.10 * 1831 < manifest["threshold"]["n_scores"] < 0.20 * 1831
-    assert manifest["threshold"]["fit_on"] == "validation"
+    assert 0.10 * 1831 < manifest.threshold.n_scores < 0.20 * 1831
+    assert manifest.threshold.fit_on == "validation"
     det = Detector.load(out)
-    assert det.version == manifest["model_version"]
+    assert det.version == manifest.model_version
     # Per-column error levels (and the joint score's latent statistics) were calibrated across the cluster.
     scale = det.bundle_.module.error_scale
     assert (scale > 0).all() and not torch.allclose(scale, torch.ones_like(scale))
@@ -110,14 +110,14 @@ def test_vae_resumes_after_a_worker_dies(cardio_uri, s3_bucket):
             run_name="vae-resumes",
         )
     )
-    t = manifest["training"]
-    assert t["cached"] is False and t["data"] == "streaming"
-    assert s3fs.S3FileSystem().ls(f"{s3_bucket}/runs/vae-resumes") and t["storage"] == f"s3://{s3_bucket}/runs"
+    t = manifest.training
+    assert t.cached is False and t.data == "streaming"
+    assert s3fs.S3FileSystem().ls(f"{s3_bucket}/runs/vae-resumes") and t.storage == f"s3://{s3_bucket}/runs"
     # Restarted once, from the checkpoint of epoch 1, not from scratch.
-    assert t["started_at_epoch"] == [0, 2]
+    assert t.started_at_epoch == [0, 2]
     # Reading the checkpoints back (the restarted workers, the driver) left no lock files behind.
     assert (set(os.listdir(locks)) if locks.is_dir() else set()) <= before
-    assert len(t["val_loss"]) == 3
+    assert len(t.val_loss) == 3
     det = Detector.load(out)
     cardio = sample_data.load("cardio")
     assert roc_auc(cardio.column("label").to_numpy(), det.score(cardio.drop_columns(["label"]))) > 0.80
@@ -141,12 +141,12 @@ def test_lstm_windows_per_entity(series_uri, s3_bucket):
         checkpoint_every=1,
     )
     manifest = run(job)
-    t = manifest["training"]
-    assert t["data"] == "object-store" and t["started_at_epoch"] == [0, 1] and len(t["val_loss"]) == 2
+    t = manifest.training
+    assert t.data == "object-store" and t.started_at_epoch == [0, 1] and len(t.val_loss) == 2
     # Full windows only, never across entities: 2 series x (1500 - 9 + 1) windows in all,
     # each in exactly one split.
     n_windows = 2 * (1500 - 9 + 1)
-    assert t["train_samples"] + manifest["threshold"]["n_scores"] == n_windows
+    assert t.train_samples + manifest.threshold.n_scores == n_windows
     det = Detector.load(out)
     table = pq.read_table(series_uri.replace("s3://", ""), filesystem=s3fs.S3FileSystem())
     scores = det.score(table)
