@@ -434,8 +434,13 @@ def quarantine_reasons(out: Output, qfiles: list[str], top: int = 5) -> dict[str
 
 def command(job: ScoreJob) -> int:
     """``unusual score``: run the job, print its summary (JSON) on stdout; on a partly quarantined run, a
-    line on stderr says how many rows were not scored and why."""
-    summary = run(job)
+    line on stderr says how many rows were not scored and why. ``--incremental``: :mod:`.incremental`."""
+    if job.incremental:
+        from .incremental import run as run_incremental
+
+        summary = run_incremental(job)
+    else:
+        summary = run(job)
     if summary["rows_quarantined"]:
         why = "; ".join(f"{reason} ({n:,} rows)" for reason, n in summary["quarantine_reasons"].items())
         progress(

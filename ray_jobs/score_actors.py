@@ -123,7 +123,7 @@ class PartWriter:
         self.out = Output(output)
 
     def part(self, unit: int, start: int, stop: int, total: int) -> Part:
-        return Part(self, part_name(unit, start, stop, total), stop - start)
+        return Part(self, self.spec.folder(unit), part_name(unit, start, stop, total), stop - start)
 
     def write(self, batch: pa.Table, scored: pa.Table, unit: int, start: int, stop: int, total: int) -> dict:
         part = self.part(unit, start, stop, total)
@@ -136,7 +136,7 @@ class PartWriter:
 
     def write_empty(self, unit: int, meta: dict) -> None:
         empty = self.schema.empty_table().replace_schema_metadata({b"unusual": json.dumps(meta).encode()})
-        self.out.write_table(empty, part_name(unit, 0, meta["rows"], meta["rows"]))
+        self.out.write_table(empty, *self.spec.folder(unit), part_name(unit, 0, meta["rows"], meta["rows"]))
 
 
 class Part:
@@ -146,10 +146,10 @@ class Part:
     always has its quarantine rows in place; its counts go into the footer.
     """
 
-    def __init__(self, writer: PartWriter, name: str, rows: int):
-        self.w, self.name = writer, name
+    def __init__(self, writer: PartWriter, folder: tuple[str, ...], name: str, rows: int):
+        self.w, self.folder, self.name = writer, folder, name
         self.meta = {"rows": rows, "scored": 0, "quarantined": 0, "anomalies": 0}
-        self.file = writer.out.open_atomic(name)
+        self.file = writer.out.open_atomic(*folder, name)
         self.pq = pq.ParquetWriter(self.file.file, writer.schema, **writer.options)
         self.qfile = self.qpq = None
 
@@ -169,7 +169,7 @@ class Part:
             q = q.append_column("source_row", pa.array(np.array([u.base for u in src], np.int64) + rows))
             q = q.append_column("error", err.take(idx))
             if self.qpq is None:
-                self.qfile = self.w.out.open_atomic(QUARANTINE_DIR, self.name)
+                self.qfile = self.w.out.open_atomic(*self.folder, QUARANTINE_DIR, self.name)
                 self.qpq = pq.ParquetWriter(self.qfile.file, q.schema)
             self.qpq.write_table(q)
             out = out.filter(pa.array(~bad))
@@ -317,7 +317,7 @@ def quarantine_units(batch: dict, spec: ScorePlan, output: str) -> dict:
         t = t.append_column("source_file", pa.array([path] * n, pa.string()))
         t = t.append_column("source_row", pa.array(np.arange(unit.base, unit.base + n, dtype=np.int64)))
         t = t.append_column("error", pa.array([unit.quarantine] * n, pa.string()))
-        writer.out.write_table(t, QUARANTINE_DIR, part_name(int(out_id), 0, n, n))
+        writer.out.write_table(t, *spec.folder(int(out_id)), QUARANTINE_DIR, part_name(int(out_id), 0, n, n))
         meta = {"rows": n, "scored": 0, "quarantined": n, "anomalies": 0}
         writer.write_empty(int(out_id), meta)
         stats.append(meta | {"unit": int(out_id)})

@@ -29,7 +29,7 @@ from ..config import ScoreJob
 from ..models.errors import SchemaError
 from ..models.registry import family
 from ..models.tables import OUTPUT_SCHEMA
-from .local_io import list_parquet_files, read_footers
+from .local_io import filesystem, list_parquet_files, read_footers
 
 SPEC_VERSION = 1  # job.json's format: a run resumes only a job of the same format
 # Internal columns carried from the read to the writer: the output unit, the row in it, the entity bucket.
@@ -48,6 +48,8 @@ class BundleInfo:
     schema: object  # unusual.models.features.FeatureSchema
     entity_column: str | None
     time_column: str | None
+    contamination: float | None = None  # the threshold's target rate on data like the training data
+    n_calibration: int | None = None  # the scores the threshold was fit on
 
     @classmethod
     def read(cls, uri: str) -> BundleInfo:
@@ -63,6 +65,8 @@ class BundleInfo:
             FeatureSchema.from_dict(m.features),
             cfg.get("entity_column"),
             cfg.get("time_column"),
+            m.threshold.contamination,
+            m.threshold.n_scores,
         )
 
     @property
@@ -111,11 +115,21 @@ class ScorePlan(BaseModel):
     quarantine_units: dict[int, int]  # output unit -> the read unit of an unscorable file it copies
     output_schema: str  # base64 of the Arrow schema of every output part
     top_k: int
+    # Per input file, the folder under the output its parts go to (``--incremental``: the file's partition,
+    # tabular families only); empty: every part at the top of the output.
+    out_dirs: list[str] = []
 
     @property
     def sequence(self) -> bool:
         """Whether the job scores sequences (whole entity buckets) rather than rows."""
         return family(self.kind).sequence
+
+    def folder(self, out_unit: int) -> tuple[str, ...]:
+        """The folder (path parts under the output) of an output unit's parts: its file's ``out_dirs``
+        entry (a tabular plan's output units are its read units)."""
+        if not self.out_dirs:
+            return ()
+        return tuple(p for p in self.out_dirs[self.units[out_unit].file].split("/") if p)
 
     def schema(self) -> pa.Schema:
         """The schema of every output part (keep columns typed as in the input)."""
@@ -124,7 +138,7 @@ class ScorePlan(BaseModel):
     def same_job(self, other: ScorePlan) -> bool:
         """Whether ``other`` plans the same output (so one run may resume the other)."""
         keys = ("format", "model_version", "files", "file_rows", "columns", "keep_columns", "output_schema",
-                "units", "buckets", "out_units", "top_k")
+                "units", "buckets", "out_units", "top_k", "out_dirs")
         return all(getattr(self, k) == getattr(other, k) for k in keys)
 
 
@@ -157,9 +171,14 @@ def _units_of(i: int, meta, unit_rows: int, quarantine: str | None) -> list[Read
     return units
 
 
-def plan(job: ScoreJob, bundle: BundleInfo) -> ScorePlan:
-    """The job's plan: files, units of work and columns. Small; made on the driver."""
-    files, pafs = list_parquet_files(job.data)
+def plan(job: ScoreJob, bundle: BundleInfo, files: list[str] | None = None, out_dirs: list[str] | None = None
+         ) -> ScorePlan:
+    """The job's plan: files (all of ``job.data``, or ``files`` of it), units of work and columns, and where
+    each file's parts go (``out_dirs``, see :class:`ScorePlan`). Small; made on the driver."""
+    if files is None:
+        files, pafs = list_parquet_files(job.data)
+    else:
+        pafs = filesystem(job.data)[0]
     metas = read_footers(files, pafs)
     entity, time_col = bundle.entity_column, bundle.time_column
     sequence = bundle.sequence
@@ -209,6 +228,7 @@ def plan(job: ScoreJob, bundle: BundleInfo) -> ScorePlan:
         quarantine_units=quarantine,
         output_schema=base64.b64encode(pa.schema(out_fields).serialize().to_pybytes()).decode(),
         top_k=job.top_k,
+        out_dirs=out_dirs or [],
     )
 
 

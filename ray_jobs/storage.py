@@ -69,8 +69,11 @@ class Output:
         f.commit()
 
     def write_json(self, obj: dict, *parts: str) -> None:
+        self.write_bytes(json.dumps(obj, indent=1, default=float).encode(), *parts)
+
+    def write_bytes(self, data: bytes, *parts: str) -> None:
+        """A small file written whole or not at all."""
         target = self.join(*parts)
-        data = json.dumps(obj, indent=1, default=float).encode()
         if self.local:
             self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
             tmp = f"{target}.tmp-{uuid.uuid4().hex}"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from typing import Literal
 
 import yaml
@@ -182,6 +183,10 @@ class TrainJob(ModelSpec):
         return self
 
 
+# --partition-filter: KEY<OP>VALUE over a partition's Hive keys (dt=2026-12-07/hour=13)
+PARTITION_FILTER = re.compile(r"^\s*([A-Za-z_][\w.-]*)\s*(>=|<=|!=|==|=|>|<)\s*(.*?)\s*$")
+
+
 class ScoreJob(JobConfig):
     """Batch-score Parquet data with Ray Data; writes scores and a quarantine."""
 
@@ -204,8 +209,40 @@ class ScoreJob(JobConfig):
         "auto", "who reads the Parquet: the scoring actors or Ray Data tasks"
     )
     overwrite: bool = opt(False, "delete whatever is at --output first")
+    incremental: bool = opt(
+        False,
+        "score only what this model version has not scored yet: the new or changed partitions of a "
+        "partitioned --data root (dt=…/hour=…), written under the same partition paths in "
+        "--output/model_version=<version>/ and recorded in --output/_unusual/ledger/",
+    )
+    partition_filter: CSV = opt(
+        [], "with --incremental: partitions to consider, e.g. dt>=2026-12-01 (comma-separated, all must hold)",
+        metavar="KEY<OP>VALUE,…",
+    )
+    rescore: bool = opt(False, "with --incremental: score every partition again, even those already recorded")
+    watch_alpha: float = opt(
+        1e-3, "with --incremental: the anomaly-rate watch's false-alarm probability per partition", gt=0, lt=1
+    )
     address: str | None = opt(None, "Ray cluster address (default: RAY_ADDRESS, or start a local Ray)")
     fail_after_parts: int | None = opt(None, "testing: a scoring actor raises after this many parts", cli=False)
+
+    @field_validator("partition_filter")
+    @classmethod
+    def _filters(cls, v):
+        for f in v:
+            m = PARTITION_FILTER.match(f)
+            if not m or not m.group(3):
+                raise ValueError(f"{f!r}: expected KEY<OP>VALUE with OP one of >= <= > < = !=, e.g. dt>=2026-12-01")
+        return v
+
+    @model_validator(mode="after")
+    def _incremental_options(self):
+        given = [f for f, on in (("--partition-filter", self.partition_filter), ("--rescore", self.rescore)) if on]
+        if given and not self.incremental:
+            raise ValueError(f"{given[0]} needs --incremental")
+        if self.incremental and self.overwrite:
+            raise ValueError("--overwrite deletes the record --incremental keeps: use --rescore to score again")
+        return self
 
     @field_validator("keep_columns")
     @classmethod
