@@ -47,11 +47,12 @@ from ..config import PARTITION_FILTER, ScoreJob
 from ..models.errors import UnusualError
 from ..runtime import progress
 from .eval_stats import SCORE
+from .lakehouse import is_table_uri, table_snapshot
 from .local_io import DataError, filesystem, storage_errors
 from .score_plan import BundleInfo, ScorePlan, plan
 from .storage import COUNTS, JOB_DIR, QUARANTINE_DIR, SPEC_FILE, Output, complete_units, footer_json, part_files
 
-LEDGER, RUNS, RUN_FILE, METRICS_FILE = "ledger", "runs", "run.json", "metrics.prom"
+LEDGER, RUNS, RUN_FILE, METRICS_FILE, TABLE_FILE = "ledger", "runs", "run.json", "metrics.prom", "table.json"
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
 _OPS = {">=": operator.ge, "<=": operator.le, "!=": operator.ne, "==": operator.eq, "=": operator.eq,
         ">": operator.gt, "<": operator.lt}  # fmt: skip
@@ -90,11 +91,16 @@ class Partition(BaseModel):
 
     @property
     def key(self) -> str:
-        return hashlib.sha256(self.name.encode()).hexdigest()[:20]
+        return partition_key(self.name)
 
     def values(self) -> dict[str, str]:
         """Its Hive keys: ``dt=2026-12-07/hour=13`` -> {"dt": "2026-12-07", "hour": "13"}."""
         return dict(p.split("=", 1) for p in self.name.split("/") if "=" in p)
+
+
+def partition_key(name: str) -> str:
+    """The ledger's key of a partition (its records are ``<key>-<digest>.json``)."""
+    return hashlib.sha256(name.encode()).hexdigest()[:20]
 
 
 def parse_filters(filters: list[str]) -> list[tuple[str, str, str]]:
@@ -181,6 +187,7 @@ class RunRecord(BaseModel):
     partitions: dict[str, str]
     files: list[str]  # storage paths, in plan order
     out_dirs: list[str]  # per file: its partition, the folder of its parts
+    storage: str | None = None  # a table's files: a URI of their store (ScorePlan.storage)
 
 
 class Ledger:
@@ -197,7 +204,10 @@ class Ledger:
                 self.entries.setdefault(m.group(1), []).append(m.group(2))
 
     def committed(self, p: Partition) -> bool:
-        return p.digest in self.entries.get(p.key, [])
+        return self.has(p.key, p.digest)
+
+    def has(self, key: str, digest: str) -> bool:
+        return digest in self.entries.get(key, [])
 
     def record(self, key: str, digest: str) -> PartitionRecord | None:
         doc = self.out.read_json(*self.folder, f"{key}-{digest}.json")
@@ -242,25 +252,58 @@ class IncrementalRun:
         self.job, self.bundle, self.version = job, bundle, bundle.version
         self.out = Output(job.output)
         self.root = f"{self.out.uri}/model_version={self.version}"
-        self.data_path = filesystem(job.data)[1].rstrip("/")
         self.run_dir = (JOB_DIR, RUNS, self.version)
-        with storage_errors(job.data):
-            self.inputs = list_partitions(job.data, parse_filters(job.partition_filter))
+        self.table = is_table_uri(job.data)
+        self.storage: str | None = None
         with storage_errors(job.output, "checking"):
             self.ledger = Ledger(self.out, self.version)
+            self.run = self.read_run()
+        with storage_errors(job.data):
+            if self.table:
+                self.data_path, self.inputs = "", self.table_inputs()
+            else:
+                self.data_path = filesystem(job.data)[1].rstrip("/")
+                self.inputs = list_partitions(job.data, parse_filters(job.partition_filter))
+
+    def full(self, f: InputFile) -> str:
+        """A listed file's storage path."""
+        return f"{self.data_path}/{f.path}" if self.data_path else f.path
+
+    # ----------------------------------------------------------------- a table's watermark
+    def read_run(self) -> RunRecord | None:
+        doc = self.out.read_json(*self.run_dir, RUN_FILE)
+        return RunRecord.model_validate(doc) if doc else None
+
+    def table_inputs(self) -> dict[str, Partition]:
+        """A table's rows appended after the last version this model version scored, as one partition named
+        by the version they reach, ``table_version=<v>`` (a Delta version, an Iceberg snapshot id)."""
+        pointer = self.out.read_json(*self.ledger.folder, TABLE_FILE) or {}
+        since = pointer.get("version")
+        if self.run is not None:  # a crash after the commit of its table partition, before the pointer moved
+            done = [n for n, d in self.run.partitions.items() if self.ledger.has(partition_key(n), d)]
+            since = int(done[0].partition("=")[2]) if done else since
+        snap = table_snapshot(self.job.data, since=since)
+        if not snap.files:
+            return {}
+        self.storage, name = snap.files[0].path, f"table_version={snap.version}"
+        return {name: Partition(name=name, files=[InputFile(path=filesystem(f.path)[1], size=f.size)
+                                                  for f in snap.files])}
 
     # ----------------------------------------------------------------- planning
     def in_flight(self) -> RunRecord | None:
-        """The run a crash left, if its partitions are still as it planned them (else it is dropped)."""
-        doc = self.out.read_json(*self.run_dir, RUN_FILE)
-        if doc is None:
+        """The run a crash left, if its partitions are still as it planned them; else it is dropped, with
+        the output of its partitions not committed."""
+        rec = self.run
+        if rec is None:
             return None
-        rec = RunRecord.model_validate(doc)
-        moved = [n for n, d in rec.partitions.items() if n not in self.inputs or self.inputs[n].digest != d]
+        moved = [n for n, d in rec.partitions.items() if (n not in self.inputs or self.inputs[n].digest != d)
+                 and not self.ledger.has(partition_key(n), d)]
         if not moved:
             progress(f"resuming run {rec.run_id} of {rec.started_at}: {len(rec.partitions)} partition(s)")
             return rec
         progress(f"dropping run {rec.run_id}: {len(moved)} of its partitions changed since (first: {moved[0]!r})")
+        for n in moved:
+            _clear(Output(_join(self.root, n)))
         self.out.remove(["/".join([*self.run_dir, RUN_FILE])])
         return None
 
@@ -292,10 +335,10 @@ class IncrementalRun:
         for p in todo:
             self.ledger.drop(p.key)
             _clear(Output(_join(self.root, p.name)))
-        files = [(f"{self.data_path}/{f.path}", p.name) for p in todo for f in p.files]
+        files = [(self.full(f), p.name) for p in todo for f in p.files]
         rec = RunRecord(run_id=uuid.uuid4().hex[:12], model_version=self.version, started_at=_now(),
                         partitions={p.name: p.digest for p in todo}, files=[f for f, _ in files],
-                        out_dirs=[d for _, d in files])
+                        out_dirs=[d for _, d in files], storage=self.storage)
         self.out.write_json(rec.model_dump(mode="json"), *self.run_dir, RUN_FILE)
         return rec
 
@@ -308,7 +351,7 @@ class IncrementalRun:
 
         sub = self.job.model_copy(update={"output": self.root, "incremental": False})
         with storage_errors(self.job.data):
-            spec = plan(sub, self.bundle, files=rec.files, out_dirs=rec.out_dirs)
+            spec = plan(sub, self.bundle, files=rec.files, out_dirs=rec.out_dirs, storage=rec.storage)
         with storage_errors(self.job.output, "writing"):
             # the plan of the last run beside the scores, where unusual evaluate looks for the model
             Output(self.root).write_json(spec.model_dump(mode="json"), JOB_DIR, SPEC_FILE)
@@ -325,9 +368,12 @@ class IncrementalRun:
         records = []
         with storage_errors(self.job.output, "writing"):
             for name in rec.partitions:
-                p = self.inputs[name]
-                if not self.ledger.committed(p) or self.job.rescore:
+                p = self.inputs.get(name)
+                if p is not None and (not self.ledger.committed(p) or self.job.rescore):
                     records.append(self.commit(p, spec, rec.run_id))
+                if self.table:  # the next run lists the rows appended after this version
+                    self.out.write_json({"version": int(name.partition("=")[2]), "table": self.job.data},
+                                        *self.ledger.folder, TABLE_FILE)
             self.out.remove(["/".join([*self.run_dir, RUN_FILE])])
         return records
 
@@ -361,8 +407,10 @@ class IncrementalRun:
         if tot["scored"] + tot["quarantined"] != rows_in:
             raise DataError(f"partition {p.name!r}: {rows_in:,} rows in, {tot['scored']:,} scored + "
                             f"{tot['quarantined']:,} quarantined")
-        watch = check_rate(p.name, self.version, tot["scored"], tot["anomalies"], self.bundle.contamination or 0.0,
-                           self.bundle.n_calibration, self.job.watch_alpha)
+        watch = None  # a threshold record without its contamination (written by hand) cannot be watched
+        if self.bundle.contamination:
+            watch = check_rate(p.name, self.version, tot["scored"], tot["anomalies"], self.bundle.contamination,
+                               self.bundle.n_calibration, self.job.watch_alpha)
         rec = PartitionRecord(
             partition=p.name, key=p.key, digest=p.digest, model_version=self.version, run_id=run_id,
             committed_at=_now(), output=folder.uri, files=files, rows_in=rows_in, rows_scored=tot["scored"],
@@ -370,15 +418,15 @@ class IncrementalRun:
             anomaly_rate=tot["anomalies"] / tot["scored"] if tot["scored"] else None,
             score_quantiles=self.quantiles(folder, [r for r in metas if metas[r].get("scored")]),
             quarantine_reasons=quarantine_reasons(folder, qrels),
-            watch=watch.model_dump(mode="json"),
+            watch=watch and watch.model_dump(mode="json"),
         )
         self.ledger.commit(rec)
-        if watch.alarm:
+        if watch and watch.alarm:
             progress(watch.line())
         return rec
 
     def file_records(self, p: Partition, spec: ScorePlan, per_file: dict[int, dict]) -> list[FileRecord]:
-        by_path = {f"{self.data_path}/{f.path}": f for f in p.files}
+        by_path = {self.full(f): f for f in p.files}
         out = []
         for i, path in enumerate(spec.files):
             if path in by_path and spec.out_dirs[i] == p.name:
@@ -411,6 +459,12 @@ def run(job: ScoreJob) -> dict:
             f"--incremental scores row models; a {bundle.kind!r} model scores each entity's rows as one sequence, "
             "which partitions cut: score a whole range with unusual score instead"
         )
+    if is_table_uri(job.data) and (job.rescore or job.partition_filter):
+        flag = "--rescore" if job.rescore else "--partition-filter"
+        raise UnusualError(
+            f"--incremental on a table scores the rows appended since the last run; {flag} applies to partition "
+            "folders: to score a whole table again, give another --output"
+        )
     inc = IncrementalRun(job, bundle)
     with storage_errors(job.output, "checking"):
         resumed = inc.in_flight()
@@ -427,7 +481,8 @@ def run(job: ScoreJob) -> dict:
         records += inc.score(rec)
     if records:
         with storage_errors(job.output, "writing"):
-            inc.out.write_bytes(prometheus_text([_check(r) for r in records]).encode(), JOB_DIR, METRICS_FILE)
+            checks = [_check(r) for r in records if r.watch]
+            inc.out.write_bytes(prometheus_text(checks).encode(), JOB_DIR, METRICS_FILE)
     return summary(job, bundle, inc, records, skipped, resumed is not None, time.perf_counter() - t0)
 
 

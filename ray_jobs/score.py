@@ -223,7 +223,7 @@ def score_read_tasks(job: ScoreJob, spec: ScorePlan, items: list[dict], todo: li
         batch_size=1,
         num_cpus=0.25,
         fn_kwargs={
-            "data": spec.data,
+            "data": spec.files_uri,
             "columns": spec.columns,
             "block_rows": job.block_rows,
             "buckets": spec.buckets,

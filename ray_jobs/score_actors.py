@@ -234,7 +234,7 @@ class ScoreActor:
         self.fail_after = job.fail_after_parts
         self.written = 0
         self.block_rows = job.block_rows
-        self.data_fs = filesystem(spec.data)[0]
+        self.data_fs = filesystem(spec.files_uri)[0]
 
     def __call__(self, batch: pa.Table) -> dict:
         """A batch of rows read by Ray Data tasks (tabular on GPUs), or a whole entity bucket (sequences)."""
@@ -306,7 +306,7 @@ def quarantine_units(batch: dict, spec: ScorePlan, output: str) -> dict:
     """Whole units of files that cannot be scored, copied to the quarantine
     with the reason; their output part is empty."""
 
-    pafs, _, _ = filesystem(spec.data)
+    pafs, _, _ = filesystem(spec.files_uri)
     writer = PartWriter(spec, output)
     stats = []
     for out_id in batch["unit"]:

@@ -29,7 +29,8 @@ from ..config import ScoreJob
 from ..models.errors import SchemaError
 from ..models.registry import family
 from ..models.tables import OUTPUT_SCHEMA
-from .local_io import filesystem, list_parquet_files, read_footers
+from .lakehouse import is_table_uri
+from .local_io import DataError, filesystem, list_parquet_files, read_footers
 
 SPEC_VERSION = 1  # job.json's format: a run resumes only a job of the same format
 # Internal columns carried from the read to the writer: the output unit, the row in it, the entity bucket.
@@ -118,6 +119,12 @@ class ScorePlan(BaseModel):
     # Per input file, the folder under the output its parts go to (``--incremental``: the file's partition,
     # tabular families only); empty: every part at the top of the output.
     out_dirs: list[str] = []
+    storage: str | None = None  # a URI of the files' store, where ``data`` names no folder (a Delta / Iceberg table)
+
+    @property
+    def files_uri(self) -> str:
+        """What :func:`~unusual.ray_jobs.local_io.filesystem` opens the files with."""
+        return self.storage or self.data
 
     @property
     def sequence(self) -> bool:
@@ -171,14 +178,17 @@ def _units_of(i: int, meta, unit_rows: int, quarantine: str | None) -> list[Read
     return units
 
 
-def plan(job: ScoreJob, bundle: BundleInfo, files: list[str] | None = None, out_dirs: list[str] | None = None
-         ) -> ScorePlan:
-    """The job's plan: files (all of ``job.data``, or ``files`` of it), units of work and columns, and where
-    each file's parts go (``out_dirs``, see :class:`ScorePlan`). Small; made on the driver."""
+def plan(job: ScoreJob, bundle: BundleInfo, files: list[str] | None = None, out_dirs: list[str] | None = None,
+         storage: str | None = None) -> ScorePlan:
+    """The job's plan: files (all of ``job.data``, or ``files`` of it, in the store of ``storage``), units of
+    work and columns, and where each file's parts go (``out_dirs``, see :class:`ScorePlan`). Small; made on
+    the driver."""
+    if files is None and is_table_uri(job.data):
+        files, storage = table_files(job.data)
     if files is None:
         files, pafs = list_parquet_files(job.data)
     else:
-        pafs = filesystem(job.data)[0]
+        pafs = filesystem(storage or job.data)[0]
     metas = read_footers(files, pafs)
     entity, time_col = bundle.entity_column, bundle.time_column
     sequence = bundle.sequence
@@ -229,7 +239,19 @@ def plan(job: ScoreJob, bundle: BundleInfo, files: list[str] | None = None, out_
         output_schema=base64.b64encode(pa.schema(out_fields).serialize().to_pybytes()).decode(),
         top_k=job.top_k,
         out_dirs=out_dirs or [],
+        storage=storage,
     )
+
+
+def table_files(uri: str, since: int | None = None) -> tuple[list[str], str | None]:
+    """A Delta / Iceberg table's data files (storage paths) at its current version, or those appended
+    after version ``since``, and a URI of their store (None when there are none)."""
+    from .lakehouse import table_snapshot
+
+    snap = table_snapshot(uri, since=since)
+    if not snap.files and since is None:
+        raise DataError(f"no data files in {uri} at version {snap.version}")
+    return [filesystem(f.path)[1] for f in snap.files], (snap.files[0].path if snap.files else None)
 
 
 def unit_size(rows: int) -> int:

@@ -171,3 +171,41 @@ def test_the_watch_flags_a_partition_of_concentrated_anomalies(cardio, bundles, 
 def test_incremental_options_are_checked_before_any_work(given, message):
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
         ScoreJob.validated(dict(checkpoint="c", data="d", output="o", **given))
+
+
+def test_delta_and_iceberg_appends_are_scored_exactly_once(cardio, bundles, s3_bucket, monkeypatch, tmp_path, capsys):
+    """A Delta table on the S3 endpoint and an Iceberg table (SQL catalog on SQLite): a run, an append, a
+    run, a run with nothing new; the appended rows, and only they, are scored by the second run."""
+    deltalake = pytest.importorskip("deltalake")
+    pytest.importorskip("pyiceberg")
+    from test_lakehouse import iceberg_catalog
+    from unusual.ray_jobs.lakehouse import delta_storage_options
+
+    uri, det = bundles[0]
+    halves = [cardio.slice(0, 1000), cardio.slice(1000)]
+    location = f"s3://{s3_bucket}/inc/delta-events"
+    iceberg = iceberg_catalog(monkeypatch, "inccat", tmp_path / "cat.db", f"file://{tmp_path}/warehouse")
+    table = iceberg.create_table(("sensors", "raw", "cardio"), schema=cardio.schema)
+    tables = {
+        f"delta+{location}": lambda t: deltalake.write_deltalake(
+            location, t, mode="append", storage_options=delta_storage_options(location)),
+        "iceberg://inccat/sensors.raw.cardio": table.append,
+    }
+    for data, append in tables.items():
+        out = f"s3://{s3_bucket}/inc/{data.partition(':')[0]}-scores"
+        args = ["--checkpoint", uri, "--data", data, "--output", out]
+        append(halves[0])
+        first = _run(capsys, *args)
+        append(halves[1])
+        second = _run(capsys, *args)
+        third = _run(capsys, *args)
+        assert (first["rows_scored"], second["rows_scored"], third["rows_scored"]) == (1000, halves[1].num_rows, 0)
+        assert [p["partition"].partition("=")[0] for p in first["partitions"] + second["partitions"]] == [
+            "table_version"] * 2
+        t = _scored(second["scores"]).sort_by("id")
+        assert t.column("id").to_pylist() == sorted(cardio.column("id").to_pylist()), data  # each row once
+        np.testing.assert_allclose(t.column("anomaly_score").to_numpy(), det.score(cardio.sort_by("id")),
+                                   rtol=1e-6, atol=1e-9)
+    # without --incremental, a table is scored whole at its current version, as a folder of Parquet is
+    assert main(["--checkpoint", uri, "--data", f"delta+{location}", "--output", f"s3://{s3_bucket}/inc/delta-all"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows_scored"] == cardio.num_rows

@@ -173,7 +173,7 @@ def test_a_partly_quarantined_run_says_why_on_the_terminal(monkeypatch, capsys):
     summary = {"rows_in": 1881, "rows_quarantined": 52, "quarantine": "s3://b/out/_quarantine",
                "quarantine_reasons": {"f01: not a number": 50, "f00: NaN/inf/null": 2}}  # fmt: skip
     monkeypatch.setattr(score, "run", lambda job: summary)
-    assert score.command(None) == 0
+    assert score.command(ScoreJob(checkpoint="c", data="d", output="o")) == 0
     out = capsys.readouterr()
     assert json.loads(out.out) == summary
     assert out.err.strip() == (
