@@ -174,6 +174,18 @@ def _manifest(checkpoint: str | None) -> Manifest | None:
         return None
 
 
+def _partition_rates(scores: str) -> list[dict] | None:
+    """The rate of each partition from the ledger of an incremental output (``--incremental``), or None;
+    unreadable, it only shortens the report."""
+    from .incremental import partition_rates
+
+    try:
+        return partition_rates(scores)
+    except Exception as e:  # noqa: BLE001 - missing, moved, no credentials: the report goes on without the chart
+        progress(f"no anomaly rate by partition in the report: cannot read the ledger of {scores} ({e})")
+        return None
+
+
 def model_card(spec: ScoredBy | None, summary: ScoreSummary) -> ModelCard:
     """What the report says about the model: the scoring job's plan, the manifest of the bundle it
     names and the features the rows' ``top_features`` name most."""
@@ -290,6 +302,9 @@ def run(job: EvaluateJob) -> dict:
 
     spec = _job_spec(job.scores)
     metrics = evaluation_metrics(job, summary, edges, exact, hist, pa_hist, spec, vus)
+    rates = _partition_rates(job.scores)
+    if rates:
+        metrics["partition_rates"] = rates
     write_outputs(job.output_uri, metrics, hist, pa_hist, model_card(spec, summary))
     return metrics
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import json
 import operator
 import re
 import time
@@ -521,3 +522,21 @@ def summary(job: ScoreJob, bundle: BundleInfo, inc: IncrementalRun, records: lis
         "seconds": round(seconds, 3),
         "rows_per_s": round(tot["rows_in"] / max(seconds, 1e-9), 1),
     }
+
+
+def partition_rates(scores: str, most: int = 2000) -> list[dict] | None:
+    """The anomaly rate of each committed partition of an incremental output's ``model_version=<v>`` folder,
+    from its ledger (None for scores that are not such a folder): what the report charts."""
+    base, _, folder = scores.rstrip("/").rpartition("/")
+    if not folder.startswith("model_version=") or not base:
+        return None
+    version = folder.partition("=")[2]
+    ledger = Output(f"{base}/{JOB_DIR}/{LEDGER}/{version}")
+    names = [r for r in ledger.listing() if r.endswith(".json") and "-" in r][-most:]
+    docs = [PartitionRecord.model_validate(json.loads(ledger.fs.cat_file(ledger.join(r)))) for r in names]
+    return sorted(
+        ({"partition": d.partition, "rows_scored": d.rows_scored, "anomaly_rate": d.anomaly_rate,
+          "expected_rate": (d.watch or {}).get("expected_rate"), "alarm": (d.watch or {}).get("alarm")}
+         for d in docs),
+        key=lambda r: r["partition"],
+    )

@@ -361,6 +361,7 @@ def _all_metrics(metrics: dict) -> str:
         f"<tr><td>{_e(_label(k))}<br><code>{_e(k)}</code></td>"
         f"<td{' class=s' if isinstance(v, str | list) else ''}>{_e(_fmt(v))}</td></tr>"
         for k, v in metrics.items()
+        if k != "partition_rates"  # charted (Anomaly rate by partition)
     )
     note = ""
     if any(k.startswith("pa_") for k in metrics):

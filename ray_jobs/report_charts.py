@@ -167,6 +167,27 @@ def _distribution_chart(hist: ScoreHistogram, threshold: float | None) -> str:
     return _svg(fig, "Score distribution of normal rows and anomalies")
 
 
+def _rate_chart(rates: list[dict]) -> str:
+    """The anomaly rate of each partition an incremental run committed, in partition order, with the rate
+    the threshold's calibration expects and the partitions the watch raised an alarm on."""
+    fig, ax = _figure()
+    x = np.arange(len(rates))
+    y = np.array([np.nan if r["anomaly_rate"] is None else 100 * r["anomaly_rate"] for r in rates])
+    ax.plot(x, y, "-o", color=NORMAL, lw=1.4, ms=3 if len(rates) > 60 else 5, label="flagged rows")
+    alarm = np.array([bool(r.get("alarm")) for r in rates])
+    if alarm.any():
+        ax.plot(x[alarm], y[alarm], "o", color=ANOMALY, ms=8, label="rate watch alarm")
+    expected = next((r["expected_rate"] for r in rates if r.get("expected_rate") is not None), None)
+    if expected is not None:
+        ax.axhline(100 * expected, color="#999", ls="--", lw=1, label=f"expected ({_pct(expected)})")
+    step = max(1, len(rates) // 8)
+    ax.set_xticks(x[::step], [r["partition"] for r in rates][::step], rotation=30, ha="right", fontsize=7)
+    ax.set(title="Anomaly rate by partition", ylabel="rows flagged (%)")
+    ax.set_ylim(bottom=0)
+    ax.legend(loc="best", fontsize=8.5)
+    return _svg(fig, "Anomaly rate by partition")
+
+
 def charts(metrics: dict, hist: ScoreHistogram, pa_hist: ScoreHistogram | None) -> str:
     with matplotlib.rc_context(_RC):  # the settings apply when the artists are made and when saved
         figures = [
@@ -186,5 +207,11 @@ def charts(metrics: dict, hist: ScoreHistogram, pa_hist: ScoreHistogram | None) 
                 "dashed line are flagged.",
             ),
         ]
+        if metrics.get("partition_rates"):
+            figures.append((
+                _rate_chart(metrics["partition_rates"]),
+                "The share of each partition's rows the model flagged, partition by partition, from the incremental "
+                "runs' records; red: the anomaly-rate watch raised an alarm.",
+            ))
     body = "".join(f"<figure>{svg}<figcaption>{_e(caption)}</figcaption></figure>" for svg, caption in figures)
     return f'<section><h2>Charts</h2><div class="charts">{body}</div></section>'

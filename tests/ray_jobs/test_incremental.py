@@ -156,6 +156,15 @@ def test_the_watch_flags_a_partition_of_concentrated_anomalies(cardio, bundles, 
     assert len(summary["rate_alarms"]) == 1 and "dt=jump" in err and "anomaly-rate watch" in err
     prom = s3fs.S3FileSystem().cat(f"{out.removeprefix('s3://')}/_unusual/metrics.prom").decode()
     assert f'unusual_partition_rate_alarm{{partition="dt=jump",model_version="{bundles[0][1].version}"}} 1' in prom
+    # unusual evaluate on the version's folder charts the rate over the partitions, from the ledger
+    from unusual.ray_jobs.evaluate import main as evaluate
+
+    assert evaluate(["--scores", summary["scores"], "--label-column", "label"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert [(r["partition"], r["alarm"]) for r in metrics["partition_rates"]] == [
+        ("dt=jump", "high"), *((f"dt=normal-{i}", None) for i in range(4))]
+    html = s3fs.S3FileSystem().cat(f"{summary['scores'].removeprefix('s3://')}/_evaluation/report.html").decode()
+    assert 'aria-label="Anomaly rate by partition"' in html
 
 
 @pytest.mark.parametrize(
