@@ -17,6 +17,8 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
+import zoneinfo
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,16 @@ KUBERAY = CLUSTER / "kuberay"
 
 JOB_MODULES = {f"unusual.ray_jobs.{job}": job for job in ("fit", "train", "score", "evaluate")}
 KUBERAY_KINDS = {"RayCluster", "RayJob", "RayService"}
+# The Kubernetes resources a KubeRay file may hold besides Ray's: the scheduling around a RayJob
+# (cronjob-score.yaml), with their apiVersions. Cluster-wide RBAC is not among them.
+SCHEDULING_KINDS = {
+    "CronJob": "batch/v1",
+    "ConfigMap": "v1",
+    "ServiceAccount": "v1",
+    "Role": "rbac.authorization.k8s.io/v1",
+    "RoleBinding": "rbac.authorization.k8s.io/v1",
+}
+SCHEDULED = KUBERAY / "cronjob-score.yaml"
 GPU = "nvidia.com/gpu"
 # A command example starts with one of these (after optional VAR=value assignments).
 COMMAND_START = re.compile(
@@ -52,8 +64,38 @@ def load_docs(path: Path) -> list:
         return [d for d in yaml.safe_load_all(f) if d is not None]
 
 
-def kuberay_docs() -> list[tuple[Path, dict]]:
+def all_kuberay_docs() -> list[tuple[Path, dict]]:
+    """Every document of every file under cluster/kuberay."""
     return [(p, d) for p in sorted(KUBERAY.glob("*.yaml")) for d in load_docs(p)]
+
+
+def embedded_ray_docs(doc: dict) -> list[dict]:
+    """The Ray resources a ConfigMap holds as YAML files (the RayJob a CronJob's kubectl creates)."""
+    if doc.get("kind") != "ConfigMap":
+        return []
+    out = []
+    for key, text in (doc.get("data") or {}).items():
+        if key.endswith((".yaml", ".yml")):
+            out += [d for d in yaml.safe_load_all(text) if isinstance(d, dict) and d.get("kind") in KUBERAY_KINDS]
+    return out
+
+
+def kuberay_docs() -> list[tuple[Path, dict]]:
+    """The Ray resources under cluster/kuberay: the files' own documents, and the RayJobs that a CronJob
+    creates from a ConfigMap (in the file of the CronJob), so that every RayJob gets the same checks."""
+    out = []
+    for path, doc in all_kuberay_docs():
+        if doc.get("kind") in SCHEDULING_KINDS:
+            out += [(path, d) for d in embedded_ray_docs(doc)]
+        else:
+            out.append((path, doc))
+    return out
+
+
+def doc_name(doc: dict) -> str:
+    """metadata.name, or the generateName of a resource created anew on each run."""
+    meta = doc.get("metadata") or {}
+    return meta.get("name") or meta.get("generateName") or ""
 
 
 def docs_of_kind(kind: str) -> list[tuple[Path, dict]]:
@@ -234,6 +276,7 @@ def documented_files() -> list[Path]:
         "cluster/kuberay/raycluster.yaml",
         "cluster/kuberay/rayjob-train.yaml",
         "cluster/kuberay/rayjob-score.yaml",
+        "cluster/kuberay/cronjob-score.yaml",
         "cluster/kuberay/rayservice.yaml",
         "infra/docker-compose.minio.yml",
         "infra/terraform/main.tf",
@@ -263,11 +306,11 @@ def test_cluster_yaml_parses(path):
 
 def test_every_rayjob_entrypoint_parses_with_the_real_cli():
     jobs = docs_of_kind("RayJob")
-    assert {p.name for p, _ in jobs} >= {"rayjob-train.yaml", "rayjob-score.yaml"}
+    assert {p.name for p, _ in jobs} >= {"rayjob-train.yaml", "rayjob-score.yaml", "cronjob-score.yaml"}
     seen = set()
     for path, doc in jobs:
         entrypoint = doc["spec"].get("entrypoint")
-        assert entrypoint, f"{rel(path)}: RayJob {doc['metadata']['name']} has no spec.entrypoint"
+        assert entrypoint, f"{rel(path)}: RayJob {doc_name(doc)} has no spec.entrypoint"
         sub, _ = check_job_command(shlex.split(entrypoint), rel(path), entrypoint, allow_unusual=False)
         seen.add(sub)
     assert seen >= {"train", "score"}, f"RayJobs cover {sorted(seen)}; expected train and score"
@@ -275,18 +318,19 @@ def test_every_rayjob_entrypoint_parses_with_the_real_cli():
 
 def test_rayjob_train_and_score_use_the_documented_flags():
     """The entrypoints the README promises: train on GPUs into a bundle, score keeping id and label."""
-    by_sub = {}
+    by_sub: dict[str, list] = {}
     for path, doc in docs_of_kind("RayJob"):
         entrypoint = doc["spec"]["entrypoint"]
         sub, args = check_job_command(shlex.split(entrypoint), rel(path), entrypoint)
-        by_sub[sub] = (path, args)
-    path, train = by_sub["train"]
+        by_sub.setdefault(sub, []).append((path, args))
+    [(path, train)] = by_sub["train"]
     assert train.data.startswith("s3://") and train.output.startswith("s3://"), rel(path)
     assert train.use_gpu and train.num_workers >= 1, f"{rel(path)}: the train RayJob is the GPU example"
     assert "label" in (train.exclude or []), f"{rel(path)}: the label column must be excluded from the features"
-    path, score = by_sub["score"]
-    assert score.checkpoint.startswith("s3://") and score.output.startswith("s3://"), rel(path)
-    assert "label" in score.keep_columns, f"{rel(path)}: keep the label so the scores can be evaluated"
+    assert len(by_sub["score"]) == 2, "a one-off score RayJob and the scheduled one"
+    for path, score in by_sub["score"]:
+        assert score.checkpoint.startswith("s3://") and score.output.startswith("s3://"), rel(path)
+        assert "label" in score.keep_columns, f"{rel(path)}: keep the label so the scores can be evaluated"
 
 
 @pytest.mark.parametrize("path", documented_files(), ids=rel)
@@ -350,7 +394,7 @@ def ray_cluster_specs() -> list[tuple[str, dict]]:
         kind = doc.get("kind")
         cluster = {"RayCluster": spec, "RayJob": spec.get("rayClusterSpec"), "RayService": spec.get("rayClusterConfig")}
         if cluster.get(kind) is not None:
-            out.append((f"{rel(path)} ({kind} {doc['metadata']['name']})", cluster[kind]))
+            out.append((f"{rel(path)} ({kind} {doc_name(doc)})", cluster[kind]))
     return out
 
 
@@ -368,14 +412,20 @@ def test_kuberay_documents_are_ray_resources():
     assert {d.get("kind") for _, d in docs} == KUBERAY_KINDS
     for path, doc in docs:
         assert doc.get("apiVersion") == "ray.io/v1", f"{rel(path)}: apiVersion must be ray.io/v1"
-        assert doc.get("metadata", {}).get("name"), f"{rel(path)}: metadata.name is required"
+        assert doc_name(doc), f"{rel(path)}: metadata.name (or generateName, created by kubectl create) is required"
+    for path, doc in all_kuberay_docs():  # kubectl apply refuses generateName: a file's own documents are named
+        kind = doc.get("kind")
+        assert kind in KUBERAY_KINDS or kind in SCHEDULING_KINDS, (
+            f"{rel(path)}: {kind} is neither a Ray resource nor one of {sorted(SCHEDULING_KINDS)}"
+        )
+        assert doc.get("metadata", {}).get("name"), f"{rel(path)}: {kind}: metadata.name is required"
 
 
 def test_kuberay_cluster_specs_are_well_formed():
     import ray
 
     specs = ray_cluster_specs()
-    assert len(specs) == 4
+    assert len(specs) == 5
     for where, spec in specs:
         assert spec.get("rayVersion") == ray.__version__, (
             f"{where}: rayVersion {spec.get('rayVersion')!r} differs from the project's Ray {ray.__version__}"
@@ -457,6 +507,567 @@ def test_rayjob_clusters_have_what_their_entrypoints_check_for_at_start():
                 f"{rel(path)}: group {g['groupName']}: a job sized at start needs a fixed group "
                 "(minReplicas = replicas)"
             )
+
+
+# --------------------------------------------------------------------------- the scheduled scoring (cronjob-score.yaml)
+
+
+def scheduled() -> dict[str, dict]:
+    """kind -> the document of cronjob-score.yaml (one of each)."""
+    docs = load_docs(SCHEDULED)
+    kinds = [d.get("kind") for d in docs]
+    assert len(kinds) == len(set(kinds)), f"{rel(SCHEDULED)}: one document of each kind: {kinds}"
+    return {d["kind"]: d for d in docs}
+
+
+def scheduled_pod(docs: dict) -> dict:
+    return docs["CronJob"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+
+
+def config_mount(docs: dict) -> str:
+    """Where the CronJob's container mounts the ConfigMap of the file."""
+    pod = scheduled_pod(docs)
+    [container] = pod["containers"]
+    [volume] = [
+        v for v in pod["volumes"] if v.get("configMap", {}).get("name") == docs["ConfigMap"]["metadata"]["name"]
+    ]
+    [mount] = [m["mountPath"] for m in container.get("volumeMounts", []) if m["name"] == volume["name"]]
+    return mount.rstrip("/")
+
+
+def scheduled_script(docs: dict) -> tuple[str, str]:
+    """(the ConfigMap key of the script the CronJob's container runs, its text)."""
+    [container] = scheduled_pod(docs)["containers"]
+    mount = config_mount(docs)
+    scripts = [a for a in container["command"] + container.get("args", []) if a.startswith(f"{mount}/")]
+    assert len(scripts) == 1, (
+        f"{rel(SCHEDULED)}: the container runs one script from the ConfigMap: {container['command']}"
+    )
+    key = scripts[0].removeprefix(f"{mount}/")
+    assert key in docs["ConfigMap"]["data"], (
+        f"{rel(SCHEDULED)}: the container runs {scripts[0]}; the ConfigMap has no {key}"
+    )
+    return key, docs["ConfigMap"]["data"][key]
+
+
+MONTHS = "jan feb mar apr may jun jul aug sep oct nov dec".split()
+WEEKDAYS = "sun mon tue wed thu fri sat".split()
+# name, lowest, highest, names: the five fields as Kubernetes' CronJob controller reads them (robfig/cron's
+# standard parser; it also takes @hourly and the like, which the manifests do not use).
+CRON_FIELDS = (
+    ("minute", 0, 59, []),
+    ("hour", 0, 23, []),
+    ("day of month", 1, 31, []),
+    ("month", 1, 12, MONTHS),
+    ("day of week", 0, 6, WEEKDAYS),
+)
+
+
+def cron_value(v: str, what: str, names: list[str]) -> int | None:
+    """A cron field's number, or the number of a month / weekday name (jan = 1, sun = 0); None if neither."""
+    if v.isdigit():
+        return int(v)
+    return names.index(v.lower()) + (what == "month") if v.lower() in names else None
+
+
+def cron_errors(expr: str) -> list[str]:
+    """What is wrong with a five-field cron expression as a CronJob's schedule (empty: nothing)."""
+    fields = expr.split()
+    if len(fields) != 5:
+        return [f"{expr!r} has {len(fields)} fields; a schedule has 5: minute hour day-of-month month day-of-week"]
+    errors = []
+    for text, (what, lo, hi, names) in zip(fields, CRON_FIELDS):
+        for item in text.split(","):
+            m = re.fullmatch(r"(?:(\*|\?)|(\w+)(?:-(\w+))?)(?:/(\d+))?", item)
+            if not m:
+                errors.append(f"{what}: {item!r} is not *, N, N-M or a list of them (with /step)")
+                continue
+            star, first, last, step = m.groups()
+            if star == "?" and what not in ("day of month", "day of week"):
+                errors.append(f"{what}: ? is only for the day fields")
+            if step is not None and int(step) == 0:
+                errors.append(f"{what}: step 0 in {item!r}")
+            if star:
+                continue
+            a, b = cron_value(first, what, names), cron_value(last, what, names) if last else None
+            if a is None or (last and b is None):
+                errors.append(f"{what}: {item!r} is not a number{' or a name' if names else ''}")
+                continue
+            for v in (a, b) if b is not None else (a,):
+                if not lo <= v <= hi:
+                    errors.append(f"{what}: {v} is outside {lo}-{hi}")
+            if b is not None and b < a:
+                errors.append(f"{what}: the range {item!r} runs backwards")
+    return errors
+
+
+def test_cron_check_reports_bad_schedules():
+    for good in ("10 * * * *", "*/15 0-6,22,23 * jan-mar mon-fri", "0 3 1 * ?", "0 0 * * sun"):
+        assert cron_errors(good) == [], good
+    for bad, message in [
+        ("10 * * *", "4 fields"),
+        ("@hourly", "1 fields"),
+        ("60 * * * *", "minute: 60 is outside 0-59"),
+        ("0 24 * * *", "hour: 24 is outside"),
+        ("0 * 0 * *", "day of month: 0 is outside"),
+        ("0 * * 13 *", "month: 13"),
+        ("0 * * * 7", "day of week: 7"),
+        ("*/0 * * * *", "step 0"),
+        ("30-10 * * * *", "runs backwards"),
+        ("? * * * *", "only for the day fields"),
+        ("0 * * foo *", "not a number or a name"),
+        ("0,, * * * *", "is not *"),
+    ]:
+        errors = cron_errors(bad)
+        assert any(message in e for e in errors), (bad, errors)
+
+
+def test_scheduled_file_holds_known_kinds_with_what_kubernetes_requires():
+    docs = scheduled()
+    assert set(docs) == set(SCHEDULING_KINDS), f"{rel(SCHEDULED)}: kinds {sorted(docs)}"
+    for kind, doc in docs.items():
+        where = f"{rel(SCHEDULED)}: {kind}"
+        assert doc.get("apiVersion") == SCHEDULING_KINDS[kind], f"{where}: apiVersion {doc.get('apiVersion')}"
+        name = doc.get("metadata", {}).get("name", "")
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 52, (
+            f"{where}: metadata.name {name!r} (a DNS label; a CronJob's at most 52 characters)"
+        )
+        assert "namespace" not in doc["metadata"], f"{where}: no namespace: the file is applied to the namespace chosen"
+    cron = docs["CronJob"]["spec"]
+    assert cron.get("schedule") and cron.get("jobTemplate"), f"{rel(SCHEDULED)}: CronJob needs schedule and jobTemplate"
+    pod = scheduled_pod(docs)
+    for c in pod["containers"]:
+        assert c.get("name") and c.get("image"), f"{rel(SCHEDULED)}: every container needs a name and an image"
+    for rule in docs["Role"]["rules"]:
+        assert rule.get("verbs") and rule.get("resources") and "apiGroups" in rule, (
+            f"{rel(SCHEDULED)}: Role rule {rule}"
+        )
+    binding = docs["RoleBinding"]
+    assert {"apiGroup", "kind", "name"} <= set(binding["roleRef"]), f"{rel(SCHEDULED)}: RoleBinding roleRef"
+    for s in binding["subjects"]:
+        assert s.get("kind") and s.get("name"), f"{rel(SCHEDULED)}: RoleBinding subject {s}"
+    assert all(isinstance(v, str) for v in docs["ConfigMap"]["data"].values()), (
+        f"{rel(SCHEDULED)}: ConfigMap data values are strings"
+    )
+
+
+def test_cronjob_runs_hourly_one_run_at_a_time():
+    cron = scheduled()["CronJob"]["spec"]
+    schedule = cron["schedule"]
+    errors = cron_errors(schedule)
+    assert not errors, f"{rel(SCHEDULED)}: schedule {schedule!r}: {'; '.join(errors)}"
+    minute, *rest = schedule.split()
+    assert minute.isdigit() and rest == ["*"] * 4, f"{rel(SCHEDULED)}: the example runs once an hour: {schedule!r}"
+    try:
+        zoneinfo.ZoneInfo(cron["timeZone"])
+    except (KeyError, zoneinfo.ZoneInfoNotFoundError):
+        pytest.fail(f"{rel(SCHEDULED)}: timeZone {cron.get('timeZone')!r} is not an IANA time zone")
+    assert cron.get("concurrencyPolicy") == "Forbid", f"{rel(SCHEDULED)}: concurrencyPolicy must be Forbid"
+    assert 0 < cron.get("startingDeadlineSeconds", 0) < 3600, (
+        f"{rel(SCHEDULED)}: startingDeadlineSeconds under the period (a missed hour is not run late, and the "
+        "controller does not give up after 100 missed starts)"
+    )
+    for limit in ("successfulJobsHistoryLimit", "failedJobsHistoryLimit"):
+        assert isinstance(cron.get(limit), int) and cron[limit] >= 1, f"{rel(SCHEDULED)}: set {limit}"
+    assert not cron.get("suspend"), f"{rel(SCHEDULED)}: the example is not suspended"
+
+
+def test_cronjob_pod_waits_for_its_rayjob_and_is_not_retried():
+    docs = scheduled()
+    job = docs["CronJob"]["spec"]["jobTemplate"]["spec"]
+    pod = scheduled_pod(docs)
+    assert pod.get("restartPolicy") == "Never", f"{rel(SCHEDULED)}: the pod's restartPolicy must be Never"
+    assert job.get("backoffLimit") == 0, f"{rel(SCHEDULED)}: backoffLimit 0: a retried pod would create a second RayJob"
+    [(_, rayjob)] = [(p, d) for p, d in docs_of_kind("RayJob") if p == SCHEDULED]
+    spec = rayjob["spec"]
+    longest = (spec.get("backoffLimit", 0) + 1) * spec["activeDeadlineSeconds"]
+    assert job.get("activeDeadlineSeconds", 0) > longest, (
+        f"{rel(SCHEDULED)}: the Job's activeDeadlineSeconds must outlast the RayJob's attempts ({longest}s): Forbid "
+        "only holds the next run while the pod waits"
+    )
+    [container] = pod["containers"]
+    limits = container.get("resources", {}).get("limits", {})
+    assert "cpu" in limits and "memory" in limits, (
+        f"{rel(SCHEDULED)}: set the kubectl container's cpu and memory limits"
+    )
+    assert container["command"][0] in ("/bin/sh", "sh"), f"{rel(SCHEDULED)}: run.sh is a POSIX sh script"
+    assert "registry.k8s.io/kubectl" not in container["image"], f"{rel(SCHEDULED)}: that image has no shell"
+    env = {e["name"]: e for e in container.get("env", [])}
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace", rel(SCHEDULED)
+    assert int(env["KEEP_RAYJOBS"]["value"]) >= 1, rel(SCHEDULED)
+    account = docs["ServiceAccount"]["metadata"]["name"]
+    assert pod.get("serviceAccountName") == account, f"{rel(SCHEDULED)}: the pod runs as {account}"
+
+
+def test_scheduler_rbac_is_limited_to_rayjobs():
+    docs = scheduled()
+    [rule] = docs["Role"]["rules"]
+    assert rule["apiGroups"] == ["ray.io"] and rule["resources"] == ["rayjobs"], (
+        f"{rel(SCHEDULED)}: the Role is for rayjobs in ray.io only: {rule}"
+    )
+    assert sorted(rule["verbs"]) == ["create", "delete", "get", "list"], (
+        f"{rel(SCHEDULED)}: the scheduler creates, reads, lists and deletes RayJobs, nothing else: {rule['verbs']}"
+    )
+    assert not {"nonResourceURLs", "resourceNames"} & set(rule), rel(SCHEDULED)
+    binding = docs["RoleBinding"]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": docs["Role"]["metadata"]["name"],
+    }, f"{rel(SCHEDULED)}: the RoleBinding binds the Role (not a ClusterRole)"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": docs["ServiceAccount"]["metadata"]["name"]}], (
+        f"{rel(SCHEDULED)}: the RoleBinding binds the scheduler's service account only (of this namespace)"
+    )
+
+
+def test_scheduled_rayjob_is_the_incremental_command():
+    docs = scheduled()
+    [(_, rayjob)] = [(p, d) for p, d in docs_of_kind("RayJob") if p == SCHEDULED]
+    meta = rayjob["metadata"]
+    assert meta.get("generateName") and "name" not in meta, (
+        f"{rel(SCHEDULED)}: the RayJob in the ConfigMap needs generateName (a new RayJob each run), not a name"
+    )
+    spec = rayjob["spec"]
+    sub, args = check_job_command(shlex.split(spec["entrypoint"]), rel(SCHEDULED), spec["entrypoint"])
+    assert sub == "score" and args.incremental, f"{rel(SCHEDULED)}: the scheduled command is `score --incremental`"
+    assert not args.overwrite and not args.rescore, (
+        f"{rel(SCHEDULED)}: --overwrite / --rescore would score everything again every hour"
+    )
+    assert args.data.startswith("s3://") and args.output.startswith("s3://"), rel(SCHEDULED)
+    assert not args.data.rstrip("/").startswith(args.output.rstrip("/")), f"{rel(SCHEDULED)}: --output inside --data"
+    assert spec.get("shutdownAfterJobFinishes") is True and spec.get("ttlSecondsAfterFinished", -1) >= 0, (
+        f"{rel(SCHEDULED)}: each run's cluster is deleted when it ends"
+    )
+    assert spec.get("activeDeadlineSeconds", 0) > 0, f"{rel(SCHEDULED)}: bound a run (a stuck one holds the schedule)"
+    assert "clusterSelector" not in spec, f"{rel(SCHEDULED)}: the scheduled RayJob brings its own cluster"
+    # The script finds the runs by the RayJob's labels and creates it from the file the ConfigMap mounts.
+    _, script = scheduled_script(docs)
+    labels = meta.get("labels", {})
+    [selector] = re.findall(r"\bselector=(\S+)", script)
+    key, value = selector.split("=", 1)
+    assert labels.get(key) == value, f"{rel(SCHEDULED)}: run.sh selects {selector}; the RayJob's labels: {labels}"
+    [key] = [
+        k for k, v in docs["ConfigMap"]["data"].items() if embedded_ray_docs({"kind": "ConfigMap", "data": {k: v}})
+    ]
+    mount = config_mount(docs)
+    assert re.search(rf"\bcreate -f {re.escape(mount)}/{re.escape(key)}\b", script), (
+        f"{rel(SCHEDULED)}: run.sh must `kubectl create -f` the mounted {mount}/{key}"
+    )
+
+
+def test_scheduler_script_is_valid_sh():
+    sh = shutil.which("sh")
+    if sh is None:
+        pytest.skip("no sh")
+    _, script = scheduled_script(scheduled())
+    run = subprocess.run([sh, "-n"], input=script, capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0, f"{rel(SCHEDULED)}: run.sh does not parse: {run.stderr}"
+
+
+# A kubectl that serves rayjobs from a JSON file: enough of get (list with -l / --sort-by, one by name),
+# create -f and delete for run.sh, with -o jsonpath (range, fields, quoted strings) and -o name. Each call is
+# recorded (verb as RBAC sees it, resource, namespace). A created RayJob moves through the states of
+# "progress", one per get of it ("gone" deletes it); a get after the last one fails.
+FAKE_KUBECTL = r"""
+import json, os, re, sys
+
+STATE = os.environ["FAKE_KUBECTL_STATE"]
+with open(STATE) as f:
+    state = json.load(f)
+RESOURCES = {"rayjobs.ray.io", "rayjob.ray.io", "rayjobs", "rayjob"}
+SHORT = {"-l": "l", "--selector": "l", "-o": "o", "--output": "o", "-f": "f", "--filename": "f", "--sort-by": "sort-by"}
+
+
+def save():
+    with open(STATE, "w") as f:
+        json.dump(state, f)
+
+
+def fail(message):
+    save()
+    print(message, file=sys.stderr)
+    sys.exit(1)
+
+
+def lookup(obj, path):
+    cur = obj
+    for part in path.strip().lstrip(".").split("."):
+        many = part.endswith("[*]")
+        cur = cur.get(part.removesuffix("[*]")) if isinstance(cur, dict) else None
+        if cur is None:
+            return [] if many else None
+    return cur
+
+
+def render(tokens, obj):
+    out, i = [], 0
+    while i < len(tokens):
+        expr, text = tokens[i]
+        if not expr:
+            out.append(text)
+        elif expr.startswith("range "):
+            depth, j = 1, i + 1
+            while depth:
+                depth += tokens[j][0].startswith("range ") - (tokens[j][0] == "end")
+                j += 1
+            for item in lookup(obj, expr[6:]):
+                out.append(render(tokens[i + 1 : j - 1], item))
+            i = j
+            continue
+        elif expr.startswith('"'):
+            out.append(json.loads(expr))
+        else:
+            value = lookup(obj, expr)
+            out.append("" if value is None else str(value))
+        i += 1
+    return "".join(out)
+
+
+def as_object(job):
+    status = {k: v for k, v in (("jobDeploymentStatus", job["status"]), ("jobStatus", job["jobStatus"])) if v}
+    meta = {"name": job["name"], "creationTimestamp": "2026-12-07T%06d" % job["created"], "labels": job["labels"]}
+    return {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": meta, **({"status": status} if status else {})}
+
+
+args = sys.argv[1:]
+namespace = None
+if args[:1] in (["-n"], ["--namespace"]):
+    namespace, args = args[1], args[2:]
+verb, rest = args[0], args[1:]
+flags, positional = {}, []
+while rest:
+    a = rest.pop(0)
+    if a in SHORT:
+        flags[SHORT[a]] = rest.pop(0)
+    elif a.startswith("--") and "=" in a:
+        key, value = a[2:].split("=", 1)
+        flags[key] = value
+    elif a.startswith("-"):
+        flags[a.lstrip("-")] = True
+    else:
+        positional.append(a)
+target = positional[0] if positional else ""
+resource, _, name = target.partition("/")
+names = [name] if name else positional[1:]
+rbac_verb = {"get": "list" if verb == "get" and not names else "get"}.get(verb, verb)
+if verb == "create":
+    resource = "rayjobs.ray.io"  # what -f holds: checked below
+plural, _, group = resource.partition(".")
+call = {"verb": rbac_verb, "group": group or "ray.io", "resource": plural.removesuffix("s") + "s"}
+state["calls"].append({**call, "namespace": namespace, "argv": sys.argv[1:]})
+if resource not in RESOURCES:
+    fail(f"fake kubectl: {resource!r}: run.sh may only touch rayjobs")
+jobs = state["rayjobs"]
+output = flags.get("o", "")
+
+if verb == "get" and not names:
+    key, value = flags.get("l", "=").split("=", 1)
+    items = [j for j in jobs if j["labels"].get(key) == value]
+    if "sort-by" in flags:
+        assert flags["sort-by"] == ".metadata.creationTimestamp", flags
+        items.sort(key=lambda j: j["created"])
+    assert output.startswith("jsonpath="), output
+    tokens = re.findall(r"\{([^{}]*)\}|([^{}]+)", output[len("jsonpath="):])
+    print(render(tokens, {"kind": "List", "items": [as_object(j) for j in items]}), end="")
+elif verb == "get":
+    [job] = [j for j in jobs if j["name"] == names[0]] or [None]
+    if job is None:
+        if names[0] == state.get("created") and state["progress"]:
+            state["progress"].pop(0)
+        fail(f'Error from server (NotFound): rayjobs.ray.io "{names[0]}" not found')
+    if job["name"] == state.get("created"):
+        if not state["progress"]:  # the scenario has no more states: fail, so a broken run.sh cannot hang
+            fail(f"fake kubectl: {names[0]} was read more often than the scenario expects")
+        step = state["progress"].pop(0)
+        if step == "gone":
+            jobs.remove(job)
+            fail(f'Error from server (NotFound): rayjobs.ray.io "{names[0]}" not found')
+        job["status"], job["jobStatus"] = step
+    tokens = re.findall(r"\{([^{}]*)\}|([^{}]+)", output[len("jsonpath="):])
+    print(render(tokens, as_object(job)), end="")
+elif verb == "create":
+    sys.path.insert(0, os.environ["FAKE_KUBECTL_YAML"])  # started with -S (fast): PyYAML's folder
+    import yaml
+
+    with open(flags["f"]) as f:
+        [doc] = [d for d in yaml.safe_load_all(f) if d]
+    assert doc["kind"] == "RayJob" and "name" not in doc["metadata"], doc["metadata"]
+    new = doc["metadata"]["generateName"] + "run%02d" % len(jobs)
+    jobs.append({"name": new, "created": max([j["created"] for j in jobs], default=0) + 1, "status": "",
+                 "jobStatus": "", "labels": doc["metadata"].get("labels", {})})
+    state["created"] = new
+    print(f"rayjob.ray.io/{new}" if output == "name" else f"rayjob.ray.io/{new} created")
+elif verb == "delete":
+    missing = [n for n in names if n not in {j["name"] for j in jobs}]
+    if missing:
+        fail(f"not found: {missing}")
+    state["rayjobs"] = [j for j in jobs if j["name"] not in names]
+    for n in names:
+        print(f'rayjob.ray.io "{n}" deleted')
+else:
+    fail(f"fake kubectl: no {verb}")
+save()
+"""
+
+
+def run_scheduler(tmp_path: Path, rayjobs: list[dict], progress: list, namespace: str = "team"):
+    """run.sh of cronjob-score.yaml against FAKE_KUBECTL, with the ConfigMap's files where the pod mounts
+    them and the container's environment. Returns (exit status, stdout, stderr, final state)."""
+    sh = shutil.which("sh")
+    if sh is None:
+        pytest.skip("no sh")
+    docs = scheduled()
+    [container] = scheduled_pod(docs)["containers"]
+    mount = config_mount(docs)
+    config = tmp_path / "config"
+    config.mkdir(parents=True)
+    for key, text in docs["ConfigMap"]["data"].items():
+        (config / key).write_text(text)
+    key, script = scheduled_script(docs)
+    (config / key).write_text(script.replace(f"{mount}/", f"{config}/"))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    kubectl = bin_dir / "kubectl"
+    kubectl.write_text(f"#!{sys.executable} -S\n{FAKE_KUBECTL}")
+    kubectl.chmod(0o755)
+    state_file = tmp_path / "state.json"
+    state_file.write_text(json.dumps({"rayjobs": rayjobs, "progress": progress, "calls": []}))
+    env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+    env |= {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "POD_NAMESPACE": namespace,
+        "HOME": str(tmp_path),
+        "POLL_SECONDS": "0",
+        "FAKE_KUBECTL_STATE": str(state_file),
+        "FAKE_KUBECTL_YAML": str(Path(yaml.__file__).parent.parent),
+    }
+    run = subprocess.run([sh, str(config / key)], capture_output=True, text=True, env=env, timeout=60)
+    return run.returncode, run.stdout, run.stderr, json.loads(state_file.read_text())
+
+
+def schedule_label() -> dict:
+    [(_, rayjob)] = [(p, d) for p, d in docs_of_kind("RayJob") if p == SCHEDULED]
+    return rayjob["metadata"]["labels"]
+
+
+def finished_runs(n: int, start: int = 1) -> list[dict]:
+    """n finished RayJobs of the schedule (every third one failed), the oldest first."""
+    labels = schedule_label()
+    return [
+        {
+            "name": f"unusual-score-hourly-old{i:02d}",
+            "created": i,
+            "status": "Complete" if i % 3 else "Failed",
+            "jobStatus": "SUCCEEDED" if i % 3 else "FAILED",
+            "labels": labels,
+        }
+        for i in range(start, start + n)
+    ]
+
+
+def scheduler_calls(state: dict, namespace: str = "team") -> list[dict]:
+    for call in state["calls"]:
+        assert call["namespace"] == namespace, f"run.sh must name the pod's namespace: {call['argv']}"
+    return state["calls"]
+
+
+@pytest.mark.parametrize(
+    "progress, status",
+    [
+        ([("Initializing", ""), ("Running", "RUNNING"), ("Running", "RUNNING"), ("Complete", "SUCCEEDED")], 0),
+        ([("Running", "RUNNING"), ("Retrying", "FAILED"), ("Running", "RUNNING"), ("Failed", "FAILED")], 1),
+        ([("Complete", "FAILED")], 1),  # the Ray job failed, the deployment completed
+        ([("ValidationFailed", "")], 1),
+        ([("Running", "RUNNING")] + ["gone"] * 10, 1),  # deleted under it: gives up
+    ],
+    ids=["succeeds", "fails-after-retry", "job-failed", "invalid", "rayjob-deleted"],
+)
+def test_scheduler_creates_a_rayjob_and_exits_with_its_outcome(tmp_path, progress, status):
+    rc, out, err, state = run_scheduler(tmp_path, finished_runs(3), [list(p) if p != "gone" else p for p in progress])
+    calls = scheduler_calls(state)
+    assert rc == status, f"run.sh exited {rc}, expected {status}\n{out}\n{err}"
+    assert [c["verb"] for c in calls][:2] == ["list", "create"], calls
+    assert state["created"] and not state["progress"], "run.sh must wait until the RayJob ends"
+    assert f"job/{state['created']}" in out, "run.sh names the RayJob whose log to read"
+    if status:
+        assert err.strip(), "a failed run says why on stderr"
+
+
+@pytest.mark.parametrize("in_flight", ["Running", "Initializing", "", "Retrying", "Waiting"])
+def test_scheduler_skips_while_a_run_is_in_flight(tmp_path, in_flight):
+    jobs = finished_runs(2) + [
+        {
+            "name": "unusual-score-hourly-busy",
+            "created": 9,
+            "status": in_flight,
+            "jobStatus": "",
+            "labels": schedule_label(),
+        }
+    ]
+    rc, out, err, state = run_scheduler(tmp_path, jobs, [])
+    calls = scheduler_calls(state)
+    assert rc == 0 and "skipped" in out and "unusual-score-hourly-busy" in out, (out, err)
+    assert [c["verb"] for c in calls] == ["list"], f"nothing is created beside a run in flight: {calls}"
+
+
+@pytest.mark.parametrize("ended", ["Complete", "Failed", "ValidationFailed"])
+def test_scheduler_does_not_wait_on_a_run_that_ended(tmp_path, ended):
+    jobs = [
+        {
+            "name": "unusual-score-hourly-last",
+            "created": 1,
+            "status": ended,
+            "jobStatus": "",
+            "labels": schedule_label(),
+        }
+    ]
+    rc, out, err, state = run_scheduler(tmp_path, jobs, [("Complete", "SUCCEEDED")])
+    assert rc == 0 and "skipped" not in out, (out, err)
+    assert [c["verb"] for c in scheduler_calls(state)] == ["list", "create", "get"]
+
+
+def test_scheduler_keeps_the_newest_finished_rayjobs(tmp_path):
+    keep = int(
+        next(e["value"] for e in scheduled_pod(scheduled())["containers"][0]["env"] if e["name"] == "KEEP_RAYJOBS")
+    )
+    other = {
+        "name": "someone-elses",
+        "created": 0,
+        "status": "Complete",
+        "jobStatus": "SUCCEEDED",
+        "labels": {"x": "y"},
+    }
+    jobs = [other, *finished_runs(keep + 5)]
+    rc, out, err, state = run_scheduler(tmp_path, jobs, [("Complete", "SUCCEEDED")])
+    calls = scheduler_calls(state)
+    assert rc == 0, (out, err)
+    [delete] = [c for c in calls if c["verb"] == "delete"]
+    deleted = [a for a in delete["argv"] if a.startswith("unusual-score-hourly-")]
+    assert deleted == [j["name"] for j in finished_runs(5)], f"the 5 oldest go: {deleted}"
+    names = {j["name"] for j in state["rayjobs"]}
+    assert "someone-elses" in names, "only this schedule's RayJobs are touched"
+    assert len(names) == 1 + keep + 1, "the newest finished ones stay, and this run's"
+    # a history at the limit: nothing deleted
+    rc, _, _, state = run_scheduler(tmp_path / "at-limit", finished_runs(keep), [("Complete", "SUCCEEDED")])
+    assert rc == 0 and "delete" not in [c["verb"] for c in scheduler_calls(state)]
+    # What a full run needs, the Role grants, and no more: a run that lists, deletes the oldest, creates and
+    # reads its RayJob makes every kind of call run.sh has.
+    [rule] = scheduled()["Role"]["rules"]
+    granted = {(g, r, v) for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+    used = {(c["group"], c["resource"], c["verb"]) for c in calls}
+    assert used <= granted, f"{rel(SCHEDULED)}: run.sh calls {sorted(used - granted)}, which the Role does not grant"
+    assert granted == used, f"{rel(SCHEDULED)}: the Role grants {sorted(granted - used)}, which run.sh never uses"
+
+
+def test_readme_incremental_commands_carry_incremental():
+    """--partition-filter and --rescore only mean something with --incremental."""
+    seen = 0
+    for line in markdown_commands(CLUSTER / "README.md"):
+        argv = split_command(line)
+        if "--partition-filter" in argv or "--rescore" in argv:
+            seen += 1
+            assert "--incremental" in argv, f"cluster/README.md: {line}"
+    assert seen >= 2, "cluster/README.md: show a backfill (--partition-filter) and a rescore (--rescore)"
 
 
 # --------------------------------------------------------------------------- the RayService's Serve config
