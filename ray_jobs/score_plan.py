@@ -183,12 +183,7 @@ def plan(job: ScoreJob, bundle: BundleInfo, files: list[str] | None = None, out_
     """The job's plan: files (all of ``job.data``, or ``files`` of it, in the store of ``storage``), units of
     work and columns, and where each file's parts go (``out_dirs``, see :class:`ScorePlan`). Small; made on
     the driver."""
-    if files is None and is_table_uri(job.data):
-        files, storage = table_files(job.data)
-    if files is None:
-        files, pafs = list_parquet_files(job.data)
-    else:
-        pafs = filesystem(storage or job.data)[0]
+    files, pafs, storage = _input_files(job.data, files, storage)
     metas = read_footers(files, pafs)
     entity, time_col = bundle.entity_column, bundle.time_column
     sequence = bundle.sequence
@@ -241,6 +236,17 @@ def plan(job: ScoreJob, bundle: BundleInfo, files: list[str] | None = None, out_
         out_dirs=out_dirs or [],
         storage=storage,
     )
+
+
+def _input_files(data: str, files: list[str] | None, storage: str | None) -> tuple[list[str], object, str | None]:
+    """The files to score (those given, a table's, or the Parquet files at ``data``), the Arrow filesystem
+    that opens them and the URI of their store where ``data`` is not one (a table)."""
+    if files is None and is_table_uri(data):
+        files, storage = table_files(data)
+    if files is None:
+        files, pafs = list_parquet_files(data)
+        return files, pafs, storage
+    return files, filesystem(storage or data)[0], storage
 
 
 def table_files(uri: str, since: int | None = None) -> tuple[list[str], str | None]:
