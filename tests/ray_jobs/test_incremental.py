@@ -216,5 +216,6 @@ def test_delta_and_iceberg_appends_are_scored_exactly_once(cardio, bundles, s3_b
         np.testing.assert_allclose(t.column("anomaly_score").to_numpy(), det.score(cardio.sort_by("id")),
                                    rtol=1e-6, atol=1e-9)
     # without --incremental, a table is scored whole at its current version, as a folder of Parquet is
-    assert main(["--checkpoint", uri, "--data", f"delta+{location}", "--output", f"s3://{s3_bucket}/inc/delta-all"]) == 0
+    whole = f"s3://{s3_bucket}/inc/delta-all"
+    assert main(["--checkpoint", uri, "--data", f"delta+{location}", "--output", whole]) == 0
     assert json.loads(capsys.readouterr().out)["rows_scored"] == cardio.num_rows
