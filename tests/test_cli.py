@@ -31,6 +31,7 @@ REQUIRED = {
 # Flags that only make sense together with another one.
 COMPANIONS = {("evaluate", "entity_column"): ["--time-column", "ts"], ("serve", "default_model"): ["--models", "b=s3://b/b"],
               ("serve", "host"): ["--insecure"],
+              ("score", "partition_filter"): ["--incremental"], ("score", "rescore"): ["--incremental"],
               **{("train", f"mlflow_{x}"): ["--mlflow"] for x in ("tracking_uri", "experiment", "model_name")}}
 
 
@@ -50,6 +51,8 @@ def other_value(cls, name: str, tmp_path: Path) -> tuple[list[str], object]:
         return [flag, "latent=8", flag, "hidden=[16, 8]"], {"latent": 8, "hidden": [16, 8]}
     if name == "default_model":
         return [flag, "b"], "b"
+    if name == "partition_filter":
+        return [flag, "dt>=2026-12-01,hour<12"], ["dt>=2026-12-01", "hour<12"]
     if name == "models":
         return [flag, "a=s3://b/a", flag, "b=s3://b/b"], {"a": "s3://b/a", "b": "s3://b/b"}
     if base is bool:
@@ -115,7 +118,7 @@ def test_the_config_file_and_the_flags_merge_in_order(tmp_path):
 READERS = {
     "fit": ["ray_jobs/fit.py"],
     "train": ["ray_jobs/train*.py", "unusual/tracking.py"],
-    "score": ["ray_jobs/score*.py"],
+    "score": ["ray_jobs/score*.py", "ray_jobs/incremental.py"],
     "evaluate": ["ray_jobs/evaluate*.py"],
     "serve": ["serving/*.py"],
 }

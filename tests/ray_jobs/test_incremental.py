@@ -182,9 +182,11 @@ def test_incremental_options_are_checked_before_any_work(given, message):
         ScoreJob.validated(dict(checkpoint="c", data="d", output="o", **given))
 
 
-def test_delta_and_iceberg_appends_are_scored_exactly_once(cardio, bundles, s3_bucket, monkeypatch, tmp_path, capsys):
-    """A Delta table on the S3 endpoint and an Iceberg table (SQL catalog on SQLite): a run, an append, a
-    run, a run with nothing new; the appended rows, and only they, are scored by the second run."""
+def test_delta_and_iceberg_appends_are_scored_exactly_once(cardio, bundles, s3_bucket, s3_endpoint, monkeypatch,
+                                                           tmp_path, capsys):
+    """Delta and Iceberg tables (Iceberg with PyIceberg's SQL catalog on SQLite), each on local disk and on the
+    S3 endpoint: a run, an append, a run, a run with nothing new; the appended rows, and only they, are scored
+    by the second run."""
     deltalake = pytest.importorskip("deltalake")
     pytest.importorskip("pyiceberg")
     from test_lakehouse import iceberg_catalog
@@ -192,16 +194,23 @@ def test_delta_and_iceberg_appends_are_scored_exactly_once(cardio, bundles, s3_b
 
     uri, det = bundles[0]
     halves = [cardio.slice(0, 1000), cardio.slice(1000)]
-    location = f"s3://{s3_bucket}/inc/delta-events"
-    iceberg = iceberg_catalog(monkeypatch, "inccat", tmp_path / "cat.db", f"file://{tmp_path}/warehouse")
-    table = iceberg.create_table(("sensors", "raw", "cardio"), schema=cardio.schema)
-    tables = {
-        f"delta+{location}": lambda t: deltalake.write_deltalake(
-            location, t, mode="append", storage_options=delta_storage_options(location)),
-        "iceberg://inccat/sensors.raw.cardio": table.append,
-    }
-    for data, append in tables.items():
-        out = f"s3://{s3_bucket}/inc/{data.partition(':')[0]}-scores"
+
+    def delta(location: str):
+        return f"delta+{location}", lambda t: deltalake.write_deltalake(
+            location, t, mode="append", storage_options=delta_storage_options(location))
+
+    def iceberg(name: str, warehouse: str, **props):
+        catalog = iceberg_catalog(monkeypatch, name, tmp_path / f"{name}.db", warehouse, **props)
+        return f"iceberg://{name}/sensors.raw.cardio", catalog.create_table(("sensors", "raw", "cardio"),
+                                                                            schema=cardio.schema).append
+
+    s3 = {"s3.endpoint": s3_endpoint, "s3.region": "us-east-1"}  # the writer's catalog; the reader takes AWS_*
+    tables = dict([
+        delta(str(tmp_path / "delta-events")), delta(f"s3://{s3_bucket}/inc/delta-events"),
+        iceberg("localcat", f"file://{tmp_path}/warehouse"), iceberg("s3cat", f"s3://{s3_bucket}/inc/warehouse", **s3),
+    ])
+    for i, (data, append) in enumerate(tables.items()):
+        out = f"s3://{s3_bucket}/inc/table-scores-{i}"
         args = ["--checkpoint", uri, "--data", data, "--output", out]
         append(halves[0])
         first = _run(capsys, *args)
@@ -217,5 +226,5 @@ def test_delta_and_iceberg_appends_are_scored_exactly_once(cardio, bundles, s3_b
                                    rtol=1e-6, atol=1e-9)
     # without --incremental, a table is scored whole at its current version, as a folder of Parquet is
     whole = f"s3://{s3_bucket}/inc/delta-all"
-    assert main(["--checkpoint", uri, "--data", f"delta+{location}", "--output", whole]) == 0
+    assert main(["--checkpoint", uri, "--data", next(iter(tables)), "--output", whole]) == 0
     assert json.loads(capsys.readouterr().out)["rows_scored"] == cardio.num_rows
