@@ -291,26 +291,34 @@ class IncrementalRun:
 
     # ----------------------------------------------------------------- planning
     def in_flight(self) -> RunRecord | None:
-        """The run a crash left, if its partitions are still as it planned them; else it is dropped, with
-        the output of its partitions not committed."""
+        """The run a crash left, resumed when all its partitions are as it planned them (its plan, and so the
+        names of the parts already written, is then the same). Else it is dropped: the output of its
+        partitions not committed is cleared (they are pending again), what it committed stays."""
         rec = self.run
         if rec is None:
             return None
-        moved = [n for n, d in rec.partitions.items() if (n not in self.inputs or self.inputs[n].digest != d)
-                 and not self.ledger.has(partition_key(n), d)]
+        moved = [n for n, d in rec.partitions.items() if n not in self.inputs or self.inputs[n].digest != d]
         if not moved:
             progress(f"resuming run {rec.run_id} of {rec.started_at}: {len(rec.partitions)} partition(s)")
             return rec
         progress(f"dropping run {rec.run_id}: {len(moved)} of its partitions changed since (first: {moved[0]!r})")
-        for n in moved:
-            _clear(Output(_join(self.root, n)))
+        for n, d in rec.partitions.items():
+            if not self.ledger.has(partition_key(n), d):
+                _clear(Output(_join(self.root, n)))
+            elif self.table:  # committed before the crash: the next rows start after it
+                self.move_watermark(n)
         self.out.remove(["/".join([*self.run_dir, RUN_FILE])])
         return None
+
+    def move_watermark(self, name: str) -> None:
+        """A table's rows up to version ``table_version=<v>`` are scored: the next run lists those after it."""
+        self.out.write_json({"version": int(name.partition("=")[2]), "table": self.job.data},
+                            *self.ledger.folder, TABLE_FILE)
 
     def pending(self, done: set[str]) -> list[Partition]:
         todo = [p for n, p in sorted(self.inputs.items()) if n not in done
                 and (self.job.rescore or not self.ledger.committed(p))]
-        changed = [p for p in todo if self.ledger.entries.get(p.key)]
+        changed = [p for p in todo if self.ledger.entries.get(p.key) and not self.ledger.committed(p)]
         for p in changed[:10]:
             progress(f"partition {p.name or '(top)'} changed since it was scored: {self.changes(p)}; scoring it again")
         if len(changed) > 10:
@@ -371,9 +379,8 @@ class IncrementalRun:
                 p = self.inputs.get(name)
                 if p is not None and (not self.ledger.committed(p) or self.job.rescore):
                     records.append(self.commit(p, spec, rec.run_id))
-                if self.table:  # the next run lists the rows appended after this version
-                    self.out.write_json({"version": int(name.partition("=")[2]), "table": self.job.data},
-                                        *self.ledger.folder, TABLE_FILE)
+                if self.table:
+                    self.move_watermark(name)
             self.out.remove(["/".join([*self.run_dir, RUN_FILE])])
         return records
 

@@ -129,6 +129,28 @@ def test_a_rewritten_file_is_scored_again_and_reported(cardio, bundles, s3_bucke
     assert sorted(t.column("id").to_pylist()) == sorted(given.column("id").to_pylist())
 
 
+def test_a_crashed_run_whose_partition_changed_is_dropped_not_resumed(cardio, bundles, s3_bucket, capsys):
+    """A run in flight cannot resume once a file of its partitions changed (its plan would differ): it is
+    dropped, its half-written partition cleared and scored afresh; what it did not touch stays committed."""
+    data, out = f"s3://{s3_bucket}/inc/dropped", f"s3://{s3_bucket}/inc/dropped-scores"
+    uri, _ = bundles[0]
+    args = ["--checkpoint", uri, "--data", data, "--output", out]
+    _put(s3_bucket, "inc/dropped", DAYS[0], _partition(cardio, 0))
+    assert _run(capsys, *args)["partitions_scored"] == 1
+    _put(s3_bucket, "inc/dropped", DAYS[1], _partition(cardio, 1))
+    crash = ScoreJob(checkpoint=uri, data=data, output=out, incremental=True, keep_columns=["id", "label"],
+                     unit_rows=200, concurrency=1, fail_after_parts=1)
+    with pytest.raises(Exception, match="fault injection"):
+        run(crash)
+    capsys.readouterr()
+    smaller = _partition(cardio, 1).slice(0, 150)
+    _put(s3_bucket, "inc/dropped", DAYS[1], smaller)  # rewritten before the next run
+    again = _run(capsys, *args)
+    assert "dropping run" in again["stderr"] and again["partitions_scored"] == 1 and not again["resumed_run"]
+    given = pa.concat_tables([_partition(cardio, 0), smaller])
+    assert sorted(_scored(again["scores"]).column("id").to_pylist()) == sorted(given.column("id").to_pylist())
+
+
 def test_filter_and_a_new_model_version(cardio, bundles, s3_bucket, capsys):
     data, out = f"s3://{s3_bucket}/inc/versions", f"s3://{s3_bucket}/inc/versions-scores"
     for i in range(4):
