@@ -351,9 +351,9 @@ class IncrementalRun:
         return rec
 
     # ----------------------------------------------------------------- scoring and committing
-    def score(self, rec: RunRecord) -> list[PartitionRecord]:
-        """Score the run's files in one job (complete units of a resumed run kept), then commit each
-        partition not committed yet."""
+    def score(self, rec: RunRecord, resumed: bool) -> list[PartitionRecord]:
+        """Score the run's files in one job (complete units of a resumed run kept; a new run's folders were
+        cleared by :meth:`start`), then commit each partition not committed yet."""
         from ..runtime import ensure_ray
         from .score import clean, execute
 
@@ -363,7 +363,7 @@ class IncrementalRun:
         with storage_errors(self.job.output, "writing"):
             # the plan of the last run beside the scores, where unusual evaluate looks for the model
             Output(self.root).write_json(spec.model_dump(mode="json"), JOB_DIR, SPEC_FILE)
-            done = set().union(*(clean(Output(_join(self.root, n))) for n in rec.partitions))
+            done = set().union(*(clean(Output(_join(self.root, n))) for n in rec.partitions)) if resumed else set()
         pending = [u for u in range(spec.out_units) if u not in done]
         progress(
             f"scoring {sum(spec.file_rows):,} rows of {len(rec.partitions)} partition(s), {len(spec.files)} file(s), "
@@ -479,7 +479,7 @@ def run(job: ScoreJob) -> dict:
         resumed = inc.in_flight()
     records: list[PartitionRecord] = []
     if resumed is not None:
-        records += inc.score(resumed)
+        records += inc.score(resumed, resumed=True)
     todo = inc.pending({r.partition for r in records})
     skipped = len(inc.inputs) - len(todo) - len(records)
     progress(f"{len(inc.inputs)} partition(s) at {job.data}: {len(todo)} to score ({inc.changed} changed), "
@@ -487,7 +487,7 @@ def run(job: ScoreJob) -> dict:
     if todo:
         with storage_errors(job.output, "writing"):
             rec = inc.start(todo)
-        records += inc.score(rec)
+        records += inc.score(rec, resumed=False)
     if records:
         with storage_errors(job.output, "writing"):
             checks = [_check(r) for r in records if r.watch]
