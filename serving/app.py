@@ -31,6 +31,7 @@ import sys
 import time
 
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 
 from .. import rayprivate
 from ..config import ServeConfig, ServeJob, loopback
@@ -39,6 +40,7 @@ from ..runtime import ResourceError, embedded, ensure_ray, progress
 from . import fastpath
 from .deployments import Gateway, ModelReplica, ModelServer, deployment_name
 from .handling import token_digest
+from .streaming import ROUTER, ROUTER_KWARGS
 from .versions import pinned
 
 APP_NAME = "unusual"
@@ -107,6 +109,8 @@ def model_deployment(name: str, checkpoint: str | None, config: ServeConfig, arg
             "downscale_delay_s": config.downscale_delay_s,
         },
         max_ongoing_requests=max(8, 4 * config.max_batch_size),
+        # /stream reaches the replica holding an entity through a handle keyed by it (serving/streaming.py)
+        request_router_config=RequestRouterConfig(request_router_class=ROUTER, request_router_kwargs=ROUTER_KWARGS),
         user_config=None if checkpoint is None else {"checkpoint": checkpoint, "top_k": config.top_k},
         health_check_period_s=5,
         graceful_shutdown_wait_loop_s=0.5,

@@ -35,7 +35,15 @@ NESTED = "malformed JSON: nested deeper than the parser allows"
 
 def rows_to_table(body: bytes) -> pa.Table:
     """``{"rows": [{"column": value, ...}, ...]}`` -> an Arrow table, or a RequestError."""
-    columns = _columns(_rows(body))
+    doc = json_doc(body)
+    if "rows" not in doc:
+        raise RequestError(422, 'the body must be a JSON object with a "rows" field: {"rows": [{...}, ...]}')
+    return rows_table(doc, "rows")
+
+
+def rows_table(doc: dict, key: str) -> pa.Table:
+    """``doc[key]``, a non-empty list of row objects, as an Arrow table (else a RequestError naming it)."""
+    columns = _columns(_rows(doc, key), key)
     return pa.table({k: _array(k, values) for k, values in columns.items()})
 
 
@@ -43,8 +51,8 @@ def _no_constants(name):  # NaN / Infinity are not JSON
     raise RequestError(422, f"{name} is not a valid JSON number; send null for a missing value")
 
 
-def _rows(body: bytes) -> list:
-    """The body's ``rows``: a non-empty list (a RequestError saying what is wrong otherwise)."""
+def json_doc(body: bytes) -> dict:
+    """The body as a JSON object (a RequestError saying what is wrong otherwise)."""
     try:
         doc = json.loads(body, parse_constant=_no_constants)
     except RequestError:
@@ -53,28 +61,33 @@ def _rows(body: bytes) -> list:
         raise RequestError(400, f"malformed JSON: {e}") from None
     except RecursionError:
         raise RequestError(400, NESTED) from None
-    if not isinstance(doc, dict) or "rows" not in doc:
+    if not isinstance(doc, dict):
         raise RequestError(422, 'the body must be a JSON object with a "rows" field: {"rows": [{...}, ...]}')
-    rows = doc["rows"]
+    return doc
+
+
+def _rows(doc: dict, key: str) -> list:
+    """The body's ``key`` field: a non-empty list."""
+    rows = doc[key]
     if not isinstance(rows, list):
-        raise RequestError(422, f'"rows" must be a list of objects; got {type(rows).__name__}')
+        raise RequestError(422, f'"{key}" must be a list of objects; got {type(rows).__name__}')
     if not rows:
-        raise RequestError(422, '"rows" is empty: send at least one row')
+        raise RequestError(422, f'"{key}" is empty: send at least one row')
     return rows
 
 
-def _columns(rows: list) -> dict[str, list]:
+def _columns(rows: list, key: str = "rows") -> dict[str, list]:
     """The rows' values by column; every row an object with the same columns (else the row at fault)."""
     columns: dict[str, list] = {}
     for i, r in enumerate(rows):
         if not isinstance(r, dict):
-            raise RequestError(422, f"rows[{i}] must be an object of column: value; got {type(r).__name__}")
+            raise RequestError(422, f"{key}[{i}] must be an object of column: value; got {type(r).__name__}")
         for k in r:
             columns.setdefault(k, [])
     for i, r in enumerate(rows):
         missing = [k for k in columns if k not in r]
         if missing:
-            raise RequestError(422, f"rows[{i}] lacks column(s) {missing} that other rows have")
+            raise RequestError(422, f"{key}[{i}] lacks column(s) {missing} that other rows have")
         for k, v in r.items():
             columns[k].append(v)
     return columns

@@ -6,6 +6,7 @@ at ``/v1/models/<name>``, and one light ``Gateway`` application at ``/`` for the
     GET  /v1/models                     models, versions, thresholds, features    (gateway)
     POST /v1/score                      the default model (the only one, or default_model), forwarded
     POST /v1/models/{name}/score        JSON rows, or a bulk Arrow IPC / Parquet body (the model's own app)
+    POST /v1/models/{name}/stream       a sequence model's readings, state kept per entity (its own app)
     GET  /v1/models/{name}/             one model's version, threshold, features  (the model's own app)
     POST /v1/jobs                       submit a batch scoring job (Ray job submission)
     GET  /v1/jobs/{id}                  its status
@@ -37,10 +38,11 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from ..config import ServeConfig
-from . import handling
+from . import handling, streaming
 from .codec import ARROW_STREAM, PARQUET_TYPES, RequestError
 
 API_VERSION = "v1"
+INFO_TTL_S = 5.0  # the gateway's /stream reads a model's entity and time columns from its info this long
 NO_CHECKPOINT_S = 10  # Serve calls reconfigure right after __init__: no checkpoint by then, none is coming
 log = logging.getLogger("unusual.serve")
 
@@ -121,6 +123,9 @@ class ModelReplica:
         self.metrics = handling.ModelMetrics(metrics, name)
         self._batch.set_max_batch_size(self.config.max_batch_size)
         self.active = 0  # requests in batched(): waiting for, or in, a model call
+        self.stream_state = None  # a sequence model's entities held here (built on the first reading)
+        self.stream_metrics = handling.StreamMetrics(metrics, name)
+        self.self_handle = None
 
     def check_health(self) -> None:
         """Serve's health check: a replica that was never given a checkpoint can never answer."""
@@ -140,6 +145,10 @@ class ModelReplica:
         top_k = int(user_config.get("top_k", self.config.top_k))
         scorer = Scorer(uri, device=device, top_k=top_k, stream=False)
         old = self.scorer.version if self.scorer else None
+        if self.stream_state is not None and not self.stream_state.adopt(scorer):
+            log.info("model %s: %s entities warm up again (the new version reads windows differently)",
+                     self.name, self.stream_state.entities)
+            self.stream_state = None
         self.scorer, self.checkpoint = scorer, uri  # one assignment: requests in flight keep the old one
         log.info("model %s: %s -> %s (%s)", self.name, old, scorer.version, uri)
 
@@ -183,6 +192,39 @@ class ModelReplica:
     async def _batch(self, items: list[tuple]) -> list[tuple]:
         return handling.score_batch(items, self.metrics)
 
+    # ----------------------------------------------------------------- streaming
+
+    async def stream_route(self, body: bytes, content_type: str, params, send) -> handling.Answer:
+        """A streaming request's answer: parsed and split here, each entity's readings ``send`` to the
+        replica holding it (:func:`.streaming.answer_request`)."""
+        info = handling.model_info(self.name, self.scorer, self.checkpoint)
+        return await streaming.answer_request(body, content_type, params, info, self.config.max_rows, send)
+
+    async def stream(self, call: streaming.StreamCall) -> streaming.StreamResult:
+        """One entity's readings on the replica that holds its rows (reached by consistent hashing)."""
+        scorer = self.scorer
+        if scorer is None:
+            return streaming.StreamResult(error=(503, f"model {self.name} is still loading"))
+        if self.stream_state is None:
+            try:
+                self.stream_state = streaming.StreamState(
+                    scorer, self.config.stream_entities, self.config.stream_idle_s)
+            except ValueError as e:
+                return streaming.StreamResult(error=(400, str(e)))
+        result = streaming.score_call(self.stream_state, call, self.name)
+        self.stream_metrics.observe(scorer, result)
+        if result.answer is not None:
+            self.metrics.scored(scorer, streaming.scores(result))
+        return result
+
+    async def send_stream(self, entity, call: streaming.StreamCall, tries: int = 5) -> streaming.StreamResult:
+        """``call`` to the replica of this deployment that holds ``entity``: a replica that stopped or died
+        is retried (its entities then warm up on the one that takes them), then a 503."""
+        if self.self_handle is None:
+            ctx = serve.get_replica_context()
+            self.self_handle = serve.get_deployment_handle(ctx.deployment, app_name=ctx.app_name)
+        return await send_keyed(self.self_handle, self.name, entity, call, tries)
+
     # ----------------------------------------------------------------- its own routes
 
     @model_api.post("/score", summary="score rows with this model", openapi_extra=_JSON_BODY)
@@ -191,6 +233,13 @@ class ModelReplica:
         body = await _read(request, self.config.max_body_bytes, required=True)
         return _response(await self.handle(body, request.headers.get("content-type", "application/json")))
 
+    @model_api.post("/stream", summary="stream a sequence model's readings: state kept per entity")
+    async def stream_http(self, request: Request):
+        handling.check_auth(self.config.auth_token, request.headers.get("authorization"))
+        body = await _read(request, self.config.max_body_bytes, required=True)
+        ctype = request.headers.get("content-type", "application/json")
+        return _response(await self.stream_route(body, ctype, request.query_params, self.send_stream))
+
     @model_api.get("/", summary="this model: version, threshold, features")
     async def describe(self, request: Request):
         handling.check_auth(self.config.auth_token, request.headers.get("authorization"))
@@ -198,6 +247,19 @@ class ModelReplica:
 
 
 ModelServer = serve.ingress(model_api)(ModelReplica)
+
+
+async def send_keyed(handle, name: str, entity, call, tries: int = 5) -> streaming.StreamResult:
+    """``handle.stream(call)`` routed by ``entity`` (consistent hashing); a replica gone is retried."""
+    keyed = handle.options(session_id=streaming.session_key(entity))
+    for attempt in range(tries):
+        try:
+            return await keyed.stream.remote(call)
+        except Exception as e:  # noqa: BLE001 - Ray's errors for a replica gone
+            last = e
+            await asyncio.sleep(0.05 * 2**attempt)
+    log.warning("model %s: no replica took entity %r (%s: %s)", name, entity, type(last).__name__, last)
+    return streaming.StreamResult(error=(503, f"model {name} is unavailable right now ({type(last).__name__}); retry"))
 
 
 # --------------------------------------------------------------------------- the gateway
@@ -222,6 +284,7 @@ class Gateway:
         self.config = ServeConfig.model_validate(config)
         self.models = models  # model name -> DeploymentHandle, or (app, deployment); any name, even "config"
         self.jobs = None
+        self.described: dict = {}  # model -> (when, what it said of itself): /stream's entity and time columns
 
     def _handle(self, name: str):
         target = self.models[name]
@@ -290,6 +353,22 @@ class Gateway:
     @app.post(f"/{API_VERSION}/models/{{name}}/score", summary="score rows with one model", openapi_extra=_JSON_BODY)
     async def score_model(self, name: str, request: Request):
         return await self._score(name, request)
+
+    @app.post(f"/{API_VERSION}/models/{{name}}/stream", summary="stream a sequence model's readings")
+    async def stream_model(self, name: str, request: Request):
+        self._authorize(request)
+        handling.check_model(name, self.models)
+        body = await _read(request, self.config.max_body_bytes, required=True)
+        ctype = request.headers.get("content-type", "application/json")
+
+        async def send(entity, call):
+            return await send_keyed(self._handle(name), name, entity, call)
+
+        info = self.described.get(name)
+        if info is None or time.monotonic() - info[0] > INFO_TTL_S or not info[1].get("ready"):
+            info = self.described[name] = (time.monotonic(), await self._info(name))
+        return _response(await streaming.answer_request(body, ctype, request.query_params, info[1],
+                                                        self.config.max_rows, send))
 
     @app.post(f"/{API_VERSION}/jobs", summary="submit a batch scoring job for a data URI")
     async def submit_job(self, request: Request):

@@ -198,6 +198,25 @@ class ModelMetrics:
             self.scores.observe(v, tags=tags)
 
 
+class StreamMetrics:
+    """A sequence model's streaming gauges: the entities this replica holds, and those it evicted (past
+    ``stream_entities``, or idle past ``stream_idle_s``)."""
+
+    def __init__(self, metrics, name: str):
+        self.name = name
+        keys = ("model", "model_version")
+        self.entities = metrics.Gauge("unusual_stream_entities", "entities whose recent rows this replica holds",
+                                      tag_keys=keys)
+        self.evictions = metrics.Counter("unusual_stream_evictions", "entities dropped: least recently sent past "
+                                         "the limit, or idle", tag_keys=keys)
+
+    def observe(self, scorer, result) -> None:
+        tags = {"model": self.name, "model_version": scorer.version}
+        self.entities.set(result.entities, tags=tags)
+        if result.evictions:
+            self.evictions.inc(result.evictions, tags=tags)
+
+
 THREAD_ROWS = 4096  # a request of this many rows is scored in a thread: the replica keeps answering others
 
 

@@ -60,8 +60,10 @@ class StreamRow:
 
     ``status``: ``scored``; ``warming`` (the entity has ``have`` of the ``need`` rows a score needs; no
     score); ``late`` (at or before the entity's last time: not kept; scored only with ``late="score"``);
-    ``kept`` (:meth:`StreamState.warm`: kept, not scored). ``have``: the rows of the reading's window,
-    itself included, up to ``need`` (a refused late reading: the entity's rows). ``score``, ``is_anomaly``
+    ``kept`` (:meth:`StreamState.warm`: kept, not scored); ``repeat`` (the entity's last kept reading sent
+    again, same time and values, as a retry sends it: its score again, top features not kept; nothing
+    changes). ``have``: the rows of the reading's window, itself included, up to ``need`` (a refused late
+    reading: the entity's rows). ``score``, ``is_anomaly``
     and ``top_features`` are the Scorer's (``anomaly_score > threshold``), None when not scored."""
 
     entity: Any
@@ -141,6 +143,7 @@ class _Plan:
     prior: list
     scored: np.ndarray
     late: str
+    score: np.ndarray | None = None  # each reading's score (NaN: none), once scored
 
 
 class StreamState:
@@ -166,6 +169,7 @@ class StreamState:
         self._rows = np.zeros((0, self.keep, self.width), np.float32)  # slot -> ring of its last rows
         self._count = np.zeros(0, np.int64)  # slot -> rows its entity was sent (history index of the next)
         self._seen = np.zeros(0, np.float64)  # slot -> clock of its last kept reading
+        self._score = np.zeros(0, np.float64)  # slot -> score of its last kept reading (NaN: not scored)
         self._last: list = []  # slot -> time of its last kept reading
         self._slots: OrderedDict = OrderedDict()  # entity -> slot, least recently sent first
         self._free: list[int] = []
@@ -191,6 +195,24 @@ class StreamState:
         with self._lock:
             return self._call(to_table(history), "refuse", scoring=False)
 
+    def check(self, readings) -> None:
+        """Refuse ``readings`` as :meth:`score` would for a field or value at fault (a StreamError or
+        SchemaError naming it), changing nothing."""
+        with self._lock:
+            self._read(to_table(readings))
+
+    def adopt(self, scorer) -> bool:
+        """Score with ``scorer`` from now on, keeping the entities' rows, when they mean the same to it
+        (the same window, entity, time and feature encoding); False (nothing changed) otherwise."""
+        old = self.scorer
+        same = (int(scorer.bundle.module.context_length) == self.need and scorer.sequence
+                and (scorer.entity, scorer.time) == (old.entity, old.time)
+                and scorer.schema.to_dict() == old.schema.to_dict())
+        if same:
+            with self._lock:
+                self.scorer = scorer
+        return same
+
     def expire(self) -> int:
         """Drop the entities idle past ``idle_seconds`` now (calls do it too); how many."""
         with self._lock:
@@ -199,7 +221,7 @@ class StreamState:
     def memory_bytes(self) -> int:
         """Bytes held: the rows pool and per-slot arrays, and each entity's key, last time and entry."""
         with self._lock:
-            arrays = self._rows.nbytes + self._count.nbytes + self._seen.nbytes
+            arrays = self._rows.nbytes + self._count.nbytes + self._seen.nbytes + self._score.nbytes
             lists = sys.getsizeof(self._last) + sys.getsizeof(self._free) + sys.getsizeof(self._slots)
             objects = sum(sys.getsizeof(k) + sys.getsizeof(self._last[s]) for k, s in self._slots.items())
             return arrays + lists + objects
@@ -219,6 +241,8 @@ class StreamState:
         plan = self._plan(batch, now, late, scoring)
         results = self._results(batch, plan)  # raises (a score that is not finite) before any change
         rows = self._answers(batch, plan, results, scoring)
+        plan.score = np.full(len(batch.times), np.nan)
+        plan.score[np.flatnonzero(plan.scored)] = [r["anomaly_score"] for r in results]
         self._commit(batch, plan, now)
         return StreamAnswer(rows, version, threshold)
 
@@ -296,13 +320,15 @@ class StreamState:
         need = self.need
         rows = zip(batch.order.tolist(), plan.group.tolist(), batch.times, plan.before.tolist(), plan.kept.tolist(),
                    plan.scored.tolist(), plan.prior)
-        for r, g, t, before, kept, scored, prior in rows:
+        for i, (r, g, t, before, kept, scored, prior) in enumerate(rows):
             row = StreamRow(batch.keys[g], t, "scored", have=min(before + 1, need), need=need)
             if scored:
                 res = next(it)
                 row.score, row.is_anomaly = res["anomaly_score"], res["is_anomaly"]
                 row.top_features = res["top_features"]
-            if not kept:
+            if not kept and not scored and self._repeat(row, batch, plan, g, i, prior):
+                pass
+            elif not kept:
                 self._late(row, prior, before, scored, scoring and plan.late == "score")
             elif not scoring:
                 row.status = "kept"
@@ -311,6 +337,21 @@ class StreamState:
                 row.message = f"warming: {row.have} of the {need} rows a score needs; {need - row.have} more"
             out[r] = row
         return out
+
+    def _repeat(self, row: StreamRow, batch: _Batch, plan: _Plan, g: int, i: int, prior) -> bool:
+        """A reading sent again (the entity's last kept one: same time, same values, as a client or proxy
+        retrying a request whose answer was lost): it gets that reading's score again, not a refusal."""
+        s, c = int(plan.slot[g]), int(plan.count[g])
+        if s < 0 or self.keep == 0 or plan.before[i] != c or not (prior == row.time):
+            return False
+        if not np.array_equal(batch.X[i], self._rows[s, (c - 1) % self.keep], equal_nan=True):
+            return False
+        row.status, row.have = "repeat", min(c, self.need)
+        score = float(self._score[s])
+        if np.isfinite(score):
+            row.score, row.is_anomaly = score, bool(score > self.scorer.threshold)
+        row.message = f"sent again: entity {row.entity!r} reading at {row.time} was kept already; its answer again"
+        return True
 
     def _late(self, row: StreamRow, prior, before: int, scored: bool, tried: bool) -> None:
         head = f"late: entity {row.entity!r} reading at {row.time} is not after its last reading at {prior}"
@@ -345,6 +386,7 @@ class StreamState:
         self._seen[slots] = now
         for s, row in zip(slots.tolist(), kept_rows[first[todo + 1] - 1].tolist()):
             self._last[s] = batch.times[row]
+            self._score[s] = plan.score[row]
         if self.keep:  # the last ``keep`` kept rows of each entity, each to its ring position
             slot_of = np.full(len(batch.keys), -1, np.int64)
             slot_of[todo] = slots
@@ -397,10 +439,11 @@ class StreamState:
         live = list(self._slots.items())
         idx = np.array([s for _, s in live], np.int64)
         rows = np.zeros((size, self.keep, self.width), np.float32)
-        count, seen = np.zeros(size, np.int64), np.zeros(size, np.float64)
+        count, seen, score = np.zeros(size, np.int64), np.zeros(size, np.float64), np.zeros(size, np.float64)
         rows[: len(live)], count[: len(live)], seen[: len(live)] = self._rows[idx], self._count[idx], self._seen[idx]
+        score[: len(live)] = self._score[idx]
         last = [self._last[s] for s in idx.tolist()] + [None] * (size - len(live))
-        self._rows, self._count, self._seen, self._last = rows, count, seen, last
+        self._rows, self._count, self._seen, self._last, self._score = rows, count, seen, last, score
         self._slots = OrderedDict((k, i) for i, (k, _) in enumerate(live))
         self._free = list(range(size - 1, len(live) - 1, -1))  # pop() takes the lowest
 

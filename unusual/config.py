@@ -317,6 +317,10 @@ class ServeConfig(JobConfig):
         64, "most rows in one model call of requests that arrive together (no wait); a larger request is scored alone",
         ge=1,
     )
+    stream_entities: int = opt(
+        100_000, "entities a replica keeps for /stream; past it the least recently sent is dropped", ge=1
+    )
+    stream_idle_s: float = opt(3600.0, "seconds after which an entity not sent to /stream is dropped", gt=0)
     access_log: bool = opt(False, "a log line per request in the replicas' Serve logs (costs throughput)")
     jobs_address: str | None = opt(
         None, "dashboard address for POST /v1/jobs (default: $RAY_DASHBOARD_ADDRESS, else this cluster)"

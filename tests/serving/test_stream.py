@@ -167,16 +167,21 @@ def test_late_readings_are_refused_and_change_nothing(causal):
     det, test, _ = causal
     state = StreamState(det.scorer_)
     host = test.filter(pc.equal(pc.field("host"), SERIES[0]))
-    state.score(host.slice(0, 30))
+    kept = state.score(host.slice(0, 30)).rows[-1]
     before = snapshot(state)
     last, earlier = host.column("timestamp")[29].as_py(), host.column("timestamp")[3].as_py()
-    for i in (29, 3):  # the last time again, an earlier one
-        (a,) = state.score(host.slice(i, 1)).rows
+    other = host.slice(29, 1).set_column(1, "value", pa.array([host.column("value")[29].as_py() + 1.0]))
+    for reading in (other, host.slice(3, 1)):  # the last time again with another value, an earlier one
+        (a,) = state.score(reading).rows
         assert (a.status, a.score) == ("late", None)
-        assert a.message.startswith(f"late: entity {SERIES[0]!r} reading at {host.column('timestamp')[i].as_py()} "
+        assert a.message.startswith(f"late: entity {SERIES[0]!r} reading at {reading.column('timestamp')[0].as_py()} "
                                     f"is not after its last reading at {last}")
         assert a.message.endswith("refused") and a.have == WINDOW + 1
         assert snapshot(state) == before
+    # the last reading sent again as it was (a retry whose answer was lost): its answer again, nothing changes
+    (again,) = state.score(host.slice(29, 1)).rows
+    assert (again.status, again.score, again.is_anomaly) == ("repeat", kept.score, kept.is_anomaly)
+    assert snapshot(state) == before
     assert earlier < last
     # late="score": scored against the entity's rows as they are, not kept
     (a,) = state.score(host.slice(3, 1), late="score").rows
@@ -184,7 +189,7 @@ def test_late_readings_are_refused_and_change_nothing(causal):
     assert snapshot(state) == before
     young = StreamState(det.scorer_)
     young.score(host.slice(0, 5))
-    (w,) = young.score(host.slice(4, 1), late="score").rows  # late, and too few rows for a score
+    (w,) = young.score(host.slice(3, 1), late="score").rows  # late, and too few rows for a score
     assert (w.status, w.score, w.have) == ("late", None, 6) and "not scored" in w.message  # 5 rows and itself
     ahead = host.slice(3, 1).set_column(0, "timestamp", host.slice(30, 1).column("timestamp"))
     twin = StreamState(det.scorer_)
