@@ -213,8 +213,9 @@ class ModelReplica:
                 return streaming.StreamResult(error=(400, str(e)))
         result = streaming.score_call(self.stream_state, call, self.name)
         self.stream_metrics.observe(scorer, result)
-        if result.answer is not None:
-            self.metrics.scored(scorer, streaming.scores(result))
+        scores = streaming.scores(result)
+        if scores.size:
+            self.metrics.scored(scorer, scores)
         return result
 
     async def send_stream(self, entity, call: streaming.StreamCall, tries: int = 5) -> streaming.StreamResult:
@@ -251,10 +252,15 @@ ModelServer = serve.ingress(model_api)(ModelReplica)
 
 async def send_keyed(handle, name: str, entity, call, tries: int = 5) -> streaming.StreamResult:
     """``handle.stream(call)`` routed by ``entity`` (consistent hashing); a replica gone is retried."""
+    from ray.exceptions import RayTaskError
+
     keyed = handle.options(session_id=streaming.session_key(entity))
     for attempt in range(tries):
         try:
             return await keyed.stream.remote(call)
+        except RayTaskError as e:  # the replica raised: ours, not a replica gone (score_call answers bad input)
+            log.error("model %s: streaming entity %r failed", name, entity, exc_info=e)
+            return streaming.StreamResult(error=(500, f"internal error streaming with model {name}"))
         except Exception as e:  # noqa: BLE001 - Ray's errors for a replica gone
             last = e
             await asyncio.sleep(0.05 * 2**attempt)

@@ -253,6 +253,7 @@ class StreamState:
         for name, role in ((ent, "entity"), (tm, "time")):
             if name is not None:
                 _check_field(table, name, role)
+        table = _timestamps(table, tm)
         X, _, _ = self.scorer.schema.transform(table, "raise", self.scorer.allowed_extra)
         order = sort_order(table, ent, tm)
         if order is None:
@@ -350,11 +351,13 @@ class StreamState:
         score = float(self._score[s])
         if np.isfinite(score):
             row.score, row.is_anomaly = score, bool(score > self.scorer.threshold)
-        row.message = f"sent again: entity {row.entity!r} reading at {row.time} was kept already; its answer again"
+        row.message = (f"sent again: entity {row.entity!r} reading at {_plain(row.time)} was kept already; "
+                       "its answer again")
         return True
 
     def _late(self, row: StreamRow, prior, before: int, scored: bool, tried: bool) -> None:
-        head = f"late: entity {row.entity!r} reading at {row.time} is not after its last reading at {prior}"
+        head = (f"late: entity {row.entity!r} reading at {_plain(row.time)} is not after its last reading at "
+                f"{_plain(prior)}")
         row.status = "late"
         if scored:
             row.message = f"{head}; scored against the entity's rows, not kept"
@@ -454,6 +457,23 @@ class StreamState:
         c = int(self._count[s])
         h = np.arange(max(0, c - self.keep), c)
         return self._rows[s, h % self.keep].copy() if self.keep else self._rows[s, :0].copy()
+
+
+def _timestamps(table: pa.Table, name: str) -> pa.Table:
+    """Times as one type whatever the body: ISO-8601 strings (JSON) and Arrow timestamps of any unit as
+    microsecond timestamps, so that readings sent either way order against each other."""
+    col = table.column(name)
+    target = pa.timestamp("us", getattr(col.type, "tz", None)) if pa.types.is_timestamp(col.type) else None
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        try:
+            col = pc.cast(col, pa.timestamp("us"))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            return table  # not ISO-8601 times: ordered as the strings they are
+    elif target is not None and col.type != target:
+        col = pc.cast(col, target)
+    else:
+        return table
+    return table.set_column(table.column_names.index(name), name, col)
 
 
 def _check_field(table: pa.Table, name: str, role: str) -> None:

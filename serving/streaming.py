@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from .. import rayprivate
 from .codec import RequestError, body_to_table, is_json, json_doc, media_type, rows_table, table_to_body
 from .handling import Answer, answer, error_answer, rejection, version_headers
 from .stream import LATE, StreamAnswer, StreamRow, StreamState
@@ -42,6 +43,9 @@ log = logging.getLogger("unusual.serve")
 ROUTER = "ray.serve.experimental.consistent_hash_router.ConsistentHashRouter"
 ROUTER_KWARGS = {"num_fallback_replicas": 0}
 TRUE = ("1", "true", "yes", "on")
+# Entities of one request in flight at once: more filled a replica's max_ongoing_requests and the router
+# backed the rest off (300 entities at once took over 60 s; a few at a time, about a second).
+FANOUT = 16
 
 
 @dataclass
@@ -162,7 +166,16 @@ async def route(call: StreamCall, entity: str | None, time_column: str | None, n
     merge the answers into the request's."""
     t0 = time.perf_counter()
     parts = split(call, entity)
-    results = await asyncio.gather(*(send(key, part) for key, part, _ in parts))
+    gate, alone = asyncio.Semaphore(FANOUT), asyncio.Lock()
+
+    async def one(key, part):  # a task of its own: its handle call gets a request id of its own
+        async with gate:
+            if len(parts) == 1 or rayprivate.new_request_id():
+                return await send(key, part)
+            async with alone:  # a Ray whose request context moved: calls sharing an id go one at a time
+                return await send(key, part)
+
+    results = await asyncio.gather(*(one(key, part) for key, part, _ in parts))
     rows: list[StreamRow | None] = [None] * (call.readings.num_rows if call.readings is not None else 0)
     errors, version, threshold, kept, late_history = [], None, None, 0, 0
     for (key, _, index), result in zip(parts, results):

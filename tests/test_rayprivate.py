@@ -221,6 +221,26 @@ def test_with_version():
     assert rayprivate.with_version(refuses, "abc123") is refuses
 
 
+def test_new_request_id_gives_the_task_its_own_id():
+    import asyncio
+
+    from ray.serve import context
+
+    async def main():
+        context._set_request_context(route="/x", request_id="r1", _internal_request_id="shared")
+
+        async def one():
+            assert rayprivate.new_request_id()
+            return context._get_serve_request_context()
+
+        a, b = await asyncio.gather(one(), one())
+        ids = {a._internal_request_id, b._internal_request_id}
+        assert len(ids) == 2 and "shared" not in ids and a.request_id == b.request_id == "r1"
+        assert context._get_serve_request_context()._internal_request_id == "shared"  # the request's own
+
+    asyncio.run(main())
+
+
 @pytest.mark.slow
 def test_serve_http_port_on_a_running_ray(ray_cluster):
     """None where no Serve controller runs, else its port: checked against Ray's public list of named actors."""

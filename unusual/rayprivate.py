@@ -153,3 +153,28 @@ def with_version(deployment, version: str):
         return deployment.options(version=version, _internal=True)
     except (TypeError, ValueError):
         return deployment
+
+
+def new_request_id() -> bool:
+    """Give the Serve request context of the running asyncio task a fresh internal request id, so that
+    several handle calls made at once from one request (each in its own task) are routed as the separate
+    requests they are. Ray 2.60's request routers index pending requests by that id and a handle call
+    inherits it from the request it is made in: calls made together shared it, and all but one waited
+    forever under the ConsistentHashRouter.
+
+    Wraps ``ray.serve.context._serve_request_context`` (a ContextVar of a ``_RequestContext``
+    dataclass with ``_internal_request_id``). Moved: nothing is done and False is returned (fan-out
+    calls then go one at a time, which the caller does)."""
+    import dataclasses
+    import uuid
+
+    try:
+        from ray.serve.context import _serve_request_context as var
+
+        ctx = var.get()
+        if ctx is None:
+            return True  # no request: each call gets its own id
+        var.set(dataclasses.replace(ctx, _internal_request_id=uuid.uuid4().hex))
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return False
+    return True

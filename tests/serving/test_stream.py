@@ -174,8 +174,9 @@ def test_late_readings_are_refused_and_change_nothing(causal):
     for reading in (other, host.slice(3, 1)):  # the last time again with another value, an earlier one
         (a,) = state.score(reading).rows
         assert (a.status, a.score) == ("late", None)
-        assert a.message.startswith(f"late: entity {SERIES[0]!r} reading at {reading.column('timestamp')[0].as_py()} "
-                                    f"is not after its last reading at {last}")
+        t = reading.column("timestamp")[0].as_py()
+        assert a.message.startswith(f"late: entity {SERIES[0]!r} reading at {t.isoformat()} "
+                                    f"is not after its last reading at {last.isoformat()}")
         assert a.message.endswith("refused") and a.have == WINDOW + 1
         assert snapshot(state) == before
     # the last reading sent again as it was (a retry whose answer was lost): its answer again, nothing changes
@@ -206,7 +207,7 @@ def test_readings_of_one_call_are_taken_in_time_order(causal):
     a, b, c = state.score(mixed).rows
     assert (a.status, b.status, c.status) == ("scored", "scored", "late")
     # taken in time order, the second copy of row 30 comes after the first (not after row 31)
-    assert c.message.endswith(f"its last reading at {host.column('timestamp')[30].as_py()}; refused")
+    assert c.message.endswith(f"its last reading at {host.column('timestamp')[30].as_py().isoformat()}; refused")
     twin = StreamState(det.scorer_)
     twin.score(host.slice(0, 30))
     assert [x.score for x in twin.score(host.slice(30, 2)).rows] == [b.score, a.score]
