@@ -42,6 +42,9 @@ from . import handling, streaming
 from .codec import ARROW_STREAM, PARQUET_TYPES, RequestError
 
 API_VERSION = "v1"
+# A streaming call not answered in this long is sent again (a reading kept by the first answers `repeat`):
+# a call made while a replica joined the ring once waited out the client's 60 s.
+STREAM_CALL_S = 10.0
 INFO_TTL_S = 5.0  # the gateway's /stream reads a model's entity and time columns from its info this long
 NO_CHECKPOINT_S = 10  # Serve calls reconfigure right after __init__: no checkpoint by then, none is coming
 log = logging.getLogger("unusual.serve")
@@ -257,7 +260,7 @@ async def send_keyed(handle, name: str, entity, call, tries: int = 5) -> streami
     keyed = handle.options(session_id=streaming.session_key(entity))
     for attempt in range(tries):
         try:
-            return await keyed.stream.remote(call)
+            return await asyncio.wait_for(keyed.stream.remote(call), STREAM_CALL_S)
         except RayTaskError as e:  # the replica raised: ours, not a replica gone (score_call answers bad input)
             log.error("model %s: streaming entity %r failed", name, entity, exc_info=e)
             return streaming.StreamResult(error=(500, f"internal error streaming with model {name}"))
