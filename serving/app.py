@@ -38,13 +38,14 @@ from ..config import ServeConfig, ServeJob, loopback
 from ..models.errors import UnusualError
 from ..runtime import ResourceError, embedded, ensure_ray, progress
 from . import fastpath
-from .deployments import Gateway, ModelReplica, ModelServer, deployment_name
+from .deployments import Gateway, ModelReplica, ModelServer, StreamReplica, deployment_name, stream_deployment_name
 from .handling import token_digest
 from .streaming import ROUTER, ROUTER_KWARGS
 from .versions import pinned
 
 APP_NAME = "unusual"
 STOP_SECONDS = 10  # unusual serve stops within this after SIGINT / SIGTERM
+STREAM_CPUS = 0.1  # a stream replica's share: one model call per request's readings, idle for a row model
 
 
 class PortInUse(UnusualError):
@@ -93,24 +94,14 @@ def check_cluster(config: ServeConfig, resources: dict) -> None:
 def model_deployment(name: str, checkpoint: str | None, config: ServeConfig, args: dict | None = None,
                      cls=ModelServer):
     """The bound ``ModelServer`` (``cls``) of one model; its checkpoint is the ``user_config`` (swapped
-    live; None: a Serve config file's ``deployments:`` gives it). ``args``: what its replicas get."""
+    live; None: a Serve config file's ``deployments:`` gives it). ``args``: what its replicas get. A
+    sequence model's (or one whose kind is not known here) is bound with its StreamReplica deployment."""
     deployment = serve.deployment(
         cls,
         name=deployment_name(name),
         ray_actor_options=replica_resources(config),
-        autoscaling_config={
-            "min_replicas": config.min_replicas,
-            # Only where it scales to zero: Serve resets the target to initial_replicas on every
-            # changed config (a new checkpoint), which scaled a busy model back down mid-swap.
-            **({"initial_replicas": 1} if config.min_replicas == 0 else {}),
-            "max_replicas": config.max_replicas,
-            "target_ongoing_requests": config.target_ongoing_requests,
-            "upscale_delay_s": config.upscale_delay_s,
-            "downscale_delay_s": config.downscale_delay_s,
-        },
+        autoscaling_config=autoscaling(config),
         max_ongoing_requests=max(8, 4 * config.max_batch_size),
-        # /stream reaches the replica holding an entity through a handle keyed by it (serving/streaming.py)
-        request_router_config=RequestRouterConfig(request_router_class=ROUTER, request_router_kwargs=ROUTER_KWARGS),
         user_config=None if checkpoint is None else {"checkpoint": checkpoint, "top_k": config.top_k},
         health_check_period_s=5,
         graceful_shutdown_wait_loop_s=0.5,
@@ -118,6 +109,58 @@ def model_deployment(name: str, checkpoint: str | None, config: ServeConfig, arg
         logging_config=logging_config(config),
     )
     args = args if args is not None else replica_args(config)
+    stream = stream_deployment(name, config, args) if streams(config, checkpoint) else None
+    return pinned(deployment, name, args, stream is not None).bind(name, args, stream)
+
+
+def autoscaling(config: ServeConfig) -> dict:
+    """A model's replicas (and its stream replicas) scale between ``min_replicas`` and ``max_replicas``."""
+    return {
+        "min_replicas": config.min_replicas,
+        # Only where it scales to zero: Serve resets the target to initial_replicas on every
+        # changed config (a new checkpoint), which scaled a busy model back down mid-swap.
+        **({"initial_replicas": 1} if config.min_replicas == 0 else {}),
+        "max_replicas": config.max_replicas,
+        "target_ongoing_requests": config.target_ongoing_requests,
+        "upscale_delay_s": config.upscale_delay_s,
+        "downscale_delay_s": config.downscale_delay_s,
+    }
+
+
+def streams(config: ServeConfig, checkpoint: str | None) -> bool:
+    """Whether a model gets the /stream route: ``streaming`` when set, else whether its bundle scores
+    sequences with a time column (read from its manifest; a checkpoint not known or not readable here,
+    as in a config file, counts as one)."""
+    if config.streaming is not None:
+        return config.streaming
+    if checkpoint is None:
+        return True
+    try:
+        from ..models.bundle import read_manifest
+        from ..models.registry import family
+
+        manifest = read_manifest(checkpoint)
+        return family(manifest.kind).sequence and bool(manifest.family_config.get("time_column"))
+    except Exception:  # noqa: BLE001 - an MLflow URI, a bundle not there yet: the replicas will say
+        return True
+
+
+def stream_deployment(name: str, config: ServeConfig, args: dict):
+    """The bound StreamReplica of one model: the entities' rows, reached by consistent hashing on the
+    entity (Serve refuses a custom request router on an ingress under HAProxy, so it is a deployment of
+    its own behind the model's replicas)."""
+    deployment = serve.deployment(
+        StreamReplica,
+        name=stream_deployment_name(name),
+        ray_actor_options={"num_cpus": STREAM_CPUS},  # idle until a reading comes; CPU: one window per reading
+        autoscaling_config=autoscaling(config),
+        max_ongoing_requests=max(8, 4 * config.max_batch_size),
+        request_router_config=RequestRouterConfig(request_router_class=ROUTER, request_router_kwargs=ROUTER_KWARGS),
+        health_check_period_s=5,
+        graceful_shutdown_wait_loop_s=0.5,
+        graceful_shutdown_timeout_s=5,
+        logging_config=logging_config(config),
+    )
     return pinned(deployment, name, args).bind(name, args)
 
 
@@ -135,7 +178,7 @@ def logging_config(config: ServeConfig) -> dict:
     return {"enable_access_log": config.access_log, "log_level": "INFO" if config.access_log else "WARNING"}
 
 
-def gateway_deployment(config: ServeConfig, models: dict):
+def gateway_deployment(config: ServeConfig, models: dict, streaming: dict | None = None):
     """The bound ``Gateway``: ``models`` maps names to bound model deployments (one application) or
     to ``(application, deployment)`` names (an application per model). Serve resolves bound models
     inside the dict to handles."""
@@ -155,7 +198,7 @@ def gateway_deployment(config: ServeConfig, models: dict):
         graceful_shutdown_timeout_s=5,
         logging_config=logging_config(config),
     )
-    return pinned(deployment, replica_args(config), models).bind(replica_args(config), models)
+    return pinned(deployment, replica_args(config), models).bind(replica_args(config), models, streaming or {})
 
 
 def model_app_name(name: str, model: str) -> str:
@@ -195,7 +238,9 @@ def build(config: ServeConfig):
     (:func:`check_cluster`) before it deploys."""
     config = as_config(config)
     models = {name: model_deployment(name, uri, config, cls=ModelReplica) for name, uri in config.models.items()}
-    return gateway_deployment(config, models)
+    streaming = {name: stream_deployment(name, config, replica_args(config))
+                 for name, uri in config.models.items() if streams(config, uri)}
+    return gateway_deployment(config, models, streaming)
 
 
 def build_app(args: ServeConfig):

@@ -93,6 +93,11 @@ async def _read(request: Request, limit: int, required: bool = False) -> bytes:
     return await handling.read_body(request.stream(), length, limit, required=required)
 
 
+def stream_deployment_name(model: str) -> str:
+    """The Serve deployment of ``model``'s stream state (beside its replicas)."""
+    return f"stream-{model}"
+
+
 def deployment_name(model: str) -> str:
     """The Serve deployment of ``model``'s replicas (in its own application, or inside the gateway's)."""
     return f"model-{model}"
@@ -115,10 +120,11 @@ class ModelReplica:
     through handles (``handle``, ``info``) for ``POST /v1/score``, and reaches this class, deployed
     without routes inside the gateway's application, for every route (:func:`unusual.serving.app.build_app`)."""
 
-    def __init__(self, name: str, config: dict):
+    def __init__(self, name: str, config: dict, stream=None):
         from ray.serve import metrics
 
         self.name = name
+        self.streams = stream  # the handle of this model's StreamReplica deployment (None: no /stream)
         self.config = ServeConfig.model_validate(config)
         self.scorer = None
         self.checkpoint = None
@@ -126,9 +132,6 @@ class ModelReplica:
         self.metrics = handling.ModelMetrics(metrics, name)
         self._batch.set_max_batch_size(self.config.max_batch_size)
         self.active = 0  # requests in batched(): waiting for, or in, a model call
-        self.stream_state = None  # a sequence model's entities held here (built on the first reading)
-        self.stream_metrics = handling.StreamMetrics(metrics, name)
-        self.self_handle = None
 
     def check_health(self) -> None:
         """Serve's health check: a replica that was never given a checkpoint can never answer."""
@@ -148,10 +151,6 @@ class ModelReplica:
         top_k = int(user_config.get("top_k", self.config.top_k))
         scorer = Scorer(uri, device=device, top_k=top_k, stream=False)
         old = self.scorer.version if self.scorer else None
-        if self.stream_state is not None and not self.stream_state.adopt(scorer):
-            log.info("model %s: %s entities warm up again (the new version reads windows differently)",
-                     self.name, self.stream_state.entities)
-            self.stream_state = None
         self.scorer, self.checkpoint = scorer, uri  # one assignment: requests in flight keep the old one
         log.info("model %s: %s -> %s (%s)", self.name, old, scorer.version, uri)
 
@@ -197,37 +196,11 @@ class ModelReplica:
 
     # ----------------------------------------------------------------- streaming
 
-    async def stream_route(self, body: bytes, content_type: str, params, send) -> handling.Answer:
-        """A streaming request's answer: parsed and split here, each entity's readings ``send`` to the
-        replica holding it (:func:`.streaming.answer_request`)."""
+    async def stream_route(self, body: bytes, content_type: str, params) -> handling.Answer:
+        """A streaming request's answer: parsed and split here, each entity's readings sent to the
+        StreamReplica holding it with this replica's checkpoint (:func:`.streaming.answer_request`)."""
         info = handling.model_info(self.name, self.scorer, self.checkpoint)
-        return await streaming.answer_request(body, content_type, params, info, self.config.max_rows, send)
-
-    async def stream(self, call: streaming.StreamCall) -> streaming.StreamResult:
-        """One entity's readings on the replica that holds its rows (reached by consistent hashing)."""
-        scorer = self.scorer
-        if scorer is None:
-            return streaming.StreamResult(error=(503, f"model {self.name} is still loading"))
-        if self.stream_state is None:
-            try:
-                self.stream_state = streaming.StreamState(
-                    scorer, self.config.stream_entities, self.config.stream_idle_s)
-            except ValueError as e:
-                return streaming.StreamResult(error=(400, str(e)))
-        result = streaming.score_call(self.stream_state, call, self.name)
-        self.stream_metrics.observe(scorer, result)
-        scores = streaming.scores(result)
-        if scores.size:
-            self.metrics.scored(scorer, scores)
-        return result
-
-    async def send_stream(self, entity, call: streaming.StreamCall, tries: int = 5) -> streaming.StreamResult:
-        """``call`` to the replica of this deployment that holds ``entity``: a replica that stopped or died
-        is retried (its entities then warm up on the one that takes them), then a 503."""
-        if self.self_handle is None:
-            ctx = serve.get_replica_context()
-            self.self_handle = serve.get_deployment_handle(ctx.deployment, app_name=ctx.app_name)
-        return await send_keyed(self.self_handle, self.name, entity, call, tries)
+        return await stream_answer(self.streams, self.name, info, body, content_type, params, self.config.max_rows)
 
     # ----------------------------------------------------------------- its own routes
 
@@ -242,7 +215,7 @@ class ModelReplica:
         handling.check_auth(self.config.auth_token, request.headers.get("authorization"))
         body = await _read(request, self.config.max_body_bytes, required=True)
         ctype = request.headers.get("content-type", "application/json")
-        return _response(await self.stream_route(body, ctype, request.query_params, self.send_stream))
+        return _response(await self.stream_route(body, ctype, request.query_params))
 
     @model_api.get("/", summary="this model: version, threshold, features")
     async def describe(self, request: Request):
@@ -251,6 +224,70 @@ class ModelReplica:
 
 
 ModelServer = serve.ingress(model_api)(ModelReplica)
+
+
+async def stream_answer(streams, name: str, info: dict, body: bytes, content_type: str, params,
+                        max_rows: int) -> handling.Answer:
+    """``POST …/stream`` for the model ``info`` describes, its entities' calls sent through ``streams``
+    (the model's StreamReplica handle; None: streaming is off for it) with its checkpoint."""
+    if streams is None:
+        return handling.error_answer(404, f"model {name} has no /stream route (deployed with streaming: false)")
+
+    async def send(entity, call):
+        call.checkpoint = info.get("checkpoint")
+        return await send_keyed(streams, name, entity, call)
+
+    return await streaming.answer_request(body, content_type, params, info, max_rows, send)
+
+
+class StreamReplica:
+    """The state of a sequence model's streams: each entity's recent rows, on the replica its readings
+    reach by consistent hashing (the deployment's request router, keyed by the entity). Not an ingress:
+    the model's replicas (or the gateway) call ``stream`` with the checkpoint they score with, loaded
+    here on first use; a new checkpoint keeps the entities' rows when it reads windows the same way."""
+
+    def __init__(self, name: str, config: dict):
+        from ray.serve import metrics
+
+        self.name = name
+        self.config = ServeConfig.model_validate(config)
+        self.state = None
+        self.checkpoint = None
+        self.loading = asyncio.Lock()
+        self.metrics = handling.ModelMetrics(metrics, name)
+        self.stream_metrics = handling.StreamMetrics(metrics, name)
+
+    async def _state(self, checkpoint: str):
+        """The entities' state, scoring with ``checkpoint`` (loaded on first use, or on a swap)."""
+        async with self.loading:
+            if checkpoint != self.checkpoint:
+                from ..models import Scorer
+
+                # on CPU: a reading's window is one small model call, cheaper there than a GPU round trip
+                scorer = await asyncio.to_thread(Scorer, checkpoint, device="cpu", top_k=self.config.top_k,
+                                                 stream=False)
+                if self.state is None or not self.state.adopt(scorer):
+                    if self.state is not None:
+                        log.info("model %s: %s entities warm up again (%s reads windows differently)",
+                                 self.name, self.state.entities, scorer.version)
+                    self.state = streaming.StreamState(scorer, self.config.stream_entities, self.config.stream_idle_s)
+                self.checkpoint = checkpoint
+            return self.state
+
+    async def stream(self, call: streaming.StreamCall) -> streaming.StreamResult:
+        """One entity's readings, scored against (and kept in) its rows here."""
+        if call.checkpoint is None:
+            return streaming.StreamResult(error=(503, f"model {self.name} is still loading"))
+        try:
+            state = await self._state(call.checkpoint)
+        except ValueError as e:  # a bundle that cannot stream (a row model, no time column)
+            return streaming.StreamResult(error=(400, str(e)))
+        result = streaming.score_call(state, call, self.name)
+        self.stream_metrics.observe(state.scorer, result)
+        scores = streaming.scores(result)
+        if scores.size:
+            self.metrics.scored(state.scorer, scores)
+        return result
 
 
 async def send_keyed(handle, name: str, entity, call, tries: int = 5) -> streaming.StreamResult:
@@ -289,9 +326,10 @@ class Gateway:
     ModelServer: a bound deployment of this application (Serve hands in its handle), or the
     ``(application, deployment)`` of a model deployed as an application of its own (looked up)."""
 
-    def __init__(self, config: dict, models: dict):
+    def __init__(self, config: dict, models: dict, streams: dict | None = None):
         self.config = ServeConfig.model_validate(config)
         self.models = models  # model name -> DeploymentHandle, or (app, deployment); any name, even "config"
+        self.streams = streams or {}  # model name -> its StreamReplica handle (build_app's one application)
         self.jobs = None
         self.described: dict = {}  # model -> (when, what it said of itself): /stream's entity and time columns
 
@@ -368,16 +406,12 @@ class Gateway:
         self._authorize(request)
         handling.check_model(name, self.models)
         body = await _read(request, self.config.max_body_bytes, required=True)
-        ctype = request.headers.get("content-type", "application/json")
-
-        async def send(entity, call):
-            return await send_keyed(self._handle(name), name, entity, call)
-
         info = self.described.get(name)
         if info is None or time.monotonic() - info[0] > INFO_TTL_S or not info[1].get("ready"):
             info = self.described[name] = (time.monotonic(), await self._info(name))
-        return _response(await streaming.answer_request(body, ctype, request.query_params, info[1],
-                                                        self.config.max_rows, send))
+        ctype = request.headers.get("content-type", "application/json")
+        return _response(await stream_answer(self.streams.get(name), name, info[1], body, ctype,
+                                             request.query_params, self.config.max_rows))
 
     @app.post(f"/{API_VERSION}/jobs", summary="submit a batch scoring job for a data URI")
     async def submit_job(self, request: Request):

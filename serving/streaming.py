@@ -57,6 +57,7 @@ class StreamCall:
     history: pa.Table | None = None
     late: str = "refuse"
     fmt: str = "json"
+    checkpoint: str | None = None  # the bundle the entry replica scores with (the state replica loads it)
 
     @property
     def rows(self) -> int:

@@ -317,6 +317,9 @@ class ServeConfig(JobConfig):
         64, "most rows in one model call of requests that arrive together (no wait); a larger request is scored alone",
         ge=1,
     )
+    streaming: bool | None = opt(
+        None, "deploy each model's /stream route (default: for sequence models with a time column)"
+    )
     stream_entities: int = opt(
         100_000, "entities a replica keeps for /stream; past it the least recently sent is dropped", ge=1
     )

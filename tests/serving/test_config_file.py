@@ -110,6 +110,21 @@ def answers(url: str, rows: pa.Table) -> dict:
     out["default_model"] = listing["default"]
     bad = requests.post(f"{url}/v1/models/ae/score", json={"rows": [{"nope": 1}]}, timeout=30)
     out["bad"] = (bad.status_code, bad.json())
+    out["stream"] = streamed(url)
+    return out
+
+
+def streamed(url: str) -> list:
+    """The lstm's streaming answers: two hosts' readings, one request each, then a late one (409)."""
+    t = sample_data.load("nab_ec2_request_latency").drop_columns(["label"]).slice(500, 12)
+    out = []
+    for host in ("h1", "h2"):
+        rows = [{**r, "timestamp": r["timestamp"].isoformat(), "host": host} for r in t.to_pylist()]
+        for body in (rows[:11], rows[11:], rows[3:4]):
+            r = requests.post(f"{url}/v1/models/lstm/stream", json={"rows": body}, timeout=60)
+            assert r.status_code in (200, 409), r.text
+            out.append((r.status_code, [(x["status"], x["score"]) for x in r.json()["rows"]]))
+    assert out[2][0] == 409 and out[1][1][0][0] == "scored"
     return out
 
 
@@ -125,6 +140,10 @@ def assert_same(got: dict, want: dict) -> None:
     assert got["default"]["model"] == want["default"]["model"] == "ae"
     assert got["listing"] == want["listing"] and got["default_model"] == want["default_model"]
     assert got["bad"] == want["bad"] and got["bad"][0] == 422
+    for (code, rows), (want_code, want_rows) in zip(got["stream"], want["stream"], strict=True):
+        assert code == want_code and [s for s, _ in rows] == [s for s, _ in want_rows]
+        np.testing.assert_allclose([np.nan if x is None else x for _, x in rows],
+                                   [np.nan if x is None else x for _, x in want_rows], rtol=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -590,14 +590,28 @@ def _bodies(cardio: pa.Table):
                      st.integers(1, 20_000).map(lambda n: b'{"rows":' + b"[" * n))
 
 
-@pytest.mark.parametrize("path", ["/v1/models/ae/score", "/v1/score", "/v1/models/lstm/score", "/v1/jobs"])
-def test_fuzzed_bodies_and_content_types_never_get_a_5xx_or_hang(server, cardio, path):
+def _readings(series: pa.Table):
+    """Streaming bodies: readings and history of two hosts, some fields replaced by fuzz, times in any order."""
+    rows = [{**r, "timestamp": r["timestamp"].isoformat()} for r in _rows(series.slice(0, 30))]
+    reading = st.sampled_from(rows)
+    broken = st.builds(lambda r, k, v: {**r, k: v}, reading, st.sampled_from(["host", "timestamp", "value", "zz"]),
+                       _JSON)
+    some = st.lists(st.one_of(reading, broken), max_size=12)
+    doc = st.fixed_dictionaries({"rows": some}, optional={"history": some, "late": st.sampled_from(
+        ["refuse", "score", "x", None, 3])})
+    return doc.map(lambda d: json.dumps(d).encode())
+
+
+@pytest.mark.parametrize("path", ["/v1/models/ae/score", "/v1/score", "/v1/models/lstm/score", "/v1/jobs",
+                                  "/v1/models/lstm/stream", "/v1/models/ae/stream"])
+def test_fuzzed_bodies_and_content_types_never_get_a_5xx_or_hang(server, cardio, series, path):
     url, _ = server
     session = requests.Session()
     seen = {}
+    bodies = st.one_of(_bodies(cardio), _readings(series)) if path.endswith("/stream") else _bodies(cardio)
 
     @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(body=_bodies(cardio), ctype=_CTYPES, extra=st.dictionaries(
+    @given(body=bodies, ctype=_CTYPES, extra=st.dictionaries(
         st.sampled_from(["Content-Encoding", "Authorization", "X-Foo", "Accept"]),
         st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=20), max_size=2))
     def check(body, ctype, extra):

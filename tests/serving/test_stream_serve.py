@@ -27,7 +27,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 SERIES = ("nab_ec2_request_latency", "nab_machine_temperature")
 WINDOW = 8
-APP, DEPLOYMENT = "st-lstm", "model-lstm"
+APP, DEPLOYMENT = "st-lstm", "stream-lstm"
 
 
 def nab(start: int, stop: int, names=SERIES) -> pa.Table:
