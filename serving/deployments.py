@@ -45,6 +45,7 @@ API_VERSION = "v1"
 # A streaming call not answered in this long is sent again (a reading kept by the first answers `repeat`):
 # a call made while a replica joined the ring once waited out the client's 60 s.
 STREAM_CALL_S = 10.0
+STREAM_BATCH = 64  # readings of calls that arrive together at a stream replica, scored in one model call
 INFO_TTL_S = 5.0  # the gateway's /stream reads a model's entity and time columns from its info this long
 NO_CHECKPOINT_S = 10  # Serve calls reconfigure right after __init__: no checkpoint by then, none is coming
 log = logging.getLogger("unusual.serve")
@@ -254,6 +255,7 @@ class StreamReplica:
         self.state = None
         self.checkpoint = None
         self.loading = asyncio.Lock()
+        self.active = 0  # calls in _score(): waiting for, or in, a model call
         self.metrics = handling.ModelMetrics(metrics, name)
         self.stream_metrics = handling.StreamMetrics(metrics, name)
 
@@ -282,12 +284,30 @@ class StreamReplica:
             state = await self._state(call.checkpoint)
         except ValueError as e:  # a bundle that cannot stream (a row model, no time column)
             return streaming.StreamResult(error=(400, str(e)))
-        result = streaming.score_call(state, call, self.name)
+        result = await self._score(state, call)
         self.stream_metrics.observe(state.scorer, result)
         scores = streaming.scores(result)
         if scores.size:
             self.metrics.scored(state.scorer, scores)
         return result
+
+
+    async def _score(self, state, call: streaming.StreamCall) -> streaming.StreamResult:
+        """A call of readings with the calls that arrive together (Serve's batching, no wait: one model
+        call for all their windows), or alone when no other is being scored here, or with history."""
+        if call.history is None and call.readings is not None and call.readings.num_rows <= STREAM_BATCH:
+            self.active += 1
+            try:
+                await asyncio.sleep(0)
+                if self.active > 1:
+                    return await self._batch((state, call))
+            finally:
+                self.active -= 1
+        return streaming.score_call(state, call, self.name)
+
+    @serve.batch(max_batch_size=STREAM_BATCH, batch_wait_timeout_s=0)
+    async def _batch(self, items: list[tuple]) -> list[streaming.StreamResult]:
+        return streaming.score_calls(items, self.name)
 
 
 async def send_keyed(handle, name: str, entity, call, tries: int = 5) -> streaming.StreamResult:

@@ -244,6 +244,40 @@ def score_call(state: StreamState, call: StreamCall, name: str) -> StreamResult:
     return StreamResult(scored, kept, late, entities=state.entities, evictions=state.evictions - before)
 
 
+def score_calls(items: list[tuple[StreamState, StreamCall]], name: str) -> list[StreamResult]:
+    """Calls of readings that arrived together (Serve's batching), scored as one call per state: one model
+    call for all their windows. Should the merged call be refused (a bad value in one of them), each is
+    scored alone, so that only the one at fault is refused."""
+    out: list = [None] * len(items)
+    for state in {id(st): st for st, _ in items}.values():
+        mine = [i for i, (st, _) in enumerate(items) if st is state]
+        for late in {items[i][1].late for i in mine}:
+            group = [i for i in mine if items[i][1].late == late]
+            for i, result in zip(group, _merged(state, [items[i][1] for i in group], late, name)):
+                out[i] = result
+    return out
+
+
+def _merged(state: StreamState, calls: list[StreamCall], late: str, name: str) -> list[StreamResult]:
+    if len(calls) > 1:
+        before = state.evictions
+        try:
+            merged = pa.concat_tables([c.readings for c in calls], promote_options="permissive")
+            answer = state.score(merged, late=late)
+        except Exception:  # noqa: BLE001 - refused as a whole: nothing changed; each alone says why
+            pass
+        else:
+            results, at = [], 0
+            for c in calls:
+                n = c.readings.num_rows
+                part = StreamAnswer(answer.rows[at : at + n], answer.model_version, answer.threshold)
+                results.append(StreamResult(part, entities=state.entities))
+                at += n
+            results[0].evictions = state.evictions - before
+            return results
+    return [score_call(state, c, name) for c in calls]
+
+
 def scores(result: StreamResult) -> np.ndarray:
     """The scores a result answered (for the model's metrics)."""
     if result.answer is None:
