@@ -511,8 +511,11 @@ def _check_field(table: pa.Table, name: str, role: str) -> None:
     if name not in table.column_names:
         raise StreamError(f"readings need the {role} column {name!r}", name)
     col = table.column(name)
+    floating = pa.types.is_floating(col.type)
+    if not col.null_count and not floating:
+        return
     missing = col.is_null()
-    if pa.types.is_floating(col.type):
+    if floating:
         missing = pc.or_(missing, pc.is_nan(col))
     rows = np.flatnonzero(missing.to_numpy(zero_copy_only=False))
     if rows.size:
