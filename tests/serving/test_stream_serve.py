@@ -3,7 +3,8 @@
 In order: the order and input rules on one replica; scaling out to two replicas keeps most entities on
 their replica (the others warm up again); real series streamed one reading per request over two
 replicas equal the batch scores; a replica killed under streaming load fails no request, and the
-entities it held warm up, then score again."""
+entities it held warm up, then score again; past ``stream_entities`` the least recently sent entities
+are evicted, and Prometheus counts them."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 SERIES = ("nab_ec2_request_latency", "nab_machine_temperature")
 WINDOW = 8
 APP, DEPLOYMENT = "st-lstm", "stream-lstm"
+LIMIT = 400  # entities per stream replica: the tests before the last hold fewer
 
 
 def nab(start: int, stop: int, names=SERIES) -> pa.Table:
@@ -59,7 +61,7 @@ def url(ray_cluster, det, tmp_path_factory):
     det.save(path)
     settings = ServeConfig(models={"lstm": path}, num_cpus=0.1, min_replicas=1, max_replicas=2,
                            target_ongoing_requests=1, upscale_delay_s=1, downscale_delay_s=600,
-                           max_body_bytes=2_000_000, max_rows=4_000)
+                           max_body_bytes=2_000_000, max_rows=4_000, stream_entities=LIMIT)
     url = start(settings, port=free_port(), name="st", route_prefix="/", ready_timeout=180)
     try:
         yield url
@@ -301,3 +303,28 @@ def test_a_replica_killed_under_streaming_load_fails_no_request(url):
     print(f"readings without a full-window score after the kill: {warming} of {len(after)}; resent {len(resent)}")
     # each entity warms at most twice: on the survivor, and on the replacement when it joins the ring
     assert warming <= 2 * sum(map(len, clients)) * need
+
+
+def test_entities_past_the_limit_evict_the_least_recently_sent(url):
+    import ray
+
+    series = sample_data.load(SERIES[0]).drop_columns(["label"]).slice(3500, WINDOW + 3)
+    _warm(url, ["old"], series.slice(0, WINDOW + 2))  # a full window, then 3 x LIMIT newer entities
+    newer = [f"new{i}" for i in range(3 * LIMIT)]  # each replica gets more than LIMIT of them
+    r = stream(url, history=[_one(series, 0, n) for n in newer])
+    assert r.status_code == 200 and r.json()["history"] == {"kept": len(newer), "late": 0}, r.text[:300]
+    (row,) = stream(url, [_one(series, WINDOW + 2, "old")]).json()["rows"]
+    assert (row["status"], row["have"]) == ("warming", 1), row  # evicted: its rows are gone
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    deadline, text = time.time() + 60, ""
+    while time.time() < deadline:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        held = [float(x.rsplit(" ", 1)[1]) for x in text.splitlines()
+                if x.startswith("ray_unusual_stream_entities{") and 'model="lstm"' in x]
+        evicted = [float(x.rsplit(" ", 1)[1]) for x in text.splitlines()
+                   if x.startswith("ray_unusual_stream_evictions_total{") and 'model="lstm"' in x]
+        if held and sum(evicted) >= len(newer) - 2 * LIMIT:
+            break
+        time.sleep(2)
+    assert held and max(held) <= LIMIT, held
+    assert sum(evicted) >= len(newer) - 2 * LIMIT, evicted  # the new ones alone overflow two replicas
