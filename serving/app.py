@@ -92,10 +92,11 @@ def check_cluster(config: ServeConfig, resources: dict) -> None:
 
 
 def model_deployment(name: str, checkpoint: str | None, config: ServeConfig, args: dict | None = None,
-                     cls=ModelServer):
+                     cls=ModelServer, with_stream: bool = True):
     """The bound ``ModelServer`` (``cls``) of one model; its checkpoint is the ``user_config`` (swapped
     live; None: a Serve config file's ``deployments:`` gives it). ``args``: what its replicas get. A
-    sequence model's (or one whose kind is not known here) is bound with its StreamReplica deployment."""
+    sequence model's (or one whose kind is not known here) is bound with its StreamReplica deployment,
+    unless ``with_stream`` is False (:func:`build`: the gateway holds the stream deployments)."""
     deployment = serve.deployment(
         cls,
         name=deployment_name(name),
@@ -109,7 +110,7 @@ def model_deployment(name: str, checkpoint: str | None, config: ServeConfig, arg
         logging_config=logging_config(config),
     )
     args = args if args is not None else replica_args(config)
-    stream = stream_deployment(name, config, args) if streams(config, checkpoint) else None
+    stream = stream_deployment(name, config, args) if with_stream and streams(config, checkpoint) else None
     return pinned(deployment, name, args, stream is not None).bind(name, args, stream)
 
 
@@ -237,7 +238,8 @@ def build(config: ServeConfig):
     a cluster whose autoscaler adds the GPU nodes later. :func:`start` checks them
     (:func:`check_cluster`) before it deploys."""
     config = as_config(config)
-    models = {name: model_deployment(name, uri, config, cls=ModelReplica) for name, uri in config.models.items()}
+    models = {name: model_deployment(name, uri, config, cls=ModelReplica, with_stream=False)
+              for name, uri in config.models.items()}
     streaming = {name: stream_deployment(name, config, replica_args(config))
                  for name, uri in config.models.items() if streams(config, uri)}
     return gateway_deployment(config, models, streaming)

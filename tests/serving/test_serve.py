@@ -414,7 +414,10 @@ def test_build_app_binds_one_application_with_a_single_http_ingress():
 
     built = build_app({"models": "ae=/x,vae=/y", "default_model": "ae"})  # binds; nothing is loaded
     assert type(built).__name__ == "Application"
-    serve_build(built, name="unusual").validate_single_fastapi_ingress()  # what failed every config deploy
+    app = serve_build(built, name="unusual")
+    app.validate_single_fastapi_ingress()  # what failed every config deploy
+    # each model once, and its stream state once (the gateway's /stream reaches it): no renamed twin
+    assert sorted(d.name for d in app.deployments) == ["gateway", "model-ae", "model-vae", "stream-ae", "stream-vae"]
     with pytest.raises(ValueError) as e:
         build_app({"models": "ae=/x", "replicas": 3})
     assert str(e.value) == f"unknown argument 'replicas'; known: {sorted(ServeConfig.model_fields)}"
